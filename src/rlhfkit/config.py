@@ -1,0 +1,150 @@
+"""Typed configurations (pydantic), read from YAML with `key=value` overrides (dotted keys reach nested fields)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.registry import DEFAULT_MODEL
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(Strict):
+    enabled: bool = True
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class PreviewSettings(Strict):
+    """Answers of the model before and after training to a few held-out prompts, printed and saved."""
+
+    num_prompts: int = Field(3, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class SFTConfig(Strict):
+    model: str = DEFAULT_MODEL
+    train_file: Path
+    eval_file: Path | None = None
+    output_dir: Path
+    overwrite: bool = False  # replace an existing output_dir
+    resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
+
+    system_prompt: str | None = None
+    max_length: int = Field(512, gt=0)
+
+    lora: LoraSettings = LoraSettings()
+    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
+    merge_adapter: bool = False  # save merged full weights instead of the adapter
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
+    batch_size: int = Field(8, gt=0)  # per process, per micro-step
+    eval_batch_size: int = Field(16, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+    log_every: int = Field(5, gt=0)
+    eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
+
+    preview: PreviewSettings = PreviewSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if self.load_in_4bit and not self.lora.enabled:
+            raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
+        if self.merge_adapter and not self.lora.enabled:
+            raise ValueError("merge_adapter needs lora.enabled: true")
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["lora.r=8", "epochs=1"]` -> `{"lora": {"r": 8}, "epochs": 1}`; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. epochs=1 or lora.r=8)")
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[leaf] = yaml.safe_load(value) if value else None
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[str] = ()) -> C:
+    """Build `cls` from a YAML file (optional) plus overrides; errors name the file and the bad key."""
+    raw: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    raw = _merge(raw, parse_overrides(list(overrides)))
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown setting (the settings are: {', '.join(_field_names(cls, err['loc'][:-1]))})"
+            problems.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
+
+
+def _field_names(cls: type[BaseModel], loc: tuple) -> list[str]:
+    model: Any = cls
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def dump_config(config: BaseModel, path: str | os.PathLike) -> None:
+    """Write the resolved configuration (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,76 @@
+"""Chat formatting: render conversations with the tokenizer's chat template and mark which tokens to learn.
+
+The loss is taken only on assistant tokens (the response and its end-of-turn token). We find them by
+rendering the conversation up to each assistant turn with the generation prompt, and up to the end of that
+turn; the characters in between are the assistant's. Character offsets from the fast tokenizer map them
+onto tokens, so this works for any template whose renderings extend one another, which covers the
+common ones (ChatML, Llama, Mistral, Gemma).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhfkit.data.records import Message
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+
+# ChatML: used for tokenizers that ship without a chat template (base models).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message], system: str | None = None) -> str:
+    """The text a model continues to answer `prompt` (a user message or a conversation so far)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [m.model_dump() for m in prompt]
+    if system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int
+) -> TokenizedExample:
+    """Token ids of the whole conversation, with labels only on assistant turns; truncated on the right."""
+    dicts = [m.model_dump() for m in messages]
+    text = _render(tokenizer, dicts, add_generation_prompt=False)
+    spans = []  # (start, end) character spans of assistant turns in `text`
+    for i, m in enumerate(dicts):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, dicts[:i], add_generation_prompt=True)
+        through = _render(tokenizer, dicts[: i + 1], add_generation_prompt=False)
+        if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations as prefixes of one another, "
+                "so assistant turns cannot be located; set a simpler chat_template in the config"
+            )
+        spans.append((len(before), len(through)))
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = enc["input_ids"][:max_length]
+    labels = []
+    for token_id, (start, end) in zip(input_ids, enc["offset_mapping"]):
+        inside = any(s <= start < e and end > start for s, e in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return TokenizedExample(input_ids=input_ids, labels=labels)

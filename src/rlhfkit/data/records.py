@@ -1,0 +1,95 @@
+"""Typed records for the JSONL formats in DESIGN.md, and loaders that report `file:line: field: problem`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from rlhfkit.data.jsonl import read_jsonl
+from rlhfkit.errors import DataError
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SFTExample(BaseModel):
+    """One supervised example: `{"prompt", "response"}` or `{"messages": [...]}` (chat format).
+
+    Either way it is held as a list of messages; the loss is taken on the assistant turns only.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[Message]
+    id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_response_to_messages(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "messages" not in data:
+            missing = [k for k in ("prompt", "response") if k not in data]
+            if missing:
+                raise ValueError(
+                    f"missing field {missing[0]!r}: an SFT record is either "
+                    '{"prompt": str, "response": str} or {"messages": [{"role", "content"}, ...]}'
+                )
+            for key in ("prompt", "response"):
+                if not isinstance(data[key], str):
+                    raise ValueError(f"field {key!r} must be a string, got {type(data[key]).__name__}")
+            data = {
+                "id": data.get("id"),
+                "messages": [
+                    {"role": "user", "content": data["prompt"]},
+                    {"role": "assistant", "content": data["response"]},
+                ],
+            }
+        return data
+
+    @field_validator("messages")
+    @classmethod
+    def _has_assistant_turn(cls, messages: list[Message]) -> list[Message]:
+        if not any(m.role == "assistant" for m in messages):
+            raise ValueError("needs at least one assistant message to learn from")
+        if messages[-1].role != "assistant":
+            raise ValueError("the last message must be the assistant's")
+        for m in messages:
+            if m.role == "assistant" and not m.content.strip():
+                raise ValueError("an assistant message is empty")
+        return messages
+
+    @property
+    def prompt(self) -> str:
+        """The last user message: what the example asks."""
+        return next(m.content for m in reversed(self.messages) if m.role == "user")
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+def load_records(path: str | os.PathLike, model: type[BaseModel]) -> list[Any]:
+    """Read a JSONL file into `model` records; any bad line raises DataError with `file:line`."""
+    records = []
+    for lineno, raw in read_jsonl(path):
+        try:
+            records.append(model.model_validate(raw))
+        except ValidationError as e:
+            raise DataError(f"{path}:{lineno}: {_describe(e)}") from None
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    return records
+
+
+def load_sft_examples(path: str | os.PathLike) -> list[SFTExample]:
+    return load_records(path, SFTExample)

@@ -1,0 +1,14 @@
+"""Model names and aliases (the bundled model), loading and caching, LoRA."""
+
+from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer, torch_dtype
+from rlhfkit.models.registry import BUNDLED_MODELS, DEFAULT_MODEL, resolve_model
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "DEFAULT_MODEL",
+    "apply_lora",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_model",
+    "torch_dtype",
+]

@@ -1,0 +1,116 @@
+"""Run directories: guarded creation, resolved config, metrics.jsonl, and whole-or-nothing checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.errors import ConfigError, OutputExistsError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+def prepare_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
+    """Create `path`; refuse to reuse a non-empty one unless resuming it or told to overwrite it."""
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output_dir {path} exists and is a file")
+    if path.is_dir() and any(path.iterdir()) and not resuming:
+        if not overwrite:
+            held = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+            raise OutputExistsError(
+                f"output_dir {path} already holds results ({held}); pass overwrite=true to replace it, "
+                "resume_from=latest to continue its last checkpoint, or choose another output_dir"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    found = []
+    for p in output_dir.glob("checkpoint-*"):
+        m = CHECKPOINT_RE.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: Path, resume_from: Path | str | None) -> Path | None:
+    if resume_from is None:
+        return None
+    if str(resume_from) == "latest":
+        found = checkpoints(output_dir)
+        if not found:
+            raise ConfigError(f"resume_from=latest: {output_dir} holds no complete checkpoint-N directory")
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"resume_from={path}: not a complete checkpoint (no {STATE_FILE} in it)")
+    return path
+
+
+def checkpoint_tmp_path(output_dir: Path, step: int) -> Path:
+    """Where a checkpoint is written before `commit_checkpoint` renames it into place."""
+    return output_dir / f".checkpoint-{step}.tmp"
+
+
+def commit_checkpoint(output_dir: Path, step: int, state: dict[str, Any], keep: int | None) -> Path:
+    """Finish a checkpoint written to its tmp path: add the state file, rename it into place, prune old ones.
+
+    A crash at any point leaves every earlier checkpoint whole and no partial `checkpoint-N`.
+    """
+    tmp = checkpoint_tmp_path(output_dir, step)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    final = output_dir / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep is not None:
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def install_files(src: Path, dst: Path, last: tuple[str, ...]) -> None:
+    """Move every file of `src` into `dst`, the files named in `last` at the end, then remove `src`.
+
+    Used to publish a final model: its config files (`last`) appear only once the weights are in place.
+    """
+    names = sorted(p.name for p in src.iterdir())
+    for name in [n for n in names if n not in last] + [n for n in names if n in last]:
+        target = dst / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(src / name, target)
+    src.rmdir()
+
+
+class MetricsWriter:
+    """Appends one JSON object per logging step to metrics.jsonl (flushed, so a crash loses nothing logged)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.enabled = enabled
+        self._file = path.open("a", encoding="utf-8") if enabled else None
+        self._start = time.time()
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self._file is None:
+            return
+        record = {"step": step, "time": round(time.time() - self._start, 3), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
