@@ -31,8 +31,12 @@ def sft(
     from rlhfkit.config import SFTConfig, load_config
     from rlhfkit.sft import train_sft
 
+    from accelerate import PartialState
+
     cfg = load_config(SFTConfig, config, overrides or [])
     result = train_sft(cfg)
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch, one process reports
+        return
     if result.previews:
         table = Table(title="Held-out prompts, before and after SFT", show_lines=True)
         for column in ("prompt", "before", "after", "reference"):
@@ -81,7 +85,8 @@ def models_list() -> None:
     from rlhfkit.models.registry import BUNDLED_MODELS, cache_dir, converted_path, find_gguf
 
     table = Table(title=f"Bundled models (cache: {cache_dir()})")
-    for column in ("alias", "description", "source", "cached"):
+    table.add_column("alias", no_wrap=True)
+    for column in ("description", "source", "cached"):
         table.add_column(column, overflow="fold")
     for m in BUNDLED_MODELS.values():
         try:

@@ -10,10 +10,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+
 from rlhfkit.errors import ConfigError, OutputExistsError
+from rlhfkit.models.loading import bf16_supported
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+def make_accelerator(mixed_precision: str, output_dir: Path) -> Accelerator:
+    """The Accelerator every trainer runs on, logging to TensorBoard under `output_dir`.
+
+    `mixed_precision="auto"` means bf16 where the GPU supports it, none elsewhere. On a machine without a GPU,
+    processes started by `torchrun --nproc_per_node N` form a multi-CPU (gloo) group.
+    """
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if bf16_supported() else "no"
+    return Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
 
 
 def prepare_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -27,12 +27,13 @@ from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
 from rlhfkit.generation import generate_responses
-from rlhfkit.models.loading import apply_lora, bf16_supported, load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.runs import (
     MetricsWriter,
     checkpoint_tmp_path,
     commit_checkpoint,
     install_files,
+    make_accelerator,
     prepare_output_dir,
     read_checkpoint_state,
     resolve_checkpoint,
@@ -107,12 +108,6 @@ def evaluate_loss(model, dataloader, accelerator: Accelerator) -> float:
     return (torch.stack(sums).sum() / torch.stack(counts).sum()).item()
 
 
-def _mixed_precision(setting: str) -> str:
-    if setting == "auto":
-        return "bf16" if bf16_supported() else "no"
-    return setting
-
-
 def _save_trainable_only(models, weights, output_dir) -> None:
     """accelerate save-state hook: keep only trainable tensors (the LoRA adapter) in checkpoints.
 
@@ -125,12 +120,7 @@ def _save_trainable_only(models, weights, output_dir) -> None:
 
 
 def train_sft(cfg: SFTConfig) -> SFTResult:
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg.mixed_precision),
-        log_with="tensorboard",
-        project_dir=str(cfg.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
     if accelerator.is_main_process:
         prepare_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)

@@ -3,7 +3,7 @@
 The loss is taken only on assistant tokens (the response and its end-of-turn token). We find them by
 rendering the conversation up to each assistant turn with the generation prompt, and up to the end of that
 turn; the characters in between are the assistant's. Character offsets from the fast tokenizer map them
-onto tokens, so this works for any template whose renderings extend one another, which covers the
+onto tokens (a token that overlaps an assistant span is a target), so this works for any template whose renderings extend one another, which covers the
 common ones (ChatML, Llama, Mistral, Gemma).
 """
 
@@ -71,6 +71,6 @@ def tokenize_conversation(
     input_ids = enc["input_ids"][:max_length]
     labels = []
     for token_id, (start, end) in zip(input_ids, enc["offset_mapping"]):
-        inside = any(s <= start < e and end > start for s, e in spans)
+        inside = any(start < e and end > s for s, e in spans)  # overlaps an assistant span
         labels.append(token_id if inside else IGNORE_INDEX)
     return TokenizedExample(input_ids=input_ids, labels=labels)

@@ -1,0 +1,74 @@
+"""Fixtures: a tiny randomly initialised Llama with a small BPE tokenizer and a ChatML template, saved as a
+local HF directory, so unit tests exercise the real loading path in milliseconds and never touch a hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub; fail fast if one tries
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+COMPANY_TRAIN = REPO / "data" / "company" / "train.jsonl"
+COMPANY_TEST = REPO / "data" / "company" / "test.jsonl"
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from rlhfkit.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    texts = []
+    for line in COMPANY_TRAIN.read_text().splitlines():
+        record = json.loads(line)
+        texts += [record["prompt"], record["response"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of a tiny Llama (2 layers, width 32, 512-token BPE vocabulary) with a ChatML tokenizer."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture
+def sft_files(tmp_path) -> tuple[Path, Path]:
+    """Small train and eval JSONL files cut from the bundled company data."""
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join(COMPANY_TRAIN.read_text().splitlines()[:16]) + "\n")
+    evaluation.write_text("\n".join(COMPANY_TEST.read_text().splitlines()[:8]) + "\n")
+    return train, evaluation

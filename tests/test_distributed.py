@@ -1,0 +1,33 @@
+"""SFT in 2 CPU processes (gloo) gives the same weights as one process with the same global batch."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+
+def run_sft(launcher, tiny_model, sft_files, out, batch_size):
+    train, evaluation = sft_files
+    settings = [
+        f"model={tiny_model}", f"train_file={train}", f"eval_file={evaluation}", f"output_dir={out}",
+        f"batch_size={batch_size}", "max_steps=3", "lora.enabled=false", "learning_rate=1e-3", "warmup_ratio=0",
+        "preview.num_prompts=1", "preview.max_new_tokens=4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, "-m", "rlhfkit.cli", "sft", "--config", os.devnull, *settings],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, sft_files, tmp_path):
+    torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
+    two = run_sft(torchrun, tiny_model, sft_files, tmp_path / "two", batch_size=2)
+    run_sft([sys.executable], tiny_model, sft_files, tmp_path / "one", batch_size=4)
+    assert two.count("held-out loss per response token") == 1  # only the main process reports
+    one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in one_w:
+        torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-4, atol=1e-5)

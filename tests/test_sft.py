@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit import sft as sft_module
+from rlhfkit.config import SFTConfig, load_config
+from rlhfkit.errors import OutputExistsError
+from rlhfkit.models import load_causal_lm
+from rlhfkit.sft import train_sft
+
+
+def config(tiny_model, sft_files, output_dir, *overrides):
+    train, evaluation = sft_files
+    base = [
+        f"model={tiny_model}", f"train_file={train}", f"eval_file={evaluation}", f"output_dir={output_dir}",
+        "batch_size=4", "learning_rate=5e-3", "warmup_ratio=0", "log_every=1", "preview.num_prompts=0",
+    ]
+    return load_config(SFTConfig, None, base + list(overrides))
+
+
+def adapter_weights(output_dir):
+    return load_file(output_dir / "adapter_model.safetensors")
+
+
+def test_sft_lowers_train_and_held_out_loss_and_writes_a_run_directory(tiny_model, sft_files, tmp_path):
+    out = tmp_path / "run"
+    result = train_sft(config(tiny_model, sft_files, out, "epochs=6", "lora.r=8", "learning_rate=2e-2", "preview.num_prompts=2", "preview.max_new_tokens=4"))
+    assert result.steps == 24
+    assert result.train_loss_last < result.train_loss_first
+    assert result.eval_loss_after < result.eval_loss_before
+    # the run directory: resolved config, metrics, TensorBoard, the adapter, checkpoints (2 kept), previews
+    assert (out / "config.yaml").is_file() and (out / "adapter_config.json").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and "eval/loss" in metrics[0]
+    assert sum("train/loss" in m for m in metrics) == 24 and sum("eval/loss" in m for m in metrics) == 7
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-24"]
+    assert not list(out.glob(".*tmp"))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["model"] for s in samples] == ["reference", "before", "after"] * 2
+    assert [p["prompt"] for p in result.previews] == [s["prompt"] for s in samples[::3]]
+    # the saved adapter reproduces the trained model
+    assert load_causal_lm(str(out)).peft_config["default"].r == 8
+
+
+def test_existing_output_is_refused_untouched_unless_overwrite(tiny_model, sft_files, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="overwrite=true"):
+        train_sft(config(tiny_model, sft_files, out, "max_steps=1"))
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    train_sft(config(tiny_model, sft_files, out, "max_steps=1", "overwrite=true"))
+    assert not (out / "precious.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_model, sft_files, tmp_path, monkeypatch):
+    settings = ["max_steps=7", "save_every=2", "gradient_accumulation_steps=2", "batch_size=2", "lora.dropout=0.1"]
+    train_sft(config(tiny_model, sft_files, tmp_path / "whole", *settings))
+
+    calls = {"n": 0}
+    real = sft_module.token_loss_sum
+
+    def dies_in_step_6(model, batch):
+        calls["n"] += 1
+        # Loss computations: 1 eval batch before training, 2 micro-batches per step for steps 1-4, 1 eval batch
+        # at the end of epoch 1 (4 steps), 2 for step 5: the 13th is step 6's first.
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings))
+    monkeypatch.setattr(sft_module, "token_loss_sum", real)
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+
+    result = train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings, "resume_from=latest"))
+    assert result.steps == 7
+    whole, resumed = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "killed")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_gives_the_same_update_as_a_bigger_batch(tiny_model, sft_files, tmp_path):
+    common = ["max_steps=3", "lora.enabled=false", "eval_file=", "learning_rate=1e-3"]
+    train_sft(config(tiny_model, sft_files, tmp_path / "big", *common, "batch_size=4"))
+    train_sft(config(tiny_model, sft_files, tmp_path / "accum", *common, "batch_size=2", "gradient_accumulation_steps=2"))
+    big, accum = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "accum" / "model.safetensors")
+    base = load_causal_lm(tiny_model).state_dict()
+    for key in big:
+        assert not torch.equal(big[key], base[key]) or "norm" in key
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-6)
+
+
+def test_merged_adapter_is_saved_as_full_weights(tiny_model, sft_files, tmp_path):
+    out = tmp_path / "merged"
+    train_sft(config(tiny_model, sft_files, out, "max_steps=2", "merge_adapter=true"))
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    merged = load_causal_lm(str(out))
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([[5, 6, 7]])
+    assert not torch.allclose(merged(ids).logits, load_causal_lm(tiny_model)(ids).logits)
