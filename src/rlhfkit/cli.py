@@ -17,6 +17,10 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Reinforcement Learning from Human Feedback, end to end.")
 models_app = typer.Typer(no_args_is_help=True, help="The models rlhfkit knows by name.")
 app.add_typer(models_app, name="models")
+reward_app = typer.Typer(no_args_is_help=True, help="Reward models: train on human preferences, score responses.")
+app.add_typer(reward_app, name="reward")
+data_app = typer.Typer(no_args_is_help=True, help="Data conversions.")
+app.add_typer(data_app, name="data")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value settings over the config (e.g. epochs=1 lora.r=8)", show_default=False)]
@@ -79,6 +83,90 @@ def generate(
         console.print(a, markup=False, highlight=False)
 
 
+@reward_app.command("train")
+def reward_train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/reward.yaml")],
+    overrides: Overrides = None,
+) -> None:
+    """Train a reward model on rankings or pairs JSONL (Bradley-Terry), normalise it and save it."""
+    from accelerate import PartialState
+
+    from rlhfkit.config import RewardConfig, load_config
+    from rlhfkit.reward.train import train_reward_model
+
+    cfg = load_config(RewardConfig, config, overrides or [])
+    result = train_reward_model(cfg)
+    if not PartialState().is_main_process:
+        return
+    if "accuracy" in result:
+        console.print(
+            f"held-out pairwise accuracy {result['accuracy']:.3f} (before training {result['before_accuracy']:.3f}) "
+            f"on {int(result['pairs'])} pairs; mean margin {result['mean_margin']:.3f}; "
+            f"calibration error {result['calibration_error']:.3f}"
+        )
+    console.print(f"reward model saved in {cfg.output_dir}")
+
+
+@reward_app.command("score")
+def reward_score(
+    data: Annotated[Path, typer.Option(help="JSONL with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
+    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL; repeat for several")],
+    output: Annotated[Optional[Path], typer.Option(help="write the scored records here (JSONL); default: print a summary only")] = None,
+    batch_size: int = 16,
+) -> None:
+    """Score responses with reward models and classifiers; adds each score to the records' "scores"."""
+    from rlhfkit.data.jsonl import read_jsonl, write_jsonl
+    from rlhfkit.errors import DataError, OutputExistsError
+    from rlhfkit.reward.scorers import load_scorer
+
+    if output is not None and output.exists():
+        raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
+    records = []
+    for lineno, r in read_jsonl(data):
+        if "prompt" not in r or not ({"response"} <= r.keys() or {"chosen", "rejected"} <= r.keys()):
+            raise DataError(f"{data}:{lineno}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
+        records.append(r)
+    scorers = [load_scorer(m) for m in model]
+    table = Table(title=f"Scores of {data}")
+    for column in ("scorer", "field", "mean", "std", "min", "max"):
+        table.add_column(column)
+    fields = ["response"] if "response" in records[0] else ["chosen", "rejected"]
+    for scorer in scorers:
+        for fld in fields:
+            values = scorer.score([r["prompt"] for r in records], [r[fld] for r in records])
+            key = scorer.name if fld == "response" else f"{scorer.name}_{fld}"
+            for r, v in zip(records, values.tolist()):
+                r.setdefault("scores", {})[key] = v
+            table.add_row(scorer.name, fld, f"{values.mean():.4f}", f"{values.std():.4f}", f"{values.min():.4f}", f"{values.max():.4f}")
+    console.print(table)
+    if output is not None:
+        write_jsonl(output, records)
+        console.print(f"{len(records)} scored records written to {output}")
+
+
+@data_app.command("pairs")
+def data_pairs(
+    rankings: Annotated[Path, typer.Option(help="rankings JSONL (one record per annotator and prompt)")],
+    output: Annotated[Path, typer.Option(help="pairs JSONL to write")],
+    consensus: Annotated[bool, typer.Option(help="one pair per compared couple, by annotator majority, instead of every annotator's pairs")] = True,
+    keep_ties: Annotated[bool, typer.Option(help="keep tied couples as pairs marked tie: true")] = False,
+) -> None:
+    """Rankings -> pairwise comparisons: every K-choose-2 pair of each ranking."""
+    from rlhfkit.data.jsonl import write_jsonl
+    from rlhfkit.data.preference import consolidate_rankings, load_rankings, ranking_to_pairs
+    from rlhfkit.errors import OutputExistsError
+
+    if output.exists():
+        raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
+    records = load_rankings(rankings)
+    if consensus:
+        pairs = [p for item in consolidate_rankings(records, keep_ties) for p in item.to_pair_records()]
+    else:
+        pairs = [p for r in records for p in ranking_to_pairs(r, keep_ties)]
+    write_jsonl(output, [p.model_dump(exclude_defaults=True) for p in pairs])
+    console.print(f"{len(records)} rankings -> {len(pairs)} pairs in {output}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Bundled model aliases, where they come from, and whether they are converted and cached."""
@@ -101,7 +189,7 @@ def models_list() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

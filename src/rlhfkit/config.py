@@ -148,3 +148,30 @@ def _field_names(cls: type[BaseModel], loc: tuple) -> list[str]:
 def dump_config(config: BaseModel, path: str | os.PathLike) -> None:
     """Write the resolved configuration (every default filled in) as YAML."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+class RewardConfig(Strict):
+    """Reward-model training from rankings (consolidated by majority) or pairs; Bradley-Terry loss."""
+
+    model: str = DEFAULT_MODEL  # backbone: alias, directory (e.g. an SFT run), or hub id
+    train_file: Path  # rankings or pairs JSONL (detected from the keys)
+    eval_file: Path | None = None
+    output_dir: Path
+    overwrite: bool = False
+
+    keep_ties: bool = False  # ties as pairs with label 1/2
+    max_length: int = Field(384, gt=0)
+    lora: LoraSettings = LoraSettings(enabled=False)
+
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)  # prompts per process per step; all of a prompt's completions go through at once
+    eval_batch_size: int = Field(16, gt=0)  # sequences
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 42
+    log_every: int = Field(5, gt=0)

@@ -132,7 +132,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt)
     eval_set = tokenize_examples(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt) if cfg.eval_file else []
     preview_source = cfg.eval_file or cfg.train_file
-    preview_examples: list[SFTExample] = load_sft_examples(preview_source)[: cfg.preview.num_prompts]
+    candidates = load_sft_examples(preview_source)  # spread over the file, which is often grouped by topic
+    preview_examples: list[SFTExample] = candidates[:: max(1, len(candidates) // max(1, cfg.preview.num_prompts))][: cfg.preview.num_prompts]
 
     model = load_causal_lm(cfg.model, dtype="float32" if not cfg.load_in_4bit else "auto", load_in_4bit=cfg.load_in_4bit)
     model.config.use_cache = False
@@ -281,6 +282,8 @@ def _save_final(model, tokenizer, cfg: SFTConfig, accelerator: Accelerator) -> N
     tmp = cfg.output_dir / ".final.tmp"
     if cfg.lora.enabled and cfg.merge_adapter:
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    # An adapter never trains the embeddings here, so PEFT need not look up the base's vocabulary to decide.
+    extra = {"save_embedding_layers": False} if cfg.lora.enabled and not cfg.merge_adapter else {}
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.save_pretrained(tmp)
     install_files(tmp, cfg.output_dir, last=("config.json", "adapter_config.json"))

@@ -1,0 +1,201 @@
+"""Preference data: rankings of K completions, pairwise comparisons, and the conversion between them.
+
+A ranking of K completions yields every K-choose-2 pair (InstructGPT). Equal ranks are ties; a tie says neither
+completion is better, so by default it yields no pair (`keep_ties=True` keeps it as a pair with label 1/2).
+
+Consolidation of several annotators' rankings of the same item, pair by pair (majority):
+  for completions a and b, count the annotators who ranked a above b and those who ranked b above a;
+  annotators who tied them count for neither side. The side with more votes wins the pair; equal votes
+  (including every annotator tying them) make the pair a tie.
+The same rule builds the feedback app's consensus export.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from rlhfkit.data.jsonl import read_jsonl
+from rlhfkit.data.records import load_records
+from rlhfkit.errors import DataError
+
+
+class RankingRecord(BaseModel):
+    """`{"prompt", "completions": [K], "ranks": [K ints, 1 = best, equal = tie], "annotator", "id"?}`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    completions: list[str]
+    ranks: list[int]
+    annotator: str
+    id: str | None = None
+
+    @field_validator("prompt", "annotator")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RankingRecord:
+        k = len(self.completions)
+        if k < 2:
+            raise ValueError(f"completions: a ranking needs at least 2 completions, got {k}")
+        if len(self.ranks) != k:
+            raise ValueError(f"ranks: {len(self.ranks)} ranks for {k} completions; give one rank per completion")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError("ranks: ranks start at 1 (= best)")
+        for i, text in enumerate(self.completions):
+            if not text.strip():
+                raise ValueError(f"completions.{i}: empty completion")
+        if len(set(self.completions)) != k:
+            raise ValueError("completions: the same completion appears twice")
+        return self
+
+
+class PairRecord(BaseModel):
+    """`{"prompt", "chosen", "rejected", "margin"?, "tie"?}`: the pair format TRL and most tools read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float = 0.0  # required reward gap, as in Llama 2's margin loss
+    tie: bool = False  # neither is better (kept only when asked)
+
+    @model_validator(mode="after")
+    def _check(self) -> PairRecord:
+        for name in ("prompt", "chosen", "rejected"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}: must not be empty")
+        if self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are the same text")
+        return self
+
+
+def load_rankings(path: str | os.PathLike) -> list[RankingRecord]:
+    return load_records(path, RankingRecord)
+
+
+def load_pairs(path: str | os.PathLike) -> list[PairRecord]:
+    return load_records(path, PairRecord)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'rankings' or 'pairs', from the keys of the first record."""
+    for lineno, record in read_jsonl(path):
+        if "completions" in record:
+            return "rankings"
+        if "chosen" in record:
+            return "pairs"
+        raise DataError(f"{path}:{lineno}: neither a ranking (completions, ranks) nor a pair (chosen, rejected)")
+    raise DataError(f"{path}: the file holds no records")
+
+
+def ranking_to_pairs(record: RankingRecord, keep_ties: bool = False) -> list[PairRecord]:
+    """Every K-choose-2 pair of one ranking, better completion as `chosen`."""
+    pairs = []
+    for i, j in combinations(range(len(record.completions)), 2):
+        ri, rj = record.ranks[i], record.ranks[j]
+        if ri == rj and not keep_ties:
+            continue
+        better, worse = (i, j) if ri <= rj else (j, i)
+        pairs.append(PairRecord(prompt=record.prompt, chosen=record.completions[better],
+                                rejected=record.completions[worse], tie=ri == rj))
+    return pairs
+
+
+@dataclass
+class PreferenceItem:
+    """One prompt, its distinct completions, and the comparisons among them as index pairs.
+
+    The reward model scores each completion once and forms every pair from those scores.
+    """
+
+    prompt: str
+    completions: list[str]
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (better, worse)
+    ties: list[tuple[int, int]] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)  # one per pair
+
+    def to_pair_records(self) -> list[PairRecord]:
+        c = self.completions
+        return [PairRecord(prompt=self.prompt, chosen=c[i], rejected=c[j], margin=m)
+                for (i, j), m in zip(self.pairs, self.margins)] + [
+            PairRecord(prompt=self.prompt, chosen=c[i], rejected=c[j], tie=True) for i, j in self.ties
+        ]
+
+
+def _item_key(record: RankingRecord) -> tuple:
+    return ("id", record.id) if record.id is not None else ("text", record.prompt, frozenset(record.completions))
+
+
+def consolidate_rankings(records: list[RankingRecord], keep_ties: bool = False) -> list[PreferenceItem]:
+    """One item per ranked prompt, the pairs decided by annotator majority (see the module docstring)."""
+    groups: dict[tuple, list[RankingRecord]] = defaultdict(list)
+    for r in records:
+        groups[_item_key(r)].append(r)
+    items = []
+    for key, group in groups.items():
+        first = group[0]
+        for other in group[1:]:
+            if other.prompt != first.prompt or set(other.completions) != set(first.completions):
+                raise DataError(
+                    f"item {key[1]!r}: annotators {first.annotator!r} and {other.annotator!r} ranked different "
+                    "prompts or completions under the same id"
+                )
+        completions = list(first.completions)
+        votes: dict[tuple[int, int], int] = defaultdict(int)  # (i, j), i < j: +1 for i above j, -1 for j above i
+        for r in group:
+            rank_of = dict(zip(r.completions, r.ranks))
+            for i, j in combinations(range(len(completions)), 2):
+                ri, rj = rank_of[completions[i]], rank_of[completions[j]]
+                votes[(i, j)] += (ri < rj) - (ri > rj)
+        item = PreferenceItem(prompt=first.prompt, completions=completions)
+        for (i, j), v in sorted(votes.items()):
+            if v > 0:
+                item.pairs.append((i, j))
+            elif v < 0:
+                item.pairs.append((j, i))
+            elif keep_ties:
+                item.ties.append((i, j))
+        item.margins = [0.0] * len(item.pairs)
+        if item.pairs or item.ties:
+            items.append(item)
+    return items
+
+
+def pairs_to_items(pairs: list[PairRecord], keep_ties: bool = False) -> list[PreferenceItem]:
+    """Group pairs by prompt so that each distinct completion is scored once."""
+    by_prompt: dict[str, PreferenceItem] = {}
+    index: dict[str, dict[str, int]] = defaultdict(dict)
+    for p in pairs:
+        if p.tie and not keep_ties:
+            continue
+        item = by_prompt.setdefault(p.prompt, PreferenceItem(prompt=p.prompt, completions=[]))
+        ids = []
+        for text in (p.chosen, p.rejected):
+            if text not in index[p.prompt]:
+                index[p.prompt][text] = len(item.completions)
+                item.completions.append(text)
+            ids.append(index[p.prompt][text])
+        if p.tie:
+            item.ties.append((ids[0], ids[1]))
+        else:
+            item.pairs.append((ids[0], ids[1]))
+            item.margins.append(p.margin)
+    return list(by_prompt.values())
+
+
+def load_preference_items(path: str | os.PathLike, keep_ties: bool = False) -> list[PreferenceItem]:
+    """Rankings (consolidated by majority) or pairs, as items for reward-model training and evaluation."""
+    if detect_format(path) == "rankings":
+        return consolidate_rankings(load_rankings(path), keep_ties=keep_ties)
+    return pairs_to_items(load_pairs(path), keep_ties=keep_ties)

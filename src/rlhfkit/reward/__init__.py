@@ -1,0 +1,22 @@
+"""Reward models trained on human preferences, classifier and function rewards, and their composition."""
+
+from rlhfkit.reward.model import RewardModel, last_token_index
+from rlhfkit.reward.scorers import (
+    ClassifierReward,
+    FunctionReward,
+    RewardModelReward,
+    ToxicityScorer,
+    WeightedSum,
+    load_scorer,
+)
+
+__all__ = [
+    "ClassifierReward",
+    "FunctionReward",
+    "RewardModel",
+    "RewardModelReward",
+    "ToxicityScorer",
+    "WeightedSum",
+    "last_token_index",
+    "load_scorer",
+]

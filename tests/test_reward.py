@@ -1,0 +1,180 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, LlamaForSequenceClassification
+
+from rlhfkit.config import RewardConfig, load_config
+from rlhfkit.data.preference import PreferenceItem
+from rlhfkit.reward import (
+    ClassifierReward,
+    FunctionReward,
+    RewardModel,
+    ToxicityScorer,
+    WeightedSum,
+    last_token_index,
+)
+from rlhfkit.reward import train as train_module
+from rlhfkit.reward.train import PreferenceBatch, bradley_terry_loss, preference_metrics, train_reward_model
+
+
+def test_last_token_index_under_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 4, 0]
+    assert last_token_index(left).tolist() == [4, 4, 4]
+
+
+def test_score_is_the_same_unpadded_left_padded_and_right_padded(tiny_model):
+    model = RewardModel.from_base(tiny_model)
+    enc = model.tokenize(["Where is HQ?", "Parking?"], ["Edinburgh, at 14 Example Street.", "Yes."])
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # right-padded
+    alone = torch.stack([model(ids[i : i + 1, : mask[i].sum()], mask[i : i + 1, : mask[i].sum()]) for i in range(2)]).squeeze(-1)
+    right = model(ids, mask)
+    n = mask.sum(1)
+    left_ids, left_mask = torch.full_like(ids, model.tokenizer.pad_token_id), torch.zeros_like(mask)
+    for i in range(2):
+        left_ids[i, ids.shape[1] - n[i] :], left_mask[i, ids.shape[1] - n[i] :] = ids[i, : n[i]], 1
+    left = model(left_ids, left_mask)
+    torch.testing.assert_close(right, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_head_initialisation_and_no_dropout(tiny_model, tmp_path):
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.attention_dropout = 0.5
+    config.save_pretrained(tiny_model_with_dropout := tmp_path / "m")
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        src = Path(tiny_model) / f
+        if src.exists():
+            (tiny_model_with_dropout / f).write_bytes(src.read_bytes())
+    model = RewardModel.from_base(str(tiny_model_with_dropout))
+    d = model.backbone.config.hidden_size
+    assert model.head.bias.item() == 0
+    assert 0.5 < model.head.weight.std().item() * math.sqrt(d + 1) < 1.5
+    model.train()
+    enc = model.tokenize(["q"], ["a fairly long answer"])
+    assert model(**enc).item() == model(**enc).item()  # dropout is off even in training mode
+
+
+def test_bradley_terry_loss_against_a_hand_computation():
+    rewards = torch.tensor([1.0, 0.2, -0.5, 0.3])
+    batch = PreferenceBatch(
+        input_ids=torch.zeros(4, 1), attention_mask=torch.ones(4, 1), chosen=torch.tensor([0, 0, 1]),
+        rejected=torch.tensor([1, 2, 2]), margin=torch.tensor([0.0, 1.0, 0.0]), tie_a=torch.tensor([3]), tie_b=torch.tensor([1]),
+    )
+    log_sigmoid = lambda x: -math.log(1 + math.exp(-x))  # noqa: E731
+    expected = -(log_sigmoid(0.8) + log_sigmoid(1.5 - 1.0) + log_sigmoid(0.7)) - 0.5 * (log_sigmoid(0.1) + log_sigmoid(-0.1))
+    loss, n = bradley_terry_loss(rewards, batch)
+    assert n == 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_preference_metrics_against_a_hand_computation():
+    margins = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    m = preference_metrics(margins, bins=2)  # bins of confidence [0.5, 0.75) and [0.75, 1]
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    conf = [s(2.0), 1 - s(-1.0), s(0.5), s(3.0)]  # 0.881, 0.731, 0.622, 0.953
+    low = abs(0.5 - (conf[1] + conf[2]) / 2)  # one of the two low-confidence pairs is right
+    high = abs(1.0 - (conf[0] + conf[3]) / 2)
+    assert m["accuracy"] == 0.75 and m["mean_margin"] == pytest.approx(1.125)
+    assert m["calibration_error"] == pytest.approx(0.5 * low + 0.5 * high)
+
+
+def rankings_file(tmp_path, n_items=6):
+    path = tmp_path / "rankings.jsonl"
+    lines = []
+    for i in range(n_items):
+        completions = [f"Good answer {i}: the office opens at 8.", f"ok {i}", f"wrong {i}, it opens at noon", f"go away {i}"]
+        for ann, ranks in (("a", [1, 2, 3, 4]), ("b", [1, 3, 2, 4])):
+            lines.append(json.dumps({"id": str(i), "prompt": f"When does office {i} open?", "completions": completions,
+                                     "ranks": ranks, "annotator": ann}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_training_forwards_each_batch_once_and_saves_a_normalised_model(tiny_model, tmp_path, monkeypatch):
+    forwards = []
+    real_forward = RewardModel.forward
+
+    def counting_forward(self, input_ids, attention_mask):
+        forwards.append(input_ids.shape[0])
+        return real_forward(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(RewardModel, "forward", counting_forward)
+    data = rankings_file(tmp_path)
+    cfg = load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={data}", f"eval_file={data}",
+                                           f"output_dir={tmp_path / 'rm'}", "batch_size=2", "epochs=2",
+                                           "learning_rate=1e-2", "eval_batch_size=64"])
+    result = train_reward_model(cfg)
+    training = forwards[1:7]  # after the first evaluation: 6 steps (3 per epoch), then normalisation and evaluation
+    assert training == [8] * 6  # 2 prompts x 4 completions per forward, all 6 pairs (5 after majority) from them
+    assert result["accuracy"] > result["before_accuracy"]
+    monkeypatch.undo()
+
+    saved = RewardModel.from_pretrained(tmp_path / "rm")
+    items = [json.loads(line) for line in data.read_text().splitlines()[::2]]
+    scores = saved.score([r["prompt"] for r in items for _ in range(4)], [c for r in items for c in r["completions"]])
+    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    metrics = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert {"eval/accuracy", "eval/mean_margin", "eval/calibration_error"} <= metrics[-1].keys()
+
+
+def test_lora_reward_model_trains_and_saves_merged(tiny_model, tmp_path):
+    data = rankings_file(tmp_path, n_items=2)
+    cfg = load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={data}", f"output_dir={tmp_path / 'rm'}",
+                                           "lora.enabled=true", "lora.r=4", "max_steps=2"])
+    train_reward_model(cfg)
+    assert not (tmp_path / "rm" / "adapter_config.json").exists()
+    assert RewardModel.from_pretrained(tmp_path / "rm").score(["q"], ["a"]).shape == (1,)
+
+
+def classifier_dir(tmp_path, tiny_model, name, id2label):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_labels, config.id2label = 2, id2label
+    config.label2id = {v: k for k, v in id2label.items()}
+    model = LlamaForSequenceClassification(config)
+    return model, AutoTokenizer.from_pretrained(tiny_model), tmp_path / name
+
+
+def test_classifier_reward_picks_the_label_by_name_not_position(tiny_model, tmp_path):
+    a, tok, path_a = classifier_dir(tmp_path, tiny_model, "a", {0: "nothate", 1: "hate"})
+    b, _, path_b = classifier_dir(tmp_path, tiny_model, "b", {0: "hate", 1: "nothate"})
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.score.weight.copy_(a.score.weight.flip(0))  # same classifier, labels in the other order
+    for model, path in ((a, path_a), (b, path_b)):
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    texts = ["you are wonderful", "the office opens at 8", "x"]
+    for output in ("probability", "logit"):
+        sa = ClassifierReward(str(path_a), "nothate", output=output).score(texts, texts)
+        sb = ClassifierReward(str(path_b), "nothate", output=output).score(texts, texts)
+        torch.testing.assert_close(sa, sb)
+    with pytest.raises(Exception, match=r"no label 'toxic'; its labels are \['hate', 'nothate'\]"):
+        ClassifierReward(str(path_a), "toxic")
+
+
+def test_sequence_classification_backbone_is_a_reward_model(tiny_model, tmp_path):
+    model, tok, path = classifier_dir(tmp_path, tiny_model, "enc", {0: "LABEL_0", 1: "LABEL_1"})
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    rm = RewardModel.from_base(str(path))
+    assert rm.head is None and rm.backbone.config.num_labels == 1
+    rm.save_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(RewardModel.from_pretrained(tmp_path / "saved").score(["q"], ["a"]), rm.score(["q"], ["a"]))
+
+
+def test_toxicity_function_and_weighted_sum():
+    texts = ["Shut up, you stupid idiot, figure it out yourself.", "The Lisbon office opens at 8:00 on weekdays."]
+    tox = ToxicityScorer().score(texts, texts)
+    assert tox[0] > 0.9 > 0.5 > tox[1]
+    length = FunctionReward(lambda p, r: len(r.split()), name="words")
+    total = WeightedSum([(-2.0, ToxicityScorer()), (0.1, length)])
+    torch.testing.assert_close(total.score(texts, texts), -2.0 * tox + 0.1 * torch.tensor([9.0, 8.0]))
+    assert set(total.components(texts, texts)) == {"toxicity", "words"}
