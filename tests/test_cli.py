@@ -42,3 +42,22 @@ def test_generate_and_models_list(tiny_model):
     assert result.exit_code == 0 and "> Where is HQ?" in result.output
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output
+
+
+def test_data_pairs_and_reward_score_with_the_toxicity_scorer(tmp_path):
+    rankings = tmp_path / "r.jsonl"
+    rankings.write_text("".join(json.dumps({"id": "1", "prompt": "p", "completions": ["good", "fine", "you idiot"],
+                                            "ranks": ranks, "annotator": a}) + "\n" for a, ranks in (("x", [1, 2, 3]), ("y", [2, 1, 3]))))
+    pairs = tmp_path / "pairs.jsonl"
+    result = runner.invoke(app, ["data", "pairs", "--rankings", str(rankings), "--output", str(pairs)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in pairs.read_text().splitlines()] == [
+        {"prompt": "p", "chosen": "good", "rejected": "you idiot"}, {"prompt": "p", "chosen": "fine", "rejected": "you idiot"}]
+    result = runner.invoke(app, ["data", "pairs", "--rankings", str(rankings), "--output", str(pairs)])
+    assert result.exit_code != 0 and "exists" in str(result.exception)  # never overwritten
+
+    scored = tmp_path / "scored.jsonl"
+    result = runner.invoke(app, ["reward", "score", "--data", str(pairs), "--model", "toxicity", "--output", str(scored)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert all(r["scores"]["toxicity_rejected"] > r["scores"]["toxicity_chosen"] for r in rows)
