@@ -8,6 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests judge correctness, not speed: no per-example deadline on a loaded 2-core machine.
+settings.register_profile("rlhfkit", deadline=None)
+settings.load_profile("rlhfkit")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub; fail fast if one tries
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
