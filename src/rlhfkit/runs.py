@@ -37,19 +37,26 @@ def make_accelerator(mixed_precision: str, output_dir: Path) -> Accelerator:
     )
 
 
-def prepare_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
-    """Create `path`; refuse to reuse a non-empty one unless resuming it or told to overwrite it."""
+def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, resuming: bool) -> None:
+    """Create `path`; refuse to reuse a non-empty one unless resuming it or told to overwrite it.
+
+    Every process checks (so that a refusal stops them all, not just the main one) before the main process acts.
+    """
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output_dir {path} exists and is a file")
-    if path.is_dir() and any(path.iterdir()) and not resuming:
-        if not overwrite:
-            held = ", ".join(sorted(p.name for p in path.iterdir())[:5])
-            raise OutputExistsError(
-                f"output_dir {path} already holds results ({held}); pass overwrite=true to replace it, "
-                "resume_from=latest to continue its last checkpoint, or choose another output_dir"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    replace = path.is_dir() and any(path.iterdir()) and not resuming
+    if replace and not overwrite:
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+        raise OutputExistsError(
+            f"output_dir {path} already holds results ({held}); pass overwrite=true to replace it, "
+            "resume_from=latest to continue its last checkpoint, or choose another output_dir"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if replace:
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

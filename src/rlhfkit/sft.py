@@ -122,10 +122,9 @@ def _save_trainable_only(models, weights, output_dir) -> None:
 def train_sft(cfg: SFTConfig) -> SFTResult:
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
     if accelerator.is_main_process:
-        prepare_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
         dump_config(cfg, cfg.output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)

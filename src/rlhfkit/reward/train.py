@@ -103,10 +103,9 @@ def pair_margins(model: RewardModel, items: list[PreferenceItem], batch_size: in
 def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     """Train, normalise and save a reward model; returns the final held-out metrics (empty without eval_file)."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
+    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=False)
     if accelerator.is_main_process:
-        prepare_output_dir(cfg.output_dir, cfg.overwrite, resuming=False)
         dump_config(cfg, cfg.output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
     train_items = load_preference_items(cfg.train_file, keep_ties=cfg.keep_ties)
