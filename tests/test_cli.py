@@ -40,6 +40,8 @@ def test_sft_command_trains_and_reports(tiny_model, sft_files, tmp_path):
 def test_generate_and_models_list(tiny_model):
     result = runner.invoke(app, ["generate", "--model", tiny_model, "--prompt", "Where is HQ?", "--max-new-tokens", "5"])
     assert result.exit_code == 0 and "> Where is HQ?" in result.output
+    result = runner.invoke(app, ["generate", "--model", tiny_model, "--prompt", "Parking?", "--sample", "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output
 

@@ -30,7 +30,7 @@ def generate_responses(
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
+            sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
