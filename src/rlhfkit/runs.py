@@ -142,3 +142,30 @@ class MetricsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def save_trainable_only(models, weights, output_dir) -> None:
+    """accelerate save-state hook: keep only trainable tensors (LoRA adapters, heads) in checkpoints.
+
+    The frozen base is reloaded from the model name on resume; checkpoints stay megabytes, not gigabytes.
+    """
+    for model, state in zip(models, weights):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
+
+
+def save_final_model(model, tokenizer, output_dir: Path, accelerator: Accelerator, adapter: bool, merge: bool) -> None:
+    """The final model in HF format in `output_dir`: the adapter, or full (merged) weights. Configs land last,
+    so a directory with a config.json or adapter_config.json holds a whole model."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    tmp = output_dir / ".final.tmp"
+    if adapter and merge:
+        model = model.merge_and_unload()
+    # An adapter never trains the embeddings here, so PEFT need not look up the base's vocabulary to decide.
+    extra = {"save_embedding_layers": False} if adapter and not merge else {}
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
+    tokenizer.save_pretrained(tmp)
+    install_files(tmp, output_dir, last=("config.json", "adapter_config.json"))

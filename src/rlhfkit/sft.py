@@ -37,6 +37,8 @@ from rlhfkit.runs import (
     prepare_output_dir,
     read_checkpoint_state,
     resolve_checkpoint,
+    save_final_model,
+    save_trainable_only,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,17 +110,6 @@ def evaluate_loss(model, dataloader, accelerator: Accelerator) -> float:
     return (torch.stack(sums).sum() / torch.stack(counts).sum()).item()
 
 
-def _save_trainable_only(models, weights, output_dir) -> None:
-    """accelerate save-state hook: keep only trainable tensors (the LoRA adapter) in checkpoints.
-
-    The frozen base is reloaded from the model name on resume; checkpoints stay megabytes, not gigabytes.
-    """
-    for model, state in zip(models, weights):
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        for key in [k for k in state if k not in trainable]:
-            del state[key]
-
-
 def train_sft(cfg: SFTConfig) -> SFTResult:
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
@@ -140,7 +131,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.load_in_4bit)
-        accelerator.register_save_state_pre_hook(_save_trainable_only)
+        accelerator.register_save_state_pre_hook(save_trainable_only)
     model.to(accelerator.device)
 
     result = SFTResult(output_dir=cfg.output_dir, steps=0)
@@ -244,7 +235,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         result.eval_loss_after = evaluate_loss(model, eval_dl, accelerator)
     result.steps = global_step
     save_checkpoint(global_step)
-    _save_final(accelerator.unwrap_model(model), tokenizer, cfg, accelerator)
+    save_final_model(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, accelerator,
+                     adapter=cfg.lora.enabled, merge=cfg.merge_adapter)
 
     after = _preview(accelerator.unwrap_model(model), tokenizer, preview_examples, cfg, accelerator)
     result.previews = [
@@ -271,18 +263,3 @@ def _preview(model, tokenizer, examples: list[SFTExample], cfg: SFTConfig, accel
         )
     accelerator.wait_for_everyone()
     return answers
-
-
-def _save_final(model, tokenizer, cfg: SFTConfig, accelerator: Accelerator) -> None:
-    """The final model in HF format in output_dir: the adapter, or full (merged) weights. Configs land last."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    tmp = cfg.output_dir / ".final.tmp"
-    if cfg.lora.enabled and cfg.merge_adapter:
-        model = model.merge_and_unload()
-    # An adapter never trains the embeddings here, so PEFT need not look up the base's vocabulary to decide.
-    extra = {"save_embedding_layers": False} if cfg.lora.enabled and not cfg.merge_adapter else {}
-    model.save_pretrained(tmp, safe_serialization=True, **extra)
-    tokenizer.save_pretrained(tmp)
-    install_files(tmp, cfg.output_dir, last=("config.json", "adapter_config.json"))

@@ -93,3 +93,23 @@ def load_records(path: str | os.PathLike, model: type[BaseModel]) -> list[Any]:
 
 def load_sft_examples(path: str | os.PathLike) -> list[SFTExample]:
     return load_records(path, SFTExample)
+
+
+class PromptRecord(BaseModel):
+    """`{"prompt": str, "id"?: str}`; other keys are ignored, so SFT and evaluation files serve as prompt files."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    id: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        return prompt
+
+
+def load_prompts(path: str | os.PathLike) -> list[PromptRecord]:
+    return load_records(path, PromptRecord)

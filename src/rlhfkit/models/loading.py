@@ -58,7 +58,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def load_causal_lm(
     name: str, dtype: str = "auto", load_in_4bit: bool = False, trainable_adapter: bool = False
 ) -> PreTrainedModel:
-    """A causal LM by name. A PEFT adapter directory loads its base (by the name stored with it) plus the adapter.
+    """A causal LM by name. A PEFT adapter directory loads its base (by the name stored with it) plus the adapter;
+    an adapter whose base is itself an adapter directory gets that one merged in first.
 
     `load_in_4bit` quantizes the base weights with bitsandbytes (QLoRA); it needs a CUDA GPU.
     """
@@ -68,6 +69,8 @@ def load_causal_lm(
         from peft import PeftModel
 
         base = load_causal_lm(base_name, dtype=dtype, load_in_4bit=load_in_4bit)
+        if isinstance(base, PeftModel):  # adapters stack (e.g. PPO on an SFT adapter): fold the lower one in
+            base = base.merge_and_unload()
         return PeftModel.from_pretrained(base, resolved, is_trainable=trainable_adapter)
 
     kwargs: dict = {"dtype": torch_dtype(dtype)}
@@ -119,3 +122,21 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, quantized: bool =
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability to 0: reward scores must not depend on dropout noise, and PPO's ratio must
+    compare the same function in rollout and update. In the modules (some attention layers keep their rate as a
+    float attribute) and in the configs (for modules built later)."""
+    names = ("attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for key in names:
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, 0.0)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for key in names:
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from rlhfkit.errors import ModelNotFoundError
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
 
 CONFIG_FILE = "reward_model.json"
@@ -73,7 +73,7 @@ class RewardModel(nn.Module):
                 resolve_model(name), num_labels=1, ignore_mismatched_sizes=True  # a new 1-output head
             )
             head = None
-        _disable_dropout(backbone)
+        disable_dropout(backbone)
         if backbone.config.pad_token_id is None:
             backbone.config.pad_token_id = tokenizer.pad_token_id
         return cls(backbone, head, tokenizer, base_model=name, max_length=max_length)
@@ -154,21 +154,6 @@ class RewardModel(nn.Module):
             head.load_state_dict(weights)
         else:
             backbone, head = AutoModelForSequenceClassification.from_pretrained(path), None
-        _disable_dropout(backbone)
+        disable_dropout(backbone)
         return cls(backbone, head, tokenizer, base_model=meta["base_model"], gain=meta["gain"], bias=meta["bias"],
                    max_length=meta["max_length"])
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    """Reward scores must not depend on dropout noise: every dropout probability to 0, in the modules (some
-    attention layers keep their rate as a float attribute) and in the config (for modules built later)."""
-    names = ("attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for key in names:
-            if isinstance(getattr(module, key, None), float):
-                setattr(module, key, 0.0)
-    for key in names:
-        if isinstance(getattr(model.config, key, None), float):
-            setattr(model.config, key, 0.0)
