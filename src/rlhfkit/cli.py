@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from rlhfkit.errors import RlhfkitError
 
@@ -81,6 +82,42 @@ def generate(
     for p, a in zip(prompt, answers):
         console.print(f"[bold]> {p}[/bold]")
         console.print(a, markup=False, highlight=False)
+
+
+@app.command()
+def ppo(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/ppo.yaml")],
+    overrides: Overrides = None,
+) -> None:
+    """PPO against rewards (reward models, classifiers) with a KL penalty against the starting model."""
+    from accelerate import PartialState
+
+    from rlhfkit.config import PPOConfig, load_config
+    from rlhfkit.ppo import train_ppo
+
+    cfg = load_config(PPOConfig, config, overrides or [])
+    result = train_ppo(cfg)
+    if not PartialState().is_main_process:
+        return
+    if result.previews:
+        table = Table(title="Held-out prompts, before and after PPO (greedy)", show_lines=True)
+        for column in ("prompt", "before", "after"):
+            table.add_column(column, overflow="fold")
+        for p in result.previews:
+            table.add_row(Text(p["prompt"]), _answer(p["before"], p["scores_before"]), _answer(p["after"], p["scores_after"]))
+        console.print(table)
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        console.print(
+            f"reward {first['reward/score']:.3f} (step {first['step']}) -> {last['reward/score']:.3f} (step {last['step']}); "
+            f"KL to the reference {last['kl/ref']:.3f}; {last['throughput/episodes_per_s']:.2f} episodes/s"
+        )
+    console.print(f"{result.steps} steps; policy saved in {result.output_dir}")
+
+
+def _answer(text: str, scores: dict[str, float]) -> Text:
+    """Model text as plain text (never rich markup), its scores dimmed below it."""
+    return Text(text) + Text("\n" + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), style="dim")
 
 
 @reward_app.command("train")

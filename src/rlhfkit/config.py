@@ -175,3 +175,98 @@ class RewardConfig(Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 42
     log_every: int = Field(5, gt=0)
+
+
+class SamplingConfig(Strict):
+    """How the policy samples responses during PPO (log-probabilities use the same temperature)."""
+
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+
+
+class RewardTerm(Strict):
+    """One reward in the weighted sum PPO maximises.
+
+    `scorer`: `toxicity` (offline P(toxic); give it a negative weight), a reward-model directory, or
+    `hf:MODEL:LABEL` (a sequence classifier's label probability).
+    """
+
+    scorer: str
+    weight: float = 1.0
+    name: str | None = None  # in the metrics; default: the scorer's own name
+
+
+class PPOConfig(Strict):
+    """PPO with a KL penalty against the frozen starting model. Defaults follow Ziegler et al. 2019 / TRL."""
+
+    model: str  # the starting policy (usually an SFT run directory); also the KL reference
+    prompts_file: Path  # JSONL with a "prompt" key per line
+    eval_prompts_file: Path | None = None  # held-out prompts for the before/after preview
+    output_dir: Path
+    overwrite: bool = False
+    resume_from: Path | Literal["latest"] | None = None
+
+    system_prompt: str | None = None
+    max_prompt_length: int = Field(256, gt=0)  # tokens; longer prompts keep their end
+    sampling: SamplingConfig = SamplingConfig()
+
+    rewards: list[RewardTerm] = Field(min_length=1)
+    missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of a response that never stops
+    reward_clip: float | None = Field(None, gt=0)  # clip the (normalised) score to [-c, c]
+    normalize_reward: bool = False  # divide scores by a running std (and subtract the running mean)
+
+    lora: LoraSettings = LoraSettings(dropout=0.0)
+    load_in_4bit: bool = False
+    merge_adapter: bool = False  # save merged full weights instead of the adapter
+    critic: Literal["separate", "value_head"] = "separate"  # own network, or a head on the policy's backbone
+    critic_init: Literal["auto", "reward_model", "policy"] = "auto"  # separate critic: auto = reward model if compatible
+
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_coef: float = Field(0.05, ge=0)  # beta; the starting value under the adaptive controller
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = Field(6.0, gt=0)  # adaptive: KL per sequence (nats) to aim for
+    kl_horizon: int = Field(10000, gt=0)  # adaptive: episodes over which beta adjusts
+
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    target_approx_kl: float | None = Field(None, gt=0)  # stop an epoch's updates once approx-KL passes this
+
+    steps: int = Field(100, gt=0)  # PPO iterations: rollout a batch, then update
+    batch_size: int = Field(16, gt=0)  # rollouts per iteration, per process
+    mini_batch_size: int = Field(4, gt=0)  # rollouts per optimizer step, per process
+    micro_batch_size: int | None = Field(None, gt=0)  # rollouts per forward (gradient accumulation); None: mini_batch_size
+    ppo_epochs: int = Field(4, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    critic_learning_rate: float | None = Field(None, gt=0)  # None: learning_rate
+    weight_decay: float = Field(0.0, ge=0)
+    adam_eps: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_nonfinite_updates: int = Field(3, ge=0)  # skipped NaN/Inf updates tolerated before the run stops
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 42
+
+    log_every: int = Field(1, gt=0)
+    save_every: int | None = Field(None, gt=0)  # iterations; None: only at the end
+    save_total_limit: int | None = Field(2, gt=0)
+    preview: PreviewSettings = PreviewSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        micro = self.micro_batch_size or self.mini_batch_size
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        if self.mini_batch_size % micro:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({micro})")
+        if self.load_in_4bit and not self.lora.enabled:
+            raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
+        if self.merge_adapter and not self.lora.enabled:
+            raise ValueError("merge_adapter needs lora.enabled: true")
+        return self

@@ -1,0 +1,143 @@
+"""The networks PPO trains and consults: the policy (optionally with a value head), a separate critic, and the
+frozen reference.
+
+Reference: with LoRA the reference is the policy with its adapter disabled (the same base weights, no second
+copy); without LoRA it is a frozen copy of the starting model. A starting model that is itself an adapter
+(an SFT run) is merged into its base first, so the reference is exactly the SFT model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.loading import apply_lora, disable_dropout, load_causal_lm
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyModel(nn.Module):
+    """A causal LM; with `value_head`, also a critic reading the LM's last hidden state (one shared forward)."""
+
+    def __init__(self, lm: nn.Module, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+
+    def forward(self, input_ids, attention_mask, position_ids, response_width: int):
+        """Logits predicting each of the last `response_width` tokens, [B, R, V], and values there ([B, R] or None).
+
+        The LM head runs only on those positions (`logits_to_keep`): prompt tokens need no vocabulary projection.
+        """
+        keep = response_width + 1
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      logits_to_keep=keep, output_hidden_states=self.value_head is not None, use_cache=False)
+        values = None
+        if self.value_head is not None:
+            values = self.value_head(out.hidden_states[-1][:, -keep:-1]).squeeze(-1).float()
+        return out.logits[:, :-1], values
+
+    @contextmanager
+    def as_reference(self):
+        """The frozen starting model: this LM with its LoRA adapter switched off."""
+        with self.lm.disable_adapter():
+            yield self
+
+    def generate(self, **kwargs):
+        return self.lm.generate(**kwargs)
+
+
+class ValueModel(nn.Module):
+    """A separate critic: a transformer backbone and a scalar head, V(s_t) at every response position."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, position_ids, response_width: int) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.head(hidden[:, -(response_width + 1):-1]).squeeze(-1).float()
+
+
+def load_start_model(cfg: PPOConfig) -> nn.Module:
+    """The starting policy as one plain model: an SFT adapter is merged into its base (which keeps the SFT
+    directory as the name a PPO adapter records as its base)."""
+    lm = load_causal_lm(cfg.model, dtype="auto" if cfg.load_in_4bit else "float32", load_in_4bit=cfg.load_in_4bit)
+    if hasattr(lm, "merge_and_unload"):
+        if cfg.load_in_4bit:
+            raise ConfigError(
+                f"{cfg.model} is a LoRA adapter and load_in_4bit is on: an adapter cannot be merged into 4-bit weights "
+                "exactly. Train the SFT stage with merge_adapter: true, or turn load_in_4bit off."
+            )
+        lm = lm.merge_and_unload()
+    portable = str(Path(cfg.model).resolve()) if Path(cfg.model).expanduser().exists() else cfg.model
+    lm.name_or_path = lm.config.name_or_path = portable
+    return lm
+
+
+def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
+    """The trainable policy and, without LoRA, the separate frozen reference."""
+    lm = load_start_model(cfg)
+    lm.config.use_cache = True  # generation; training forwards pass use_cache=False
+    reference = None
+    if cfg.lora.enabled:
+        lm = apply_lora(lm, cfg.lora, quantized=cfg.load_in_4bit)
+    else:
+        reference = copy.deepcopy(lm).requires_grad_(False).eval()
+    head = None
+    if cfg.critic == "value_head":
+        head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    policy = PolicyModel(lm, head)
+    disable_dropout(policy)  # PPO's ratio must compare the same function in rollout and update
+    return policy, reference
+
+
+def build_critic(cfg: PPOConfig, policy_tokenizer, reward_model_path: str | None) -> ValueModel:
+    """A separate critic, initialised from the reward model (when it reads text the way the policy writes it:
+    the same vocabulary and a scalar head) or else from the starting policy with a zero head."""
+    from rlhfkit.reward.model import RewardModel
+
+    source = cfg.critic_init
+    if source in ("auto", "reward_model") and reward_model_path is not None:
+        rm = RewardModel.from_pretrained(reward_model_path)
+        compatible = rm.head is not None and rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        if compatible:
+            critic = ValueModel(rm.backbone, rm.head)
+            source = "reward_model"
+        elif source == "reward_model":
+            raise ConfigError(
+                f"critic_init: reward_model, but the reward model {reward_model_path} "
+                + ("has a different vocabulary from the policy" if rm.head is not None else "is a sequence classifier")
+                + "; use critic_init: policy (or auto)"
+            )
+        else:
+            source = "policy"
+    elif source == "reward_model":
+        raise ConfigError("critic_init: reward_model, but no reward model directory is among the rewards")
+    else:
+        source = "policy"
+    if source == "policy":
+        lm = load_start_model(cfg.model_copy(update={"load_in_4bit": False}))
+        head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        critic = ValueModel(lm.base_model, head)
+    logger.info("critic initialised from the %s", source.replace("_", " "))
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules)
+        critic.backbone = get_peft_model(critic.backbone, lora)
+    disable_dropout(critic)
+    return critic

@@ -1,0 +1,248 @@
+"""PPO on the tiny model: rollout and log-probabilities, the reference, the critic, learning a toy reward under a
+KL bound, kill and resume, NaN guards, two processes, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import COMPANY_TEST, COMPANY_TRAIN, build_tiny_model
+from rlhfkit.config import PPOConfig, load_config
+from rlhfkit.data.jsonl import read_jsonl
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.ppo import NonFiniteError, core, train_ppo
+from rlhfkit.ppo.models import PolicyModel, build_critic, build_policy
+from rlhfkit.ppo.rollout import SamplingSettings, encode_prompts, sample_responses, stop_token_ids
+from rlhfkit.reward.model import RewardModel
+from rlhfkit.reward.scorers import FunctionReward
+
+PROMPTS = ["Hi", "What does Marrowby & Finch make, and where are the factories?", "Who is Wren?"]
+
+
+def ppo_config(model, out, **settings) -> PPOConfig:
+    base = dict(
+        model=model, prompts_file=str(COMPANY_TRAIN), output_dir=str(out), rewards=[{"scorer": "toxicity"}],
+        steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1, sampling={"max_new_tokens": 6, "temperature": 1.0},
+        preview={"num_prompts": 0},
+    )
+    for key, value in settings.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return PPOConfig.model_validate(base)
+
+
+def frac_e(prompt: str, response: str) -> float:
+    """Toy reward: the share of the letter e in the response."""
+    return response.count("e") / max(len(response), 1)
+
+
+def rollout_logprobs(policy, rollout, temperature):
+    logits, _ = policy(**rollout.inputs(), response_width=rollout.response_ids.shape[1])
+    return core.logprobs_from_logits(logits, rollout.response_ids, temperature)
+
+
+@torch.no_grad()
+def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny_model):
+    """The forward pass PPO scores with gives the same log pi(a_t) as the generation that sampled a_t, with the
+    temperature applied, under left padding (prompts of different lengths), and padding after the stop token."""
+    tokenizer = load_tokenizer(tiny_model)
+    policy = PolicyModel(load_causal_lm(tiny_model, dtype="float32")).eval()
+    query_ids, query_mask = encode_prompts(tokenizer, PROMPTS, max_length=64)
+    assert (query_mask[:, -1] == 1).all() and (query_mask[0, 0] == 0)  # left-padded
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.7)
+    torch.manual_seed(3)
+    rollout = sample_responses(policy.lm, query_ids, query_mask, settings, stop_token_ids(tokenizer, policy.lm),
+                               tokenizer.pad_token_id)
+    torch.manual_seed(3)  # the same draw again, keeping generate's own logits this time
+    out = policy.lm.generate(input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=0.7, top_k=0,
+                             max_new_tokens=12, eos_token_id=stop_token_ids(tokenizer, policy.lm),
+                             pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    width = rollout.response_ids.shape[1]
+    assert torch.equal(out.sequences[:, query_ids.shape[1]:][:, :width] * rollout.response_mask,
+                       rollout.response_ids * rollout.response_mask)
+    generated = torch.stack(out.logits[:width], dim=1)
+    expected = core.logprobs_from_logits(generated, rollout.response_ids, 0.7)
+    ours = rollout_logprobs(policy, rollout, 0.7)
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(ours[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    # each row alone, without padding, gives the same log-probabilities
+    for i in range(len(PROMPTS)):
+        alone = rollout.select(torch.tensor([i]))
+        keep_q, keep_r = alone.query_mask[0].bool(), alone.response_mask[0].bool()
+        alone.query_ids, alone.query_mask = alone.query_ids[:, keep_q], alone.query_mask[:, keep_q]
+        alone.response_ids, alone.response_mask = alone.response_ids[:, keep_r], alone.response_mask[:, keep_r]
+        torch.testing.assert_close(rollout_logprobs(policy, alone, 0.7)[0], ours[i][keep_r], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_the_reference_is_the_policy_with_its_adapter_disabled(tiny_model, tmp_path):
+    cfg = ppo_config(tiny_model, tmp_path)
+    policy, reference = build_policy(cfg)
+    assert reference is None  # LoRA: no second copy of the weights
+    tokenizer = load_tokenizer(tiny_model)
+    query_ids, query_mask = encode_prompts(tokenizer, PROMPTS, max_length=64)
+    rollout = sample_responses(policy, query_ids, query_mask, SamplingSettings(8), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    start = PolicyModel(load_causal_lm(tiny_model, dtype="float32"))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.add_(0.5)  # move the policy away from the start
+    with policy.as_reference():
+        torch.testing.assert_close(rollout_logprobs(policy, rollout, 1.0), rollout_logprobs(start, rollout, 1.0))
+    assert not torch.allclose(rollout_logprobs(policy, rollout, 1.0), rollout_logprobs(start, rollout, 1.0))
+    full, frozen = build_policy(ppo_config(tiny_model, tmp_path, lora={"enabled": False}))
+    assert frozen is not None and not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in full.parameters())
+
+
+def test_critic_starts_from_a_compatible_reward_model_else_from_the_policy(tiny_model, tmp_path):
+    tokenizer = load_tokenizer(tiny_model)
+    same_vocab = tmp_path / "rm"
+    RewardModel.from_base(tiny_model).save_pretrained(same_vocab)
+    critic = build_critic(ppo_config(tiny_model, tmp_path), tokenizer, str(same_vocab))
+    torch.testing.assert_close(critic.head.weight, load_file(same_vocab / "reward_head.safetensors")["weight"])
+    assert any("lora_A" in n for n, _ in critic.named_parameters())  # the critic trains adapters too
+
+    other = build_tiny_model(tmp_path / "other-vocab", vocab_size=300)
+    RewardModel.from_base(str(other)).save_pretrained(tmp_path / "rm-other")
+    critic = build_critic(ppo_config(tiny_model, tmp_path), tokenizer, str(tmp_path / "rm-other"))
+    assert torch.count_nonzero(critic.head.weight) == 0  # a fresh head on the policy's backbone
+    with pytest.raises(Exception, match="different vocabulary"):
+        build_critic(ppo_config(tiny_model, tmp_path, critic_init="reward_model"), tokenizer, str(tmp_path / "rm-other"))
+
+
+def test_ppo_raises_a_toy_reward_and_the_kl_penalty_bounds_the_drift(tiny_model, tmp_path):
+    """Full fine-tuning with a value head: the share of e's in the answers must rise within 16 steps; with a KL
+    penalty the policy must stay within a bound that the unpenalised run leaves far behind."""
+    settings = dict(steps=16, batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-2, critic="value_head",
+                    lora={"enabled": False}, lr_scheduler="constant", missing_eos_penalty=None,
+                    sampling={"max_new_tokens": 8})
+    free = train_ppo(ppo_config(tiny_model, tmp_path / "free", kl_coef=0.0, **settings), FunctionReward(frac_e))
+    first, last = free.history[0], free.history[-3:]
+    assert sum(h["reward/score"] for h in last) / 3 > first["reward/score"] + 0.05
+    assert last[-1]["policy/entropy"] < first["policy/entropy"]
+    bound = train_ppo(ppo_config(tiny_model, tmp_path / "bound", kl_coef=1.0, kl_estimator="k3", **settings),
+                      FunctionReward(frac_e))
+    kl_free = sum(h["kl/ref"] for h in free.history[-4:]) / 4
+    assert max(h["kl/ref"] for h in bound.history) < min(8.0, 0.6 * kl_free)
+
+
+def adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch):
+    """LoRA policy and critic, adaptive KL, reward normalisation: everything must come back from the checkpoint."""
+    settings = dict(steps=4, save_every=2, kl_controller="adaptive", kl_horizon=100, normalize_reward=True,
+                    learning_rate=1e-3, rewards=[{"scorer": "toxicity", "weight": -1.0}])
+    whole = train_ppo(ppo_config(tiny_model, tmp_path / "whole", **settings), FunctionReward(frac_e))
+
+    import rlhfkit.ppo.core as core_module
+
+    real, calls = core_module.clipped_policy_loss, {"n": 0}
+
+    def dies_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two minibatches x one epoch per step: the fifth call is in step 3
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_module, "clipped_policy_loss", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(ppo_config(tiny_model, tmp_path / "killed", **settings), FunctionReward(frac_e))
+    monkeypatch.setattr(core_module, "clipped_policy_loss", real)
+    killed = tmp_path / "killed"
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (killed / "adapter_model.safetensors").exists()
+
+    resumed = train_ppo(ppo_config(tiny_model, killed, resume_from="latest", **settings), FunctionReward(frac_e))
+    assert resumed.steps == 4
+    for key, value in adapter(tmp_path / "whole").items():
+        torch.testing.assert_close(adapter(killed)[key], value)
+    critic_whole = load_file(tmp_path / "whole" / "checkpoint-4" / "model_1.safetensors")
+    critic_resumed = load_file(killed / "checkpoint-4" / "model_1.safetensors")
+    assert critic_whole.keys() == critic_resumed.keys() and any("head" in k for k in critic_whole)
+    for key, value in critic_whole.items():
+        torch.testing.assert_close(critic_resumed[key], value)
+    tail = {h["step"]: h for h in whole.history}
+    for h in resumed.history:
+        for key in ("reward/score", "kl/ref", "kl/coef", "loss/value", "reward/normalized"):
+            assert h[key] == pytest.approx(tail[h["step"]][key], rel=1e-4, abs=1e-6), key
+    logged = [r["step"] for _, r in read_jsonl(killed / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4]  # the killed step 3 never logged; the resumed run continues the file
+
+
+def test_nan_rewards_skip_updates_then_stop_the_run_leaving_checkpoints_whole(tiny_model, tmp_path):
+    calls = {"n": 0}
+
+    def breaks_at_step_2(prompt, response):
+        calls["n"] += 1
+        return float("nan") if calls["n"] > 4 else 0.5  # batch_size 4: the 5th score is in step 2
+
+    cfg = ppo_config(tiny_model, tmp_path, steps=4, save_every=1, max_nonfinite_updates=1)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(NonFiniteError, match="Saved checkpoints are untouched"):
+        warnings.simplefilter("always")
+        train_ppo(cfg, FunctionReward(breaks_at_step_2))
+    assert sum("NaN or Inf" in str(w.message) for w in caught) == 2
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    weights = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_stop_tokens_end_responses_and_missing_eos_is_penalised(tiny_model, tmp_path):
+    result = train_ppo(ppo_config(tiny_model, tmp_path, steps=1, missing_eos_penalty=2.0, sampling={"max_new_tokens": 3}),
+                       FunctionReward(lambda p, r: 0.0, name="zero"))
+    h = result.history[0]
+    # the untrained tiny model almost never stops within 3 tokens: the normalised score is about -2 * (1 - eos_rate)
+    assert h["reward/normalized"] == pytest.approx(-2.0 * (1 - h["response/eos_rate"]))
+    assert h["response/length"] <= 3
+    for key in ("kl/ref", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "loss/value", "loss/policy",
+                "value/explained_variance", "response/eos_rate", "time/generation", "time/scoring", "time/training",
+                "throughput/tokens_per_s", "reward/zero"):
+        assert key in h
+
+
+def test_two_processes_run_ppo(tiny_model, tmp_path):
+    torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
+    out = tmp_path / "two"
+    settings = [f"model={tiny_model}", f"prompts_file={COMPANY_TRAIN}", f"eval_prompts_file={COMPANY_TEST}",
+                f"output_dir={out}", "steps=2", "batch_size=2", "mini_batch_size=1", "sampling.max_new_tokens=4",
+                "preview.num_prompts=1", "preview.max_new_tokens=4", "rewards=[{scorer: toxicity, weight: -1}]"]
+    proc = subprocess.run([*torchrun, "-m", "rlhfkit.cli", "ppo", "--config", os.devnull, *settings], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("policy saved in") == 1  # one process reports
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    rows = [r for _, r in read_jsonl(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    # episodes per step count both processes' rollouts: 2 processes x batch 2
+    assert rows[0]["throughput/episodes_per_s"] * rows[0]["time/step"] == pytest.approx(4.0, rel=1e-3)
+
+
+def test_cli_ppo_with_the_shipped_config_and_overrides(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    cfg = load_config(PPOConfig, "configs/ppo.yaml", [f"model={tiny_model}", f"output_dir={tmp_path}"])
+    assert cfg.rewards  # the shipped recipe parses
+    runner = CliRunner()
+    args = ["ppo", "--config", "configs/ppo.yaml", f"model={tiny_model}", f"output_dir={tmp_path / 'run'}", "steps=1",
+            "batch_size=2", "mini_batch_size=2", "ppo_epochs=1", "sampling.max_new_tokens=4", "preview.num_prompts=1",
+            "preview.max_new_tokens=4", "rewards=[{scorer: toxicity, weight: -1}]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "KL to the reference" in result.output and "policy saved in" in result.output
+    samples = [r for _, r in read_jsonl(tmp_path / "run" / "samples.jsonl")]
+    assert {s["model"] for s in samples} == {"before", "after"} and "toxicity" in samples[0]["scores"]
+    bad = runner.invoke(app, ["ppo", "--config", "configs/ppo.yaml", "batch_size=3", "mini_batch_size=2"])
+    assert isinstance(bad.exception, ConfigError) and "multiple of mini_batch_size" in str(bad.exception)
+    assert not math.isnan(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["kl/ref"])
