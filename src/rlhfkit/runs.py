@@ -37,6 +37,16 @@ def make_accelerator(mixed_precision: str, output_dir: Path) -> Accelerator:
     )
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the parameters' device (CPU and CUDA float tensors).
+
+    On CPU torch's default is a per-tensor Python loop: the fused kernel makes a 135M-parameter step ~5x faster.
+    """
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, resuming: bool) -> None:
     """Create `path`; refuse to reuse a non-empty one unless resuming it or told to overwrite it.
 
@@ -126,8 +136,16 @@ def install_files(src: Path, dst: Path, last: tuple[str, ...]) -> None:
 class MetricsWriter:
     """Appends one JSON object per logging step to metrics.jsonl (flushed, so a crash loses nothing logged)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, resumed_at: int | None = None):
+        """`resumed_at`: the step a run resumes from; rows logged after it (by the run that was killed, and that
+        the resumed run will log again) are dropped, so every step appears once."""
         self.enabled = enabled
+        if enabled and resumed_at is not None and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_at]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
         self._file = path.open("a", encoding="utf-8") if enabled else None
         self._start = time.time()
 

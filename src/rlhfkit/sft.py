@@ -29,6 +29,7 @@ from rlhfkit.errors import DataError
 from rlhfkit.generation import generate_responses
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.runs import (
+    adamw,
     MetricsWriter,
     checkpoint_tmp_path,
     commit_checkpoint,
@@ -141,7 +142,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_batch)
     eval_dl = DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=make_batch) if eval_set else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)  # len: this process's batches
@@ -154,7 +155,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
     accelerator.init_trackers("tensorboard")
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    resumed_at = read_checkpoint_state(checkpoint)["global_step"] if checkpoint is not None else None
+    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process, resumed_at=resumed_at)
 
     def log(step: int, values: dict[str, float]) -> None:
         metrics.write(step, values)

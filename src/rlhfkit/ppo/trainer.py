@@ -38,6 +38,7 @@ from rlhfkit.ppo.models import build_critic, build_policy
 from rlhfkit.ppo.rollout import Rollout, SamplingSettings, encode_prompts, sample_responses, stop_token_ids
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
 from rlhfkit.runs import (
+    adamw,
     MetricsWriter,
     checkpoint_tmp_path,
     commit_checkpoint,
@@ -134,7 +135,7 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
     groups = [{"params": policy_params, "lr": cfg.learning_rate}]
     if critic_params:
         groups.append({"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    optimizer = adamw(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if critic is not None:
         policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
     else:
@@ -163,7 +164,8 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
         logger.info("resumed from %s at step %d", checkpoint, step)
 
     accelerator.init_trackers("tensorboard")
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                            resumed_at=step if checkpoint is not None else None)
     result = PPOResult(output_dir=cfg.output_dir, steps=step)
     reduce = lambda x: accelerator.reduce(x, "sum")  # noqa: E731
     gather = lambda x: accelerator.gather(x.contiguous())  # noqa: E731

@@ -24,7 +24,7 @@ from transformers import get_scheduler
 from rlhfkit.config import RewardConfig, dump_config
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.reward.model import RewardModel
-from rlhfkit.runs import MetricsWriter, install_files, make_accelerator, prepare_output_dir
+from rlhfkit.runs import MetricsWriter, adamw, install_files, make_accelerator, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
 
     loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=lambda b: collate_items(b, model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(loader))
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),

@@ -1,0 +1,360 @@
+"""PPO throughput: rlhfkit's PPO trainer against TRL 1.12.0's `trl.experimental.ppo.PPOTrainer`, same workload.
+
+What is measured, per framework: PPO episodes (rollouts) per second over the timed iterations (warm-up iterations
+excluded), the peak memory of the run (resident set on CPU, `torch.cuda.max_memory_allocated` on GPU), and the mean
+number of response tokens per episode. One PPO iteration = `--batch-size` rollouts of at most `--response-length`
+sampled tokens (temperature 0.7, no top-k/top-p, stopping at EOS unless --stop-token none), scored by a reward model, with reference and value
+forwards, then `--ppo-epochs` x `--num-mini-batches` optimizer steps. Policy, reference, value and reward models are
+all built from the bundled SmolLM2-135M-Instruct (value/reward: a randomly initialised, seeded scalar head).
+
+TRL runs in its own virtualenv (it must not share rlhfkit's dependency pins), created on first use outside the repo
+at ${RLHFKIT_CACHE:-~/.cache/rlhfkit}/benchmarks/venv-trl-1.12.0, through benchmarks/trl_ppo.py.
+
+Reproduce (CPU, default workload: batch 8, 2 mini-batches, 1 PPO epoch, 24 new tokens, 1 warm-up + 3 timed
+iterations, float32), with rlhfkit's venv (`make test` creates it):
+
+    .venv/bin/python benchmarks/ppo_vs_trl.py --only trl               # TRL only
+    .venv/bin/python benchmarks/ppo_vs_trl.py --out runs/bench.json    # both, results to JSON
+
+On an offline GPU machine whose Python already has torch/transformers/peft/accelerate: on a machine with network,
+
+    .venv/bin/python benchmarks/ppo_vs_trl.py --download-wheels /tmp/trl-wheels [--wheels-python 3.12]
+
+(trl, datasets, pandas, a pyarrow wheel stripped of its Flight/S3 libraries...: about 48 MiB), carry that
+directory over and run
+
+    python benchmarks/ppo_vs_trl.py --wheels /path/to/trl-wheels --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRL_VERSION = "1.12.0"
+# Pinned first, on its own: on the CPU machines pip then takes the CPU build on disk instead of pulling CUDA wheels.
+TORCH_PIN = "torch==2.13.0"
+# Packages a GPU image is assumed to carry already; --download-wheels fetches what trl needs beyond them.
+GPU_IMAGE_HAS = ("torch", "transformers", "peft", "accelerate")
+
+REPO = Path(__file__).resolve().parent.parent
+TRL_SCRIPT = Path(__file__).resolve().parent / "trl_ppo.py"
+# Keep both frameworks off the hub: the model is a local directory and nothing else should be fetched.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[ppo_vs_trl] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("RLHFKIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "rlhfkit"
+
+
+def trl_venv_dir() -> Path:
+    return cache_root() / "benchmarks" / f"venv-trl-{TRL_VERSION}"
+
+
+def local_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pip(python: Path | str, *args: str) -> None:
+    cmd = [str(python), "-m", "pip", "--disable-pip-version-check", *args]
+    log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def site_packages_of_current_interpreter() -> list[str]:
+    import sysconfig
+
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    return sorted(p for p in paths if Path(p).is_dir())
+
+
+def ensure_trl_venv(wheels: Path | None) -> Path:
+    """The TRL venv's python, created once. A `.complete` marker guards against a half-built venv."""
+    venv = trl_venv_dir()
+    python = venv / "bin" / "python"
+    marker = venv / ".complete"
+    if marker.is_file() and python.exists():
+        return python
+    if venv.exists():
+        log(f"removing incomplete venv {venv}")
+        shutil.rmtree(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if wheels is not None:
+        # Offline GPU machine: reuse the interpreter's torch (CUDA build) and friends, add trl from the wheel dir.
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            sys.exit("--wheels needs an interpreter that already has torch (it is not in the wheel directory)")
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        if sys.prefix != sys.base_prefix:
+            # We run from a venv: --system-site-packages only exposes the *base* interpreter's packages, so point the
+            # new venv at this venv's site-packages too (plain path lines; rlhfkit's editable hook is not processed).
+            (purelib,) = {p for p in (venv / "lib").glob("python*/site-packages")}
+            (purelib / "_parent_site_packages.pth").write_text("\n".join(site_packages_of_current_interpreter()) + "\n")
+        # Exactly the carried wheels, no resolution: the new venv's own (older) setuptools would shadow the
+        # interpreter's and fail torch's requirement on it, with no index to fetch another.
+        carried = sorted(str(w) for w in Path(wheels).glob("*.whl"))
+        if not any(Path(w).name.startswith(f"trl-{TRL_VERSION}-") for w in carried):
+            sys.exit(f"no trl-{TRL_VERSION} wheel in {wheels} (make it with --download-wheels)")
+        pip(python, "install", "--no-index", "--no-deps", *carried)
+        subprocess.run([str(python), "-m", "pip", "check"])  # report only: pip check also flags pre-existing issues
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip(python, "install", "--quiet", "--upgrade", "pip")
+        pip(python, "install", "--quiet", TORCH_PIN)
+        # Same transformers/accelerate as rlhfkit's venv, so that the comparison is of the trainers, not of the
+        # model code underneath them.
+        pins = [f"{d}=={v}" for d in ("transformers", "accelerate") if (v := local_version(d))]
+        pip(python, "install", "--quiet", f"trl=={TRL_VERSION}", *pins)
+    # Fail now, not mid-benchmark, if the venv cannot import TRL's PPO.
+    subprocess.run([str(python), "-c", "import trl.experimental.ppo"], check=True, env=os.environ | OFFLINE_ENV)
+    marker.write_text(f"created in {time.time() - started:.0f}s\n")
+    log(f"TRL venv ready at {venv} ({time.time() - started:.0f}s)")
+    return python
+
+
+# pyarrow (a dependency of `datasets`, which TRL imports; the benchmark never touches arrow) is a 52 MiB wheel, most
+# of it Flight RPC and S3 libraries that nothing here loads. Dropping them keeps the carried wheels under ~55 MiB.
+# pyarrow imports both optionally (pyarrow.fs lists S3FileSystem as not built; pyarrow.flight fails on import).
+PYARROW_DROP_PREFIXES = ("libarrow_flight", "libarrow_python_flight", "_flight.", "libarrow_s3", "_s3fs.",
+                         "_pyarrow_cpp_tests")
+PYARROW_DROP_DIRS = ("pyarrow/tests/", "pyarrow/include/", "pyarrow/src/")
+
+
+def slim_pyarrow(wheel: Path) -> None:
+    """Rewrite the pyarrow wheel in place without PYARROW_DROP_*; RECORD loses the same lines, so it stays valid."""
+    import zipfile
+
+    def dropped(name: str) -> bool:
+        return name.startswith(PYARROW_DROP_DIRS) or (
+            name.startswith("pyarrow/") and name.count("/") == 1
+            and Path(name).name.startswith(PYARROW_DROP_PREFIXES)
+        )
+
+    tmp = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for info in src.infolist():
+            if dropped(info.filename):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(ln for ln in lines if not dropped(ln.split(",", 1)[0])).encode()
+            dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    tmp.replace(wheel)
+
+
+def download_wheels(dest: Path, python_version: str | None, slim: bool = True) -> None:
+    """Download trl and the dependencies a torch/transformers/peft/accelerate image lacks, for offline install.
+
+    The missing set is the difference of two dry-run resolutions (with and without trl) on top of the GPU image's
+    packages, pinned to the versions in this interpreter. Resolution is for this interpreter (resolving CUDA torch's
+    dependencies for another Python trips over nvidia-* wheel tags); only the download targets `python_version`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    base = [TORCH_PIN] + [f"{d}=={v}" for d in GPU_IMAGE_HAS[1:] if (v := local_version(d))]
+    target = []
+    if python_version:
+        # Another interpreter's binary wheels (pyarrow, xxhash, pandas...): manylinux, binary only.
+        target = ["--python-version", python_version, "--implementation", "cp", "--only-binary=:all:"]
+        target += [f"--platform={tag}" for tag in ("manylinux2014_x86_64", "manylinux_2_24_x86_64",
+                                                   "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")]
+
+    def resolve(reqs: list[str]) -> dict[str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report.json"
+            pip(sys.executable, "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report), *reqs)
+            items = json.loads(report.read_text())["install"]
+        return {it["metadata"]["name"].lower().replace("_", "-"): it["metadata"]["version"] for it in items}
+
+    with_trl = resolve(base + [f"trl=={TRL_VERSION}"])
+    without = resolve(base)
+    missing = {n: v for n, v in with_trl.items() if without.get(n) != v}
+    log("to download: " + ", ".join(f"{n}=={v}" for n, v in sorted(missing.items())))
+    pip(sys.executable, "download", "--quiet", "--no-deps", "--dest", str(dest), *target,
+        *[f"{n}=={v}" for n, v in sorted(missing.items())])
+    if slim:
+        for wheel in dest.glob("pyarrow-*.whl"):
+            before = wheel.stat().st_size
+            slim_pyarrow(wheel)
+            log(f"slimmed {wheel.name}: {before / 2**20:.1f} -> {wheel.stat().st_size / 2**20:.1f} MiB")
+    files = sorted(dest.glob("*.whl")) + sorted(dest.glob("*.tar.gz"))
+    total = sum(f.stat().st_size for f in files)
+    for f in files:
+        print(f"{f.stat().st_size / 2**20:8.2f} MiB  {f.name}")
+    print(f"{total / 2**20:8.2f} MiB  total, {len(files)} files in {dest}")
+
+
+def run_trl(workload: dict, python: Path) -> dict:
+    cmd = [
+        str(python), str(TRL_SCRIPT),
+        "--model", workload["model_dir"],
+        "--prompts", workload["prompts"],
+        "--batch-size", str(workload["batch_size"]),
+        "--num-mini-batches", str(workload["num_mini_batches"]),
+        "--ppo-epochs", str(workload["ppo_epochs"]),
+        "--response-length", str(workload["response_length"]),
+        "--temperature", str(workload["temperature"]),
+        "--stop-token", workload["stop_token"],
+        "--iterations", str(workload["iterations"]),
+        "--warmup-iterations", str(workload["warmup_iterations"]),
+        "--device", workload["device"],
+        "--dtype", workload["dtype"],
+        "--seed", str(workload["seed"]),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | OFFLINE_ENV
+    log("$ " + " ".join(cmd))
+    started = time.time()
+    # stderr (TRL's progress and warnings) goes straight through; stdout ends with the one JSON result line.
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout)
+        raise RuntimeError(f"the TRL run failed (exit {proc.returncode})")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no JSON result line in the TRL run's output:\n{proc.stdout}")
+    result = json.loads(lines[-1])
+    result["wall_seconds"] = round(time.time() - started, 1)  # whole process: imports, loading, warm-up included
+    return result
+
+
+RLHFKIT_SCRIPT = Path(__file__).resolve().parent / "rlhfkit_ppo.py"
+# rlhfkit configurations run on each workload: TRL's design (full fine-tuning, a separate critic), then the
+# cheap one rlhfkit recommends (LoRA adapters; the reference is the policy with its adapter off).
+RLHFKIT_VARIANTS = (["--critic", "separate"], ["--lora", "--critic", "separate"], ["--lora", "--critic", "value_head"])
+
+
+def run_rlhfkit(workload: dict, variant: list[str]) -> dict:
+    """rlhfkit's PPO on `workload` in its own process (peak memory is then this run's alone)."""
+    cmd = [sys.executable, str(RLHFKIT_SCRIPT), "--workload", json.dumps(workload), *variant]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | OFFLINE_ENV
+    log("$ " + " ".join(cmd[:2]) + " --workload ... " + " ".join(variant))
+    started = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout)
+        raise RuntimeError(f"the rlhfkit run failed (exit {proc.returncode})")
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    result["wall_seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def markdown_table(results: list[dict]) -> str:
+    rows = [
+        "| framework | episodes/s | peak memory (GiB) | mean response tokens |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        name = f"{r['framework']} {r.get('version', '')}".strip() + (f" ({r['variant']})" if r.get("variant") else "")
+        rows.append(f"| {name} | {r['episodes_per_s']:.3f} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) "
+                    f"| {r['mean_response_tokens']:.1f} |")
+    trl = next((r for r in results if r["framework"] == "trl"), None)
+    for r in results:
+        if trl is not None and r is not trl:
+            rows.append(f"| ratio: {r['variant']} / TRL | {r['episodes_per_s'] / trl['episodes_per_s']:.2f}x "
+                        f"| {r['peak_memory_gib'] / trl['peak_memory_gib']:.2f}x | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", choices=["trl", "rlhfkit", "both"], default="both")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="rlhfkit model name (bundled alias or directory)")
+    p.add_argument("--prompts", default=str(REPO / "data" / "company" / "train.jsonl"))
+    p.add_argument("--batch-size", type=int, default=8, help="rollouts (episodes) per PPO iteration")
+    p.add_argument("--num-mini-batches", type=int, default=2)
+    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--response-length", type=int, default=24, help="max new tokens per rollout")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (TRL's default)")
+    p.add_argument("--stop-token", choices=["eos", "none"], default="eos",
+                   help="eos: rollouts stop at EOS (TRL's stop_token='eos'); none: always --response-length tokens")
+    p.add_argument("--iterations", type=int, default=3, help="timed PPO iterations")
+    p.add_argument("--warmup-iterations", type=int, default=1, help="untimed iterations before them")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the results JSON here (default: print only)")
+    p.add_argument("--wheels", type=Path, default=None,
+                   help="offline: build the TRL venv on this interpreter's packages plus trl from this wheel dir")
+    p.add_argument("--download-wheels", type=Path, default=None, metavar="DIR",
+                   help="only download trl and its deps missing from a torch/transformers/peft/accelerate image")
+    p.add_argument("--wheels-python", default=None, metavar="X.Y",
+                   help="with --download-wheels: target Python version for binary wheels (default: this one)")
+    p.add_argument("--full-pyarrow", action="store_true",
+                   help="with --download-wheels: keep pyarrow's Flight/S3 libraries (+~17 MiB)")
+    args = p.parse_args()
+
+    if args.download_wheels:
+        download_wheels(args.download_wheels, args.wheels_python, slim=not args.full_pyarrow)
+        return
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    from rlhfkit.models.registry import resolve_model
+
+    workload = {
+        "model": args.model,
+        "model_dir": resolve_model(args.model),
+        "prompts": str(Path(args.prompts).resolve()),
+        "batch_size": args.batch_size,
+        "num_mini_batches": args.num_mini_batches,
+        "ppo_epochs": args.ppo_epochs,
+        "response_length": args.response_length,
+        "temperature": args.temperature,
+        "stop_token": args.stop_token,
+        "iterations": args.iterations,
+        "warmup_iterations": args.warmup_iterations,
+        "device": device,
+        "dtype": dtype,
+        "seed": args.seed,
+    }
+    log("workload: " + json.dumps(workload))
+    if device == "cpu" and (load := os.getloadavg()[0]) > 0.5:
+        log(f"warning: 1-min load average {load:.1f} before starting (it lags by a minute): "
+            "if other processes are busy, the CPU timings will be slow")
+
+    results: list[dict] = []
+    if args.only in ("trl", "both"):
+        results.append(run_trl(workload, ensure_trl_venv(args.wheels)))
+    if args.only in ("rlhfkit", "both"):
+        for variant in RLHFKIT_VARIANTS:
+            results.append(run_rlhfkit(workload, variant))
+
+    print(markdown_table(results))
+    report = {"workload": workload, "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"results written to {args.out}")
+    else:
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
