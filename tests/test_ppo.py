@@ -210,6 +210,19 @@ def test_stop_tokens_end_responses_and_missing_eos_is_penalised(tiny_model, tmp_
         assert key in h
 
 
+def test_reward_clipping_and_the_approx_kl_early_stop(tiny_model, tmp_path):
+    """A score of 5 clipped to 1; an approx-KL bound that the first update passes stops the iteration's remaining
+    updates (fewer scheduler steps leave a higher linearly decaying learning rate)."""
+    settings = dict(steps=1, batch_size=8, mini_batch_size=2, ppo_epochs=4, learning_rate=1e-2, lora={"enabled": False},
+                    missing_eos_penalty=None, reward_clip=1.0)
+    five = FunctionReward(lambda p, r: 5.0, name="five")
+    stopped = train_ppo(ppo_config(tiny_model, tmp_path / "stopped", target_approx_kl=1e-6, **settings), five).history[0]
+    full = train_ppo(ppo_config(tiny_model, tmp_path / "full", **settings), five).history[0]
+    assert stopped["reward/five"] == 5.0 and stopped["reward/normalized"] == pytest.approx(1.0)
+    assert stopped["train/early_stopped"] == 1.0 and full["train/early_stopped"] == 0.0
+    assert stopped["train/lr"] > full["train/lr"]
+
+
 def test_two_processes_run_ppo(tiny_model, tmp_path):
     torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
     out = tmp_path / "two"

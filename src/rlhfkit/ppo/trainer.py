@@ -196,7 +196,7 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
     def reference_logprobs(batch: Rollout) -> torch.Tensor:
         inputs, width = batch.inputs(), batch.response_ids.shape[1]
         if reference is not None:
-            logits = reference(**{k: v for k, v in inputs.items()}, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+            logits = reference(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
         else:
             unwrapped = accelerator.unwrap_model(policy)
             with unwrapped.as_reference():
@@ -322,10 +322,11 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
             kl_ctl_value = kl_ctl.value
             kl_ctl.update(seq_kl.mean().item(), n_steps=len(seq_kl))
             lengths = gather(rollout.response_mask.sum(-1).float())
+            all_scores = gather(raw_score)
             tokens = max(stats["tokens"].item(), 1)
-            values = {
-                "reward/score": gather(raw_score).mean().item(),
-                "reward/score_std": gather(raw_score).std().item() if len(lengths) > 1 else 0.0,
+            logged = {
+                "reward/score": all_scores.mean().item(),
+                "reward/score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
                 "reward/normalized": gather(score).mean().item(),
                 **{f"reward/{name}": gather(v).mean().item() for name, v in components.items()},
                 "reward/with_kl": gather(token_rewards.sum(-1)).mean().item(),
@@ -351,11 +352,11 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
                 "throughput/episodes_per_s": len(lengths) / (t_trained - t_start),
             }
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.write(step, values)
-            accelerator.log(values, step=step)
-            result.history.append({"step": step, **values})
-            progress.set_postfix(reward=f"{values['reward/score']:.3f}", kl=f"{values['kl/ref']:.3f}",
-                                 len=f"{values['response/length']:.0f}")
+            metrics.write(step, logged)
+            accelerator.log(logged, step=step)
+            result.history.append({"step": step, **logged})
+            progress.set_postfix(reward=f"{logged['reward/score']:.3f}", kl=f"{logged['kl/ref']:.3f}",
+                                 len=f"{logged['response/length']:.0f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_checkpoint(step)
     progress.close()
