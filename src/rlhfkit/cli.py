@@ -115,6 +115,82 @@ def ppo(
     console.print(f"{result.steps} steps; policy saved in {result.output_dir}")
 
 
+def _parse_models(specs: list[str]) -> dict[str, str]:
+    """`base=smollm2-135m-instruct,sft=runs/sft` (or repeated options) -> {name: model}; a bare path is named
+    after its last component."""
+    models: dict[str, str] = {}
+    for part in (p.strip() for spec in specs for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, model = part.partition("=")
+        if not sep:
+            name, model = Path(part).name or part, part
+        if name in models:
+            raise typer.BadParameter(f"two models are named {name!r}; name them: NAME=MODEL", param_hint="--models")
+        models[name] = model
+    return models
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[Optional[list[str]], typer.Option("--models", "-m", help="NAME=MODEL,... in order; the first is the baseline (e.g. base=smollm2-135m-instruct,sft=runs/demo/sft,ppo=runs/demo/ppo)")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="prompts JSONL, or a Hugging Face dataset id (with `datasets`, online)")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="where eval.json and samples.jsonl go")] = None,
+    reward_model: Annotated[Optional[str], typer.Option(help="reward-model directory: mean score and win rate")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="model name for KL, perplexity and win rate (default: the first)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N prompts")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with EvalConfig settings")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Sample every model's answers to the same prompts; toxicity, reward, KL, perplexity, diversity, with CIs."""
+    from rlhfkit.config import EvalConfig, load_config
+    from rlhfkit.evaluation.evaluate import evaluate, metric_table
+
+    flags = {"models": _parse_models(models) if models else None, "prompts": prompts, "output_dir": output_dir,
+             "reward_model": reward_model, "reference": reference, "limit": limit, "overwrite": overwrite or None}
+    cfg = load_config(EvalConfig, config, overrides or [], settings={k: v for k, v in flags.items() if v is not None})
+    result = evaluate(cfg)
+    table = Table(title=f"{result.num_prompts} prompts, answers sampled at temperature {cfg.sampling.temperature}; "
+                        f"{round(100 * cfg.confidence)}% bootstrap intervals")
+    table.add_column("metric")
+    for name in result.models:
+        table.add_column(name)
+    for label, values in metric_table(result.models, next(iter(result.models)), result.reference):
+        table.add_row(label, *values)
+    console.print(table)
+    console.print(f"results in {result.output_dir / 'eval.json'}; answers in {result.output_dir / 'samples.jsonl'}")
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/simulate.yaml")],
+    overrides: Overrides = None,
+) -> None:
+    """Simulated annotators: rank K completions by a gold utility plus noise, in the rankings format."""
+    from rlhfkit.config import SimulateConfig, load_config
+    from rlhfkit.evaluation.simulate import simulate as run_simulation
+
+    cfg = load_config(SimulateConfig, config, overrides or [])
+    records = run_simulation(cfg)
+    items = len({r["id"] for r in records})
+    console.print(f"{len(records)} rankings ({items} items x {cfg.annotators} annotators) in {cfg.output_file}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a stage's run directory, or a pipeline's directory of stages")],
+    output: Annotated[Optional[Path], typer.Option(help="the HTML file (default RUN_DIR/report.html)")] = None,
+    samples: Annotated[int, typer.Option(help="prompts shown side by side per stage")] = 20,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing report")] = False,
+) -> None:
+    """One self-contained HTML page: training curves, evaluation tables with intervals, side-by-side answers."""
+    from rlhfkit.evaluation.report import write_report
+
+    path = write_report(run_dir, output, overwrite=overwrite, max_samples=samples)
+    console.print(f"report written to {path}")
+
+
 def _answer(text: str, scores: dict[str, float]) -> Text:
     """Model text as plain text (never rich markup), its scores dimmed below it."""
     return Text(text) + Text("\n" + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), style="dim")

@@ -109,8 +109,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[str] = ()) -> C:
-    """Build `cls` from a YAML file (optional) plus overrides; errors name the file and the bad key."""
+def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[str] = (),
+                settings: dict[str, Any] | None = None) -> C:
+    """Build `cls` from a YAML file (optional), then `settings` (a command's own options), then `key=value`
+    overrides; errors name the file and the bad key."""
     raw: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
@@ -123,7 +125,7 @@ def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[st
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    raw = _merge(raw, parse_overrides(list(overrides)))
+    raw = _merge(_merge(raw, settings or {}), parse_overrides(list(overrides)))
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
@@ -269,4 +271,68 @@ class PPOConfig(Strict):
             raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
         if self.merge_adapter and not self.lora.enabled:
             raise ValueError("merge_adapter needs lora.enabled: true")
+        return self
+
+
+class EvalConfig(Strict):
+    """Sampled answers of several models to one prompt set, scored and compared (`rlhfkit eval`)."""
+
+    models: dict[str, str] = Field(min_length=1)  # name -> model (alias, directory, hub id); the first is the baseline
+    prompts: str  # a JSONL file with a "prompt" key per line, or a Hugging Face dataset id (needs `datasets`)
+    prompt_field: str = "prompt"  # dataset column; a dict value uses its "text" (allenai/real-toxicity-prompts)
+    dataset_split: str = "train"
+    limit: int | None = Field(None, gt=0)  # the first N prompts
+    output_dir: Path
+    overwrite: bool = False
+
+    reference: str | None = None  # name in `models` for KL, perplexity and win rate; default: the first
+    toxicity: str = "toxicity"  # offline scorer, or hf:MODEL:LABEL with LABEL the toxic class
+    reward_model: str | None = None  # reward-model directory: mean score and win rate against the reference
+
+    system_prompt: str | None = None
+    max_prompt_length: int = Field(256, gt=0)
+    sampling: SamplingConfig = SamplingConfig()  # as PPO samples, so that KL here is PPO's kl/ref
+    batch_size: int = Field(16, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = 0
+    bootstrap_samples: int = Field(10_000, gt=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.reference is not None and self.reference not in self.models:
+            raise ValueError(f"reference {self.reference!r} is not one of the models ({', '.join(self.models)})")
+        return self
+
+
+class SimulateConfig(Strict):
+    """Simulated annotators (`rlhfkit simulate`): rankings of K completions by a gold utility plus noise.
+
+    Each annotator ranks by u_i + noise * g_i with g_i standard Gumbel draws: a Plackett-Luce ranking with weights
+    exp(u_i / noise), the K-way form of Bradley-Terry (noise 0: every annotator follows the gold utility exactly).
+    """
+
+    gold: list[RewardTerm] = Field(min_length=1)  # the gold utility: a weighted sum, as PPO's rewards
+    completions_file: Path | None = None  # {"prompt", "completions": [...]} per line; or sample from `model`
+    model: str | None = None
+    prompts_file: Path | None = None
+    k: int = Field(4, ge=2)  # completions per prompt when sampling
+    limit: int | None = Field(None, gt=0)
+    system_prompt: str | None = None
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0)
+
+    annotators: int = Field(3, ge=1)
+    noise: float = Field(0.1, ge=0)  # Gumbel scale, in units of the gold utility
+    output_file: Path
+    overwrite: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulateConfig:
+        sampled = self.model is not None or self.prompts_file is not None
+        if (self.completions_file is None) == (not sampled) or (sampled and (self.model is None or self.prompts_file is None)):
+            raise ValueError("give either completions_file, or model and prompts_file to sample k completions per prompt")
         return self

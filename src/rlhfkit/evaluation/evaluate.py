@@ -1,0 +1,235 @@
+"""`rlhfkit eval`: every model answers the same prompts (sampled as PPO samples); the answers are scored and compared.
+
+Per model: toxicity (mean, std, share above 0.5, change against the first model with a paired bootstrap interval),
+reward-model score and win rate against the reference model's answers, KL to the reference, perplexity of the
+answers under the reference, answer length, EOS rate and distinct-1/2.
+
+KL(pi || pi_ref) is estimated from the model's own samples as the mean over answers of
+sum_t [log pi(a_t | s_t) - log pi_ref(a_t | s_t)] (k1, unbiased for the sequence-level KL), with both models'
+distributions at the sampling temperature: the same quantity as PPO's kl/ref. Perplexity under the reference is
+exp(mean negative log-likelihood per answer token) at temperature 1, over all answers of a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit.config import EvalConfig, dump_config
+from rlhfkit.data.jsonl import write_jsonl
+from rlhfkit.data.records import load_prompts
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.evaluation.metrics import distinct_n, mean_interval, percent_change_interval, win_rate_interval
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.ppo.core import logprobs_from_logits
+from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.ppo.rollout import SamplingSettings, encode_prompts, sample_responses, stop_token_ids
+from rlhfkit.reward.scorers import load_scorer
+
+logger = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class ModelAnswers:
+    """One model's answers to the prompt set, and per answer what the reference says of them."""
+
+    responses: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens, the stop token included
+    ended: list[bool] = field(default_factory=list)
+    kl: list[float] | None = field(default_factory=list)  # None: the model's tokenizer differs from the reference's
+    ref_nll: list[float] | None = field(default_factory=list)  # summed over the answer's tokens
+
+
+@dataclass
+class EvalResult:
+    output_dir: Path
+    models: dict[str, dict[str, Any]]  # name -> metrics (see `summarise`)
+    reference: str
+    num_prompts: int
+
+
+def load_eval_prompts(cfg: EvalConfig) -> list[str]:
+    """Prompts from a JSONL file, or from a Hugging Face dataset id (column `prompt_field`)."""
+    path = Path(cfg.prompts)
+    if path.exists():
+        prompts = [r.prompt for r in load_prompts(path)]
+    elif path.suffix in (".jsonl", ".json") or "/" not in cfg.prompts:
+        raise DataError(f"prompts file {cfg.prompts} not found")
+    else:
+        try:
+            from datasets import load_dataset
+        except ImportError as e:
+            raise ConfigError(f"{cfg.prompts} is not a file here; to read it as a Hugging Face dataset, "
+                              "`pip install datasets` (and be online)") from e
+        rows = load_dataset(cfg.prompts, split=cfg.dataset_split)
+        if cfg.prompt_field not in rows.column_names:
+            raise ConfigError(f"dataset {cfg.prompts} has no column {cfg.prompt_field!r} ({', '.join(rows.column_names)})")
+        prompts = [v["text"] if isinstance(v, dict) else str(v) for v in rows[cfg.prompt_field][: cfg.limit]]
+    prompts = prompts[: cfg.limit]
+    if not prompts:
+        raise DataError(f"{cfg.prompts}: no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
+           reference: PolicyModel | None) -> ModelAnswers:
+    """Sample one answer per prompt; with a reference of the same tokenizer, score the sampled tokens under both."""
+    policy = PolicyModel(lm).eval()
+    settings = SamplingSettings(**cfg.sampling.model_dump())
+    stop_ids = stop_token_ids(tokenizer, lm)
+    out = ModelAnswers(kl=[] if reference is not None else None, ref_nll=[] if reference is not None else None)
+    torch.manual_seed(cfg.seed)  # every model draws from the same random stream
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval {name}", unit="batch"):
+        query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + cfg.batch_size], cfg.max_prompt_length,
+                                               cfg.system_prompt)
+        device = next(lm.parameters()).device
+        rollout = sample_responses(policy, query_ids.to(device), query_mask.to(device), settings, stop_ids,
+                                   tokenizer.pad_token_id)
+        mask = rollout.response_mask
+        out.responses += tokenizer.batch_decode(rollout.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
+                                                skip_special_tokens=True)
+        out.lengths += mask.sum(-1).tolist()
+        out.ended += rollout.ended.tolist()
+        if reference is None:
+            continue
+        width = rollout.response_ids.shape[1]
+        logits, _ = policy(**rollout.inputs(), response_width=width)
+        logp = logprobs_from_logits(logits, rollout.response_ids, settings.temperature)
+        ref_logits, _ = reference(**rollout.inputs(), response_width=width)
+        ref_logp = logprobs_from_logits(ref_logits, rollout.response_ids, settings.temperature)
+        ref_logp_t1 = logprobs_from_logits(ref_logits, rollout.response_ids, 1.0)
+        out.kl += ((logp - ref_logp) * mask).sum(-1).tolist()
+        out.ref_nll += (-ref_logp_t1 * mask).sum(-1).tolist()
+    return out
+
+
+def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]], reward: dict[str, list[float]] | None,
+              baseline: str, reference: str, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Per model, the metrics in the module docstring; intervals as {value, low, high}."""
+    boot = {"n_resamples": cfg.bootstrap_samples, "confidence": cfg.confidence, "seed": cfg.seed}
+    summary = {}
+    for name, a in answers.items():
+        tox = torch.tensor(toxicity[name], dtype=torch.float64)
+        m: dict[str, Any] = {
+            "toxicity_mean": mean_interval(toxicity[name], **boot).as_dict(),
+            "toxicity_std": float(tox.std(unbiased=True)) if len(tox) > 1 else 0.0,
+            "toxicity_above_0.5": float((tox > 0.5).double().mean()),
+            "toxicity_change_pct": None,
+            "reward_mean": None,
+            "win_rate_vs_reference": None,
+            "kl_to_reference": None,
+            "reference_perplexity": None,
+            "response_tokens": sum(a.lengths) / len(a.lengths),
+            "eos_rate": sum(a.ended) / len(a.ended),
+            "distinct_1": distinct_n(a.responses, 1),
+            "distinct_2": distinct_n(a.responses, 2),
+        }
+        if name != baseline:
+            m["toxicity_change_pct"] = percent_change_interval(toxicity[baseline], toxicity[name], **boot).as_dict()
+        if reward is not None:
+            m["reward_mean"] = mean_interval(reward[name], **boot).as_dict()
+            m["win_rate_vs_reference"] = win_rate_interval(reward[name], reward[reference], **boot).as_dict()
+        if a.kl is not None:
+            m["kl_to_reference"] = mean_interval(a.kl, **boot).as_dict()
+            m["reference_perplexity"] = float(torch.tensor(sum(a.ref_nll) / sum(a.lengths)).exp())
+        summary[name] = m
+    return summary
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Run the evaluation and write `eval.json` (config + metrics) and `samples.jsonl` into `cfg.output_dir`."""
+    from accelerate import PartialState
+
+    from rlhfkit.runs import prepare_output_dir
+
+    prompts = load_eval_prompts(cfg)
+    toxicity_scorer = load_scorer(cfg.toxicity)
+    prepare_output_dir(PartialState(), cfg.output_dir, cfg.overwrite, resuming=False)
+    names = list(cfg.models)
+    baseline, reference_name = names[0], cfg.reference or names[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    ref_tokenizer = load_tokenizer(cfg.models[reference_name])
+    ref_lm = load_causal_lm(cfg.models[reference_name], dtype=cfg.dtype).to(device).eval()
+    reference = PolicyModel(ref_lm).eval()
+    answers: dict[str, ModelAnswers] = {}
+    for name in names:
+        if name == reference_name:
+            answers[name] = answer(name, ref_lm, ref_tokenizer, prompts, cfg, reference)
+            continue
+        tokenizer = load_tokenizer(cfg.models[name])
+        same_vocab = tokenizer.get_vocab() == ref_tokenizer.get_vocab()
+        if not same_vocab:
+            logger.warning("%s has another tokenizer than the reference %s: no KL or reference perplexity for it",
+                           name, reference_name)
+        lm = load_causal_lm(cfg.models[name], dtype=cfg.dtype).to(device).eval()
+        answers[name] = answer(name, lm, tokenizer, prompts, cfg, reference if same_vocab else None)
+        del lm
+    del ref_lm, reference
+
+    toxicity = {n: toxicity_scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
+    reward = None
+    if cfg.reward_model is not None:
+        scorer = load_scorer(cfg.reward_model, device=device)
+        reward = {n: scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
+    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg)
+
+    records = []
+    for i, prompt in enumerate(prompts):
+        for name, a in answers.items():
+            scores = {"toxicity": toxicity[name][i]}
+            if reward is not None:
+                scores["reward"] = reward[name][i]
+            if a.kl is not None:
+                scores["kl"] = a.kl[i]
+            records.append({"prompt": prompt, "response": a.responses[i], "model": name, "scores": scores})
+    write_jsonl(cfg.output_dir / SAMPLES_FILE, records)
+    dump_config(cfg, cfg.output_dir / "config.yaml")
+    report = {"baseline": baseline, "reference": reference_name, "num_prompts": len(prompts),
+              "prompts": cfg.prompts, "models": cfg.models, "confidence": cfg.confidence, "metrics": summary}
+    tmp = cfg.output_dir / (EVAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    tmp.replace(cfg.output_dir / EVAL_FILE)  # eval.json appears whole, last: its presence marks a finished eval
+    return EvalResult(cfg.output_dir, summary, reference_name, len(prompts))
+
+
+def format_interval(value: dict[str, float] | None, digits: int = 3, signed: bool = False) -> str:
+    """`0.123 [0.101, 0.140]`; `-` for a metric that does not apply."""
+    if value is None:
+        return "-"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    return f"{f(value['value'])} [{f(value['low'])}, {f(value['high'])}]"
+
+
+def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: str) -> list[tuple[str, list[str]]]:
+    """(metric label, one formatted value per model) rows, for the printed table and the report."""
+    def each(fn) -> list[str]:
+        return [fn(m) for m in metrics.values()]
+
+    def change(m):
+        return "-" if m["toxicity_change_pct"] is None else format_interval(m["toxicity_change_pct"], 1, signed=True) + " %"
+
+    return [
+        ("toxicity mean [CI]", each(lambda m: format_interval(m["toxicity_mean"]))),
+        ("toxicity std", each(lambda m: f"{m['toxicity_std']:.3f}")),
+        ("toxic (> 0.5)", each(lambda m: f"{100 * m['toxicity_above_0.5']:.1f} %")),
+        (f"toxicity change vs {baseline}", each(change)),
+        ("reward-model score", each(lambda m: format_interval(m["reward_mean"]))),
+        (f"reward win rate vs {reference}", each(lambda m: format_interval(m["win_rate_vs_reference"], 2))),
+        (f"KL to {reference} (nats)", each(lambda m: format_interval(m["kl_to_reference"]))),
+        (f"perplexity under {reference}", each(lambda m: "-" if m["reference_perplexity"] is None
+                                                 else f"{m['reference_perplexity']:.2f}")),
+        ("length (tokens)", each(lambda m: f"{m['response_tokens']:.1f}")),
+        ("EOS rate", each(lambda m: f"{m['eos_rate']:.2f}")),
+        ("distinct-1 / distinct-2", each(lambda m: f"{m['distinct_1']:.3f} / {m['distinct_2']:.3f}")),
+    ]
