@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job. Until the full pipeline lands: SFT of the bundled model on the company data, with its answers
-# to held-out questions and the held-out loss before and after. Replaces the previous demo's runs/demo/sft.
+# The main job: SFT -> reward model -> PPO -> evaluation -> report on the bundled model, offline, into runs/demo.
+# A rerun skips finished stages and resumes an interrupted one.
 demo: $(STAMP)
-	$(BIN)/rlhfkit sft --config configs/sft.yaml output_dir=runs/demo/sft overwrite=true
+	$(BIN)/rlhfkit pipeline run configs/company_assistant.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

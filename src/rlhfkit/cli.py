@@ -22,6 +22,8 @@ reward_app = typer.Typer(no_args_is_help=True, help="Reward models: train on hum
 app.add_typer(reward_app, name="reward")
 data_app = typer.Typer(no_args_is_help=True, help="Data conversions.")
 app.add_typer(data_app, name="data")
+pipeline_app = typer.Typer(no_args_is_help=True, help="The whole RLHF loop from one config.")
+app.add_typer(pipeline_app, name="pipeline")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value settings over the config (e.g. epochs=1 lora.r=8)", show_default=False)]
@@ -145,21 +147,53 @@ def eval_(
 ) -> None:
     """Sample every model's answers to the same prompts; toxicity, reward, KL, perplexity, diversity, with CIs."""
     from rlhfkit.config import EvalConfig, load_config
-    from rlhfkit.evaluation.evaluate import evaluate, metric_table
+    from rlhfkit.evaluation.evaluate import evaluate
 
     flags = {"models": _parse_models(models) if models else None, "prompts": prompts, "output_dir": output_dir,
              "reward_model": reward_model, "reference": reference, "limit": limit, "overwrite": overwrite or None}
     cfg = load_config(EvalConfig, config, overrides or [], settings={k: v for k, v in flags.items() if v is not None})
     result = evaluate(cfg)
-    table = Table(title=f"{result.num_prompts} prompts, answers sampled at temperature {cfg.sampling.temperature}; "
-                        f"{round(100 * cfg.confidence)}% bootstrap intervals")
+    _print_eval(result.models, result.reference, f"{result.num_prompts} prompts, answers sampled at temperature "
+                f"{cfg.sampling.temperature}; {round(100 * cfg.confidence)}% bootstrap intervals")
+    console.print(f"results in {result.output_dir / 'eval.json'}; answers in {result.output_dir / 'samples.jsonl'}")
+
+
+def _print_eval(metrics: dict, reference: str, title: str) -> None:
+    from rlhfkit.evaluation.evaluate import metric_table
+
+    table = Table(title=title)
     table.add_column("metric")
-    for name in result.models:
+    for name in metrics:
         table.add_column(name)
-    for label, values in metric_table(result.models, next(iter(result.models)), result.reference):
+    for label, values in metric_table(metrics, next(iter(metrics)), reference):
         table.add_row(label, *values)
     console.print(table)
-    console.print(f"results in {result.output_dir / 'eval.json'}; answers in {result.output_dir / 'samples.jsonl'}")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML, e.g. configs/company_assistant.yaml")],
+    overrides: Overrides = None,
+    quick: Annotated[bool, typer.Option(help="the config's `quick:` profile: small sizes, a smoke run in minutes")] = False,
+    restart_from: Annotated[Optional[str], typer.Option(help="run this stage and every later one again")] = None,
+) -> None:
+    """SFT -> reward model -> PPO -> evaluation -> report, each stage in its own directory; finished stages are
+    skipped on a rerun and an interrupted one resumes."""
+    from rlhfkit.pipeline import load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(config, overrides or [], quick=quick)
+    result = run_pipeline(cfg, restart_from=restart_from)
+    stages = Table(title=f"pipeline {config} -> {result.output_dir}")
+    for column in ("stage", "status", "minutes", "output"):
+        stages.add_column(column)
+    for s in result.stages:
+        stages.add_row(s.name, s.status, f"{s.seconds / 60:.1f}", str(s.output_dir))
+    console.print(stages)
+    if result.evaluation:
+        ev = result.evaluation
+        _print_eval(ev["metrics"], ev["reference"], f"evaluation on {ev['num_prompts']} held-out prompts "
+                    f"({round(100 * ev['confidence'])}% bootstrap intervals)")
+    console.print(f"report: {result.report}")
 
 
 @app.command()

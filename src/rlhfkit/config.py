@@ -99,11 +99,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_settings(out[key], value)
         else:
             out[key] = value
     return out
@@ -125,7 +125,7 @@ def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[st
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    raw = _merge(_merge(raw, settings or {}), parse_overrides(list(overrides)))
+    raw = merge_settings(merge_settings(raw, settings or {}), parse_overrides(list(overrides)))
     try:
         return cls.model_validate(raw)
     except ValidationError as e:

@@ -1,0 +1,207 @@
+"""`rlhfkit pipeline run CONFIG`: the stages wired together, each into its own directory under `output_dir`.
+
+  sft     supervised fine-tuning of the base model            -> OUT/sft
+  reward  reward model from human rankings                     -> OUT/reward
+  ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
+  eval    base vs SFT vs PPO on held-out prompts                -> OUT/eval
+  report  one HTML page of all of it                            -> OUT/report.html
+
+A stage's settings are those of its own command (`rlhfkit sft`, ...) without `output_dir`; string settings may
+name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}` and `{ppo}`. A stage that is
+left out (or null) is skipped, and nothing may refer to it.
+
+A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
+interrupted midway resumes from its last checkpoint (SFT, PPO) or starts again (reward, eval: no checkpoints).
+Changing a finished stage's settings is an error that names the changed keys, unless `--restart-from STAGE`
+says to run that stage and every later one again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from rlhfkit.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, Strict, load_config, merge_settings, parse_overrides
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.registry import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
+
+STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+DONE_FILE = "pipeline_stage.json"
+RUN_SETTINGS = ("output_dir", "overwrite", "resume_from")  # how a stage is run, not what it computes
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class PipelineConfig(Strict):
+    model: str = DEFAULT_MODEL  # the base model, `{base}` in the stages' settings
+    output_dir: Path
+    sft: dict[str, Any] | None = None
+    reward: dict[str, Any] | None = None
+    ppo: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    quick: list[str] = Field(default_factory=list)  # key=value overrides for `--quick` (e.g. ppo.steps=2)
+
+
+@dataclass
+class StageRun:
+    name: str
+    output_dir: Path
+    status: str  # "ran", "resumed" or "skipped" (finished before)
+    seconds: float  # this stage's own run time, including when it finished in an earlier invocation
+
+
+@dataclass
+class PipelineResult:
+    output_dir: Path
+    stages: list[StageRun] = field(default_factory=list)
+    report: Path | None = None
+    evaluation: dict[str, Any] | None = None  # eval.json, when there is an eval stage
+
+
+def _substitute(value: Any, names: dict[str, str], stage: str) -> Any:
+    if isinstance(value, str):
+        def replace(m: re.Match) -> str:
+            if m.group(1) not in names:
+                known = ", ".join("{" + n + "}" for n in names)
+                raise ConfigError(f"{stage}: {m.group(0)} names no stage of this pipeline (known here: {known})")
+            return names[m.group(1)]
+        return PLACEHOLDER.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, names, stage) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, names, stage) for v in value]
+    return value
+
+
+def load_pipeline_config(path, overrides: list[str] = (), quick: bool = False) -> PipelineConfig:
+    """The YAML config, then its `quick:` overrides (with `quick`), then the command line's overrides."""
+    cfg = load_config(PipelineConfig, path)
+    if not quick:
+        return load_config(PipelineConfig, path, overrides)
+    if not cfg.quick:
+        raise ConfigError(f"{path} has no `quick:` overrides")
+    return load_config(PipelineConfig, None, list(overrides),
+                       settings=merge_settings(cfg.model_dump(mode="json"), parse_overrides(cfg.quick)))
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
+    """Every present stage's validated config, in order; placeholders resolve to earlier stages' directories.
+
+    All are built before anything runs, so a mistake in the eval settings fails in a second, not after PPO."""
+    names = {"base": cfg.model}
+    configs = {}
+    for stage, cls in STAGES.items():
+        settings = getattr(cfg, stage)
+        if settings is None:
+            continue
+        if set(settings) & set(RUN_SETTINGS):
+            raise ConfigError(f"{stage}: {', '.join(sorted(set(settings) & set(RUN_SETTINGS)))} is set by the "
+                              "pipeline (each stage runs in output_dir/<stage>); remove it")
+        resolved = _substitute(settings, names, stage)
+        if stage in ("sft", "reward"):
+            resolved.setdefault("model", cfg.model)
+        try:
+            configs[stage] = load_config(cls, None, settings={**resolved, "output_dir": cfg.output_dir / stage})
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("overrides: invalid configuration", f"stage {stage}: invalid settings", 1)) from None
+        names[stage] = str(cfg.output_dir / stage)
+    if not configs:
+        raise ConfigError("the pipeline has no stages: give at least one of sft, reward, ppo, eval")
+    return configs
+
+
+def _fingerprint(stage_cfg: BaseModel) -> dict[str, Any]:
+    return {k: v for k, v in stage_cfg.model_dump(mode="json").items() if k not in RUN_SETTINGS}
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix + k)
+    return keys
+
+
+def _run_stage(stage: str, stage_cfg: Any) -> None:
+    if stage == "sft":
+        from rlhfkit.sft import train_sft
+
+        train_sft(stage_cfg)
+    elif stage == "reward":
+        from rlhfkit.reward.train import train_reward_model
+
+        train_reward_model(stage_cfg)
+    elif stage == "ppo":
+        from rlhfkit.ppo import train_ppo
+
+        train_ppo(stage_cfg)
+    else:
+        from rlhfkit.evaluation import evaluate
+
+        evaluate(stage_cfg)
+
+
+def run_pipeline(cfg: PipelineConfig, restart_from: str | None = None) -> PipelineResult:
+    """Run the stages not yet finished, then write the report (see the module docstring)."""
+    from rlhfkit.runs import checkpoints
+
+    configs = stage_configs(cfg)
+    if restart_from is not None and restart_from not in configs:
+        raise ConfigError(f"--restart-from {restart_from}: no such stage here ({', '.join(configs)})")
+    order = list(configs)
+    result = PipelineResult(cfg.output_dir)
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    for stage, stage_cfg in configs.items():
+        out: Path = stage_cfg.output_dir
+        marker = out / DONE_FILE
+        rerun = restart_from is not None and order.index(stage) >= order.index(restart_from)
+        if marker.is_file() and not rerun:
+            done = json.loads(marker.read_text(encoding="utf-8"))
+            changed = _changed_keys(done["config"], _fingerprint(stage_cfg))
+            if changed:
+                raise ConfigError(
+                    f"stage {stage} finished in {out} with other settings (changed: {', '.join(changed)}). "
+                    f"Pass --restart-from {stage} to run it and the stages after it again, or choose another output_dir."
+                )
+            logger.info("%s: finished before, skipped", stage)
+            result.stages.append(StageRun(stage, out, "skipped", done["seconds"]))
+            continue
+        status = "ran"
+        if rerun and out.exists():
+            shutil.rmtree(out)  # asked for explicitly with --restart-from
+        elif hasattr(stage_cfg, "resume_from") and out.is_dir() and checkpoints(out):
+            stage_cfg = stage_cfg.model_copy(update={"resume_from": "latest"})
+            status = "resumed"
+        elif out.is_dir() and any(out.iterdir()):
+            logger.warning("%s: an unfinished run without checkpoints is in %s; starting it again", stage, out)
+            stage_cfg = stage_cfg.model_copy(update={"overwrite": True})
+        logger.info("%s: %s", stage, "resuming from its last checkpoint" if status == "resumed" else "running")
+        start = time.perf_counter()
+        _run_stage(stage, stage_cfg)
+        seconds = time.perf_counter() - start
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": _fingerprint(stage_cfg), "seconds": round(seconds, 1),
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2), encoding="utf-8")
+        tmp.replace(marker)
+        result.stages.append(StageRun(stage, out, status, seconds))
+
+    from rlhfkit.evaluation.report import write_report
+
+    # The report is derived from the stages' outputs: it is remade on every run.
+    result.report = write_report(cfg.output_dir, cfg.output_dir / "report.html", overwrite=True)
+    eval_file = cfg.output_dir / "eval" / "eval.json"
+    if "eval" in configs and eval_file.is_file():
+        result.evaluation = json.loads(eval_file.read_text(encoding="utf-8"))
+    return result

@@ -1,0 +1,121 @@
+"""`rlhfkit pipeline run`: the stages wired on the tiny model, skipping finished stages, resuming an interrupted one,
+refusing silently changed settings; and the shipped config's --quick profile on the bundled model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import COMPANY_TEST, COMPANY_TRAIN, REPO
+from rlhfkit.cli import app
+from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.pipeline import DONE_FILE, PipelineConfig, run_pipeline, stage_configs
+
+RANKINGS = REPO / "data" / "company_feedback" / "rankings_train.jsonl"
+
+
+def tiny_pipeline(model: str, out, **changes) -> PipelineConfig:
+    raw = {
+        "model": model,
+        "output_dir": str(out),
+        "sft": {"train_file": str(COMPANY_TRAIN), "max_steps": 2, "batch_size": 4, "preview": {"num_prompts": 0},
+                "mixed_precision": "no"},
+        "reward": {"train_file": str(RANKINGS), "max_steps": 2, "batch_size": 2},
+        "ppo": {"model": "{sft}", "prompts_file": str(COMPANY_TRAIN),
+                "rewards": [{"scorer": "{reward}"}, {"scorer": "toxicity", "weight": -1.0}],
+                "steps": 4, "save_every": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+                "sampling": {"max_new_tokens": 6}, "preview": {"num_prompts": 0}},
+        "eval": {"models": {"base": "{base}", "sft": "{sft}", "ppo": "{ppo}"}, "reference": "sft",
+                 "prompts": str(COMPANY_TEST), "limit": 4, "reward_model": "{reward}",
+                 "sampling": {"max_new_tokens": 6}, "bootstrap_samples": 200},
+    }
+    for key, value in changes.items():
+        stage, _, leaf = key.partition("__")
+        raw[stage][leaf] = value
+    return PipelineConfig.model_validate(raw)
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = run_pipeline(tiny_pipeline(tiny_model, out))
+    assert [(s.name, s.status) for s in first.stages] == [("sft", "ran"), ("reward", "ran"), ("ppo", "ran"), ("eval", "ran")]
+    assert (out / "sft" / "adapter_config.json").is_file() and (out / "ppo" / "adapter_config.json").is_file()
+    ppo_cfg = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
+    assert ppo_cfg["model"] == str(out / "sft") and ppo_cfg["rewards"][0]["scorer"] == str(out / "reward")
+    assert list(first.evaluation["metrics"]) == ["base", "sft", "ppo"] and first.evaluation["reference"] == "sft"
+    html = first.report.read_text()
+    assert all(f">{stage}</h2>" in html for stage in ("sft", "reward", "ppo", "eval"))
+
+    import rlhfkit.sft
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(rlhfkit.sft, "train_sft", must_not_run)
+    again = run_pipeline(tiny_pipeline(tiny_model, out))
+    assert [s.status for s in again.stages] == ["skipped"] * 4
+    assert [s.seconds for s in again.stages] == [pytest.approx(s.seconds, abs=0.1) for s in first.stages]
+
+
+def test_an_interrupted_stage_resumes_and_changed_settings_need_a_restart(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = tiny_pipeline(tiny_model, out)
+    import rlhfkit.ppo.core as core
+
+    real, calls = core.clipped_policy_loss, {"n": 0}
+
+    def dies_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two minibatches per step: the fifth call is in step 3, after checkpoint-2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "clipped_policy_loss", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    monkeypatch.setattr(core, "clipped_policy_loss", real)
+    assert (out / "sft" / DONE_FILE).is_file() and not (out / "ppo" / DONE_FILE).exists()
+    assert (out / "ppo" / "checkpoint-2").is_dir()
+
+    resumed = run_pipeline(cfg)
+    assert [(s.name, s.status) for s in resumed.stages] == [
+        ("sft", "skipped"), ("reward", "skipped"), ("ppo", "resumed"), ("eval", "ran")]
+    steps = [json.loads(line)["step"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    changed = tiny_pipeline(tiny_model, out, ppo__kl_coef=0.2)
+    with pytest.raises(ConfigError, match=r"stage ppo finished .* \(changed: kl_coef\).*--restart-from ppo"):
+        run_pipeline(changed)
+    restarted = run_pipeline(changed, restart_from="ppo")
+    assert [s.status for s in restarted.stages] == ["skipped", "skipped", "ran", "ran"]
+    assert yaml.safe_load((out / "ppo" / "config.yaml").read_text())["kl_coef"] == 0.2
+
+
+def test_pipeline_settings_errors(tiny_model, tmp_path):
+    no_sft = tiny_pipeline(tiny_model, tmp_path).model_copy(update={"sft": None})
+    with pytest.raises(ConfigError, match=r"ppo: \{sft\} names no stage of this pipeline"):
+        stage_configs(no_sft)
+    with pytest.raises(ConfigError, match="output_dir is set by the pipeline"):
+        stage_configs(tiny_pipeline(tiny_model, tmp_path, sft__output_dir="elsewhere"))
+    with pytest.raises(ConfigError, match=r"stage eval: invalid settings\n  limit"):
+        stage_configs(tiny_pipeline(tiny_model, tmp_path, eval__limit=-1))
+    with pytest.raises(ConfigError, match="no such stage"):
+        run_pipeline(tiny_pipeline(tiny_model, tmp_path), restart_from="rl")
+
+
+@pytest.mark.integration
+def test_make_demo_quick_profile_on_the_bundled_model(tmp_path):
+    """The shipped pipeline config, --quick, on the bundled model: every stage, the summary and the report."""
+    cfg = load_config(PipelineConfig, REPO / "configs" / "company_assistant.yaml")
+    assert cfg.quick and stage_configs(cfg)["ppo"].model.endswith("sft")
+    result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "company_assistant.yaml"), "--quick",
+                                      f"output_dir={tmp_path / 'demo'}"])
+    assert result.exit_code == 0, result.output
+    for stage in ("sft", "reward", "ppo", "eval"):
+        assert (tmp_path / "demo" / stage / DONE_FILE).is_file()
+    assert "toxicity mean" in result.output and "report:" in result.output
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 50_000
