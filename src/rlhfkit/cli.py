@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.feedback.cli import feedback_app
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Reinforcement Learning from Human Feedback, end to end.")
@@ -22,6 +23,7 @@ reward_app = typer.Typer(no_args_is_help=True, help="Reward models: train on hum
 app.add_typer(reward_app, name="reward")
 data_app = typer.Typer(no_args_is_help=True, help="Data conversions.")
 app.add_typer(data_app, name="data")
+app.add_typer(feedback_app, name="feedback")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value settings over the config (e.g. epochs=1 lora.r=8)", show_default=False)]
