@@ -23,8 +23,9 @@ XSS = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
 
 
 @pytest.fixture
-def app(tmp_path):
-    return make_app(f"sqlite:///{tmp_path / 'feedback.db'}")
+def app(database_url):
+    """The app on SQLite, and again on PostgreSQL: every test that uses it is a storage test on both."""
+    return make_app(database_url)
 
 
 def clients(app, *names):
