@@ -10,11 +10,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from feedback_helpers import PASSWORD, Client, add_user, create_project, csrf_of, database_url, jsonl, make_app  # noqa: F401
-from sqlalchemy import select
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app as cli_app
-from rlhfkit.feedback.db import Annotation, Base, Completion, Item, User
+from rlhfkit.feedback.db import Annotation, Assignment, Base, Item, User, utcnow
 
 PROMPTS = [{"prompt": f"Question {i}?", "id": f"q{i}"} for i in range(3)]
 COMPLETIONS = [{"id": f"q{i}", "prompt": f"Question {i}?", "completions": [f"answer {i}{c}" for c in "abc"]}
@@ -53,7 +53,7 @@ def answer_form(client, app, item_id, best_first: list[int], ideal: str = ""):
     """Form fields ranking the completions at positions `best_first` 1, 2, 3, rating all 4, flagging nothing."""
     with app.state.sessions() as db:
         k = len(db.get(Item, item_id).completions)
-    data = {"k": k, "flags_shown": "1", "ideal_response": ideal, "shown_at": "0"}
+    data = {"k": k, "flags_shown": "1", "ideal_response": ideal}
     for rank, position in enumerate(best_first, start=1):
         data[f"rank_{position}"] = rank
     for i in range(k):
@@ -105,24 +105,28 @@ def test_two_annotators_to_consensus_pairs_with_agreement(database_url):
     assert "Krippendorff" in page and "helpful (1-5)" in page and "harm flags" in page
     with app.state.sessions() as db:
         seconds = db.scalars(select(Annotation.seconds_spent)).all()
-        assert len(seconds) == 6 and all(s > 0 for s in seconds)  # time from the page's shown_at
+        assert len(seconds) == 6 and all(s > 0 for s in seconds)  # from when the item was handed out
 
 
-def test_queue_serves_unfinished_items_until_they_have_enough_annotators(app):
+def test_queue_hands_out_held_then_open_items_until_they_have_enough_annotators(app):
     admin, alice, bob, pid = seeded(app, annotators=1)
     carol, = clients(app, "carol")
     _, first = annotate_page(alice, pid)
-    _, same_for_bob = annotate_page(bob, pid)
-    assert first == same_for_bob  # nobody has finished it yet
+    assert annotate_page(alice, pid)[1] == first  # a reload shows the item this person holds
+    _, second = annotate_page(bob, pid)
+    assert second != first  # alice holds the first, and one annotator per item is enough
     assert alice.form(f"/projects/{pid}/items/{first}/skip", follow_redirects=False).status_code == 303
-    _, alice_next = annotate_page(alice, pid)
-    assert alice_next != first  # skipped items are not served again
-    bob.form(f"/projects/{pid}/items/{first}/submit", answer_form(bob, app, first, [0, 1, 2]))
-    _, carol_first = annotate_page(carol, pid)
-    assert carol_first not in (first, None)  # one annotator per item: the first is complete
-    api = carol.get(f"/api/projects/{pid}/progress").json()
-    assert api == {"submitted": 0, "skipped": 0, "available": 2}
-    r = bob.form(f"/projects/{pid}/items/{first}/submit", answer_form(bob, app, first, [0, 1, 2]))
+    _, third = annotate_page(alice, pid)
+    assert third not in (first, second)  # skipped items are not served to her again
+    assert annotate_page(carol, pid)[1] == first  # but her skip put the first back in the queue
+    bob.form(f"/projects/{pid}/items/{second}/submit", answer_form(bob, app, second, [0, 1, 2]))
+    assert annotate_page(bob, pid)[1] is None  # second is done, first and third are held by carol and alice
+    assert bob.get(f"/api/projects/{pid}/progress").json() == {"submitted": 1, "skipped": 0, "available": 0}
+    with app.state.sessions() as db:  # alice walks away: after the assignment's lifetime the item is free again
+        db.execute(update(Assignment).where(Assignment.item_id == third).values(expires_at=utcnow()))
+        db.commit()
+    assert annotate_page(bob, pid)[1] == third
+    r = bob.form(f"/projects/{pid}/items/{second}/submit", answer_form(bob, app, second, [0, 1, 2]))
     assert r.status_code == 409  # one answer per person and item
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from fastapi import HTTPException
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rlhfkit.feedback.db import RATING_ASPECTS, Annotation, Completion, Item, Project, User
+from rlhfkit.feedback.db import RATING_ASPECTS, Annotation, Assignment, Completion, Item, Project, User, utcnow
 from rlhfkit.feedback.schemas import AnnotationIn, ProgressOut
 
 MIN_COMPLETIONS = 2  # an item is served once it has something to compare
+ASSIGNMENT_LIFETIME = dt.timedelta(minutes=30)  # after that, an unanswered item goes back to the queue
 
 
 class AnswerError(ValueError):
@@ -35,35 +38,47 @@ def item_or_404(db: Session, project: Project, item_id: int) -> Item:
     return item
 
 
-def _submitted_counts():
-    return (select(Annotation.item_id, func.count().label("n")).where(Annotation.status == "submitted")
-            .group_by(Annotation.item_id).subquery())
-
-
-def _ready_items():
-    return select(Completion.item_id).group_by(Completion.item_id).having(func.count() >= MIN_COMPLETIONS)
-
-
-def _open_items(project: Project, user: User):
-    """Items of `project` this person has neither answered nor skipped and that still need annotators."""
-    counts = _submitted_counts()
+def _open_items(project: Project, user: User, now: dt.datetime):
+    """Items of `project` this person has neither answered nor skipped, that still need annotators once the
+    answers in and the items handed to others (and not yet answered) are counted."""
+    submitted = (select(Annotation.item_id, func.count().label("n")).where(Annotation.status == "submitted")
+                 .group_by(Annotation.item_id).subquery())
+    held = (select(Assignment.item_id, func.count().label("n"))
+            .where(Assignment.expires_at > now, Assignment.user_id != user.id).group_by(Assignment.item_id).subquery())
+    ready = select(Completion.item_id).group_by(Completion.item_id).having(func.count() >= MIN_COMPLETIONS)
     mine = select(Annotation.item_id).where(Annotation.user_id == user.id)
-    n = func.coalesce(counts.c.n, 0)
-    return (select(Item).outerjoin(counts, counts.c.item_id == Item.id)
-            .where(Item.project_id == project.id, Item.id.not_in(mine), Item.id.in_(_ready_items()),
-                   n < project.annotators_per_item)
-            .order_by(n.desc(), Item.position))  # finish started items first, so complete items accumulate
+    taken = func.coalesce(submitted.c.n, 0) + func.coalesce(held.c.n, 0)
+    return (select(Item).outerjoin(submitted, submitted.c.item_id == Item.id).outerjoin(held, held.c.item_id == Item.id)
+            .where(Item.project_id == project.id, Item.id.not_in(mine), Item.id.in_(ready),
+                   taken < project.annotators_per_item)
+            .order_by(taken.desc(), Item.position))  # finish started items first, so complete items accumulate
 
 
 def next_item(db: Session, project: Project, user: User) -> Item | None:
-    return db.scalar(_open_items(project, user).limit(1))
+    """The item this person holds (reloading the page shows it again), else a new one, which they now hold."""
+    now = utcnow()
+    held = db.scalar(select(Item).join(Assignment, Assignment.item_id == Item.id)
+                     .where(Item.project_id == project.id, Assignment.user_id == user.id, Assignment.expires_at > now)
+                     .order_by(Assignment.served_at).limit(1))
+    if held is not None:
+        return held
+    item = db.scalar(_open_items(project, user, now).limit(1))
+    if item is None:
+        return None
+    db.execute(delete(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id))  # an expired one
+    db.add(Assignment(item_id=item.id, user_id=user.id, served_at=now, expires_at=now + ASSIGNMENT_LIFETIME))
+    try:
+        db.commit()
+    except IntegrityError:  # the same person asked twice at once; the other request made the assignment
+        db.rollback()
+    return item
 
 
 def progress(db: Session, project: Project, user: User) -> ProgressOut:
     rows = dict(db.execute(
         select(Annotation.status, func.count()).join(Item).where(Item.project_id == project.id, Annotation.user_id == user.id)
         .group_by(Annotation.status)).all())
-    available = db.scalar(select(func.count()).select_from(_open_items(project, user).subquery()))
+    available = db.scalar(select(func.count()).select_from(_open_items(project, user, utcnow()).subquery()))
     return ProgressOut(submitted=rows.get("submitted", 0), skipped=rows.get("skipped", 0), available=available)
 
 
@@ -92,18 +107,25 @@ def validate_answer(project: Project, item: Item, answer: AnnotationIn) -> None:
         raise AnswerError("ideal_response: this project does not ask for one")
 
 
-def save_annotation(db: Session, project: Project, item: Item, user: User, answer: AnnotationIn | None,
-                    seconds_spent: float) -> Annotation:
-    """Store an answer (or, with answer=None, a skip) in one transaction."""
+def save_annotation(db: Session, project: Project, item: Item, user: User, answer: AnnotationIn | None) -> Annotation:
+    """Store an answer (or, with answer=None, a skip) and release the item's assignment, in one transaction.
+
+    Time spent: the client's own measure if it sends one (scripts), else from when the item was handed out.
+    """
+    assignment = db.scalar(select(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id))
+    seconds = answer.seconds_spent if answer is not None else None
+    if seconds is None:
+        seconds = (utcnow() - assignment.served_at).total_seconds() if assignment is not None else 0.0
     if answer is not None:
         validate_answer(project, item, answer)
-        ideal = (answer.ideal_response or "").strip() or None
         annotation = Annotation(item_id=item.id, user_id=user.id, status="submitted", ranks=answer.ranks,
-                                ratings=answer.ratings, flags=answer.flags, ideal_response=ideal,
-                                seconds_spent=seconds_spent)
+                                ratings=answer.ratings, flags=answer.flags,
+                                ideal_response=(answer.ideal_response or "").strip() or None, seconds_spent=seconds)
     else:
-        annotation = Annotation(item_id=item.id, user_id=user.id, status="skipped", seconds_spent=seconds_spent)
+        annotation = Annotation(item_id=item.id, user_id=user.id, status="skipped", seconds_spent=seconds)
     db.add(annotation)
+    if assignment is not None:
+        db.delete(assignment)
     try:
         db.commit()
     except IntegrityError:  # the unique (item, user) constraint: a second answer from the same person

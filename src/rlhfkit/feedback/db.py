@@ -119,6 +119,20 @@ class Annotation(Base):
     user: Mapped[User] = relationship()
 
 
+class Assignment(Base):
+    """An item handed to an annotator and not answered yet. It holds the item's place for a while, so that
+    concurrent annotators are not all handed the same item, and it records when the item was shown."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    served_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
 class Job(Base):
     """A background job (sampling completions); its progress lives here so any page or process can show it."""
 

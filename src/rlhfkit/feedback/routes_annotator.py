@@ -4,7 +4,6 @@ submit, skip, guidelines."""
 from __future__ import annotations
 
 import random
-import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse
@@ -47,8 +46,7 @@ def annotate(request: Request, project_id: int, principal: Principal = Depends(r
         shown = list(item.completions)
         random.Random(f"{principal.user.id}:{item.id}").shuffle(shown)
     return render(request, "annotate.html", principal, project=project, item=item, shown=shown,
-                  progress=progress(db, project, principal.user), aspects=RATING_ASPECTS, harm_flags=HARM_FLAGS,
-                  shown_at=f"{time.time():.3f}")
+                  progress=progress(db, project, principal.user), aspects=RATING_ASPECTS, harm_flags=HARM_FLAGS)
 
 
 async def answer_from_form(request: Request) -> AnnotationIn:
@@ -69,8 +67,6 @@ async def answer_from_form(request: Request) -> AnnotationIn:
             data["flags"] = [form.getlist(f"flag_{i}") for i in range(k)]
         if "ideal_response" in form:
             data["ideal_response"] = form["ideal_response"]
-        # Time on the item: from when the server rendered it to now.
-        data["seconds_spent"] = min(max(time.time() - float(form.get("shown_at", time.time())), 0.0), 86_400.0)
         return AnnotationIn.model_validate(data)
     except (KeyError, ValueError, ValidationError) as e:
         raise HTTPException(422, f"the form is incomplete or malformed ({e})") from None
@@ -80,12 +76,12 @@ async def answer_from_form(request: Request) -> AnnotationIn:
 def submit(project_id: int, item_id: int, answer: AnnotationIn = Depends(answer_from_form),
            principal: Principal = Depends(require_user), db: Session = Depends(get_db)):
     project = project_or_404(db, project_id)
-    store(db, project, item_or_404(db, project, item_id), principal, answer, answer.seconds_spent or 0.0)
+    store(db, project, item_or_404(db, project, item_id), principal, answer)
     return RedirectResponse(f"/projects/{project_id}/annotate", status_code=303)
 
 
 @router.post("/projects/{project_id}/items/{item_id}/skip")
 def skip(project_id: int, item_id: int, principal: Principal = Depends(require_user), db: Session = Depends(get_db)):
     project = project_or_404(db, project_id)
-    store(db, project, item_or_404(db, project, item_id), principal, None, 0.0)
+    store(db, project, item_or_404(db, project, item_id), principal, None)
     return RedirectResponse(f"/projects/{project_id}/annotate", status_code=303)

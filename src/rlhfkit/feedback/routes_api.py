@@ -32,11 +32,10 @@ def annotation_out(annotation: Annotation) -> AnnotationOut:
                          seconds_spent=annotation.seconds_spent)
 
 
-def store(db: Session, project: Project, item: Item, principal: Principal, answer: AnnotationIn | None,
-          seconds_spent: float) -> Annotation:
+def store(db: Session, project: Project, item: Item, principal: Principal, answer: AnnotationIn | None) -> Annotation:
     """Save, turning the service's errors into HTTP answers (shared by the API and the pages)."""
     try:
-        return save_annotation(db, project, item, principal.user, answer, seconds_spent)
+        return save_annotation(db, project, item, principal.user, answer)
     except AnswerError as e:
         raise HTTPException(422, str(e)) from None
     except AlreadyAnswered:
@@ -60,14 +59,14 @@ def api_submit(project_id: int, item_id: int, answer: AnnotationIn, principal: P
                db: Session = Depends(get_db)) -> AnnotationOut:
     project = project_or_404(db, project_id)
     item = item_or_404(db, project, item_id)
-    return annotation_out(store(db, project, item, principal, answer, answer.seconds_spent or 0.0))
+    return annotation_out(store(db, project, item, principal, answer))
 
 
 @router.post("/projects/{project_id}/items/{item_id}/skip", status_code=201)
 def api_skip(project_id: int, item_id: int, principal: Principal = Depends(require_user),
              db: Session = Depends(get_db)) -> AnnotationOut:
     project = project_or_404(db, project_id)
-    return annotation_out(store(db, project, item_or_404(db, project, item_id), principal, None, 0.0))
+    return annotation_out(store(db, project, item_or_404(db, project, item_id), principal, None))
 
 
 @router.get("/projects/{project_id}/progress")
