@@ -54,23 +54,27 @@ def _open_items(project: Project, user: User, now: dt.datetime):
             .order_by(taken.desc(), Item.position))  # finish started items first, so complete items accumulate
 
 
+def _lock_queue(db: Session, project: Project, user: User, now: dt.datetime) -> None:
+    """Hand out one item at a time per project, so that concurrent annotators cannot all take the last free slot
+    of the same item. PostgreSQL: lock the project's row. SQLite: the DELETE below is a write, which takes the
+    database's write lock for the rest of this transaction (SQLite has one writer at a time)."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(select(Project.id).where(Project.id == project.id).with_for_update())
+    db.execute(delete(Assignment).where(Assignment.user_id == user.id, Assignment.expires_at <= now))
+
+
 def next_item(db: Session, project: Project, user: User) -> Item | None:
     """The item this person holds (reloading the page shows it again), else a new one, which they now hold."""
     now = utcnow()
-    held = db.scalar(select(Item).join(Assignment, Assignment.item_id == Item.id)
-                     .where(Item.project_id == project.id, Assignment.user_id == user.id, Assignment.expires_at > now)
+    _lock_queue(db, project, user, now)
+    item = db.scalar(select(Item).join(Assignment, Assignment.item_id == Item.id)
+                     .where(Item.project_id == project.id, Assignment.user_id == user.id)
                      .order_by(Assignment.served_at).limit(1))
-    if held is not None:
-        return held
-    item = db.scalar(_open_items(project, user, now).limit(1))
     if item is None:
-        return None
-    db.execute(delete(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id))  # an expired one
-    db.add(Assignment(item_id=item.id, user_id=user.id, served_at=now, expires_at=now + ASSIGNMENT_LIFETIME))
-    try:
-        db.commit()
-    except IntegrityError:  # the same person asked twice at once; the other request made the assignment
-        db.rollback()
+        item = db.scalar(_open_items(project, user, now).limit(1))
+        if item is not None:
+            db.add(Assignment(item_id=item.id, user_id=user.id, served_at=now, expires_at=now + ASSIGNMENT_LIFETIME))
+    db.commit()
     return item
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
@@ -23,9 +24,14 @@ class ExportKind(str, Enum):
     sft = "sft"
 
 
+def _quiet_migrations() -> None:
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one INFO line per plugin and step otherwise
+
+
 def _sessions(database_url: str):
     from rlhfkit.feedback.db import make_engine, make_sessionmaker, migrate
 
+    _quiet_migrations()
     engine = make_engine(database_url)
     migrate(engine)
     return make_sessionmaker(engine)
@@ -38,6 +44,7 @@ def serve(database_url: DatabaseUrl = DEFAULT_DATABASE, host: str = "127.0.0.1",
 
     from rlhfkit.feedback.app import create_app
 
+    _quiet_migrations()
     uvicorn.run(create_app(database_url), host=host, port=port, log_level="warning")
 
 
