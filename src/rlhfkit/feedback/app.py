@@ -73,7 +73,8 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     sessions = make_sessionmaker(engine)
     interrupt_unfinished_jobs(sessions)
 
-    app = FastAPI(title="rlhfkit human feedback", dependencies=[Depends(verify_csrf)], docs_url="/api/docs",
+    # No Swagger page: it loads scripts from a CDN, which the CSP (and an offline machine) would block.
+    app = FastAPI(title="rlhfkit human feedback", dependencies=[Depends(verify_csrf)], docs_url=None,
                   redoc_url=None, openapi_url="/api/openapi.json")
     app.state.engine, app.state.sessions = engine, sessions
     app.state.login_limits = LoginRateLimiter(limit=5), LoginRateLimiter(limit=30)  # per username, per address

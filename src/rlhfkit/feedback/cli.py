@@ -41,11 +41,15 @@ def _sessions(database_url: str):
 def serve(database_url: DatabaseUrl = DEFAULT_DATABASE, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Start the web app (the database schema is created or upgraded first)."""
     import uvicorn
+    from sqlalchemy import make_url
 
     from rlhfkit.feedback.app import create_app
 
     _quiet_migrations()
-    uvicorn.run(create_app(database_url), host=host, port=port, log_level="warning")
+    app = create_app(database_url)
+    shown = make_url(database_url).render_as_string(hide_password=True)
+    typer.echo(f"rlhfkit feedback on http://{host}:{port} (database {shown}); Ctrl-C stops it")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @feedback_app.command("create-admin")
