@@ -53,3 +53,11 @@ def test_pairwise_and_consensus_agreement():
     flipped = records + [rec("u4", [3, 2, 1], "y")]  # y: 2 votes against 1 on each pair; u4 is in the minority
     assert consensus_agreement(flipped)["u4"] == 0.0
     assert pairwise_agreement([rec("u1", [1, 2, 3])]) is None
+
+
+def test_agreement_matches_completions_by_text_and_groups_records_without_ids():
+    a = RankingRecord(prompt="p", completions=["a", "b", "c"], ranks=[1, 2, 3], annotator="u1")
+    b = RankingRecord(prompt="p", completions=["c", "a", "b"], ranks=[3, 1, 2], annotator="u2")  # same order, shuffled
+    other = RankingRecord(prompt="q", completions=["a", "b"], ranks=[2, 1], annotator="u3")
+    assert pairwise_agreement([a, b, other]) == 1.0
+    assert consensus_agreement([a, b, other]) == {"u1": 1.0, "u2": 1.0, "u3": None}

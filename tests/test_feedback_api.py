@@ -237,7 +237,6 @@ def test_login_cookie_flags_rate_limit_and_password_hashing(app):
     cookie = r.headers["set-cookie"].lower()
     assert "rlhfkit_session=" in cookie and "httponly" in cookie and "samesite=lax" in cookie
     assert client.get("/").status_code == 200
-    client.form = Client.form.__get__(client)
     client.csrf = csrf_of(client.get("/").text)
     assert client.form("/logout", follow_redirects=False).status_code == 303
     assert client.get("/", follow_redirects=False).status_code == 303
@@ -348,8 +347,10 @@ def test_api_tokens_for_scripts(app):
     assert r.status_code == 201
     assert script.post(f"/api/projects/{pid}/items/{item['id'] + 1}/skip", headers=auth).status_code == 201
     assert script.get(f"/api/projects/{pid}/export/pairs", headers=auth).status_code == 403
-    for _ in range(1):
-        assert script.get(f"/api/projects/{pid}/next", headers=auth).json()["id"] == item["id"] + 2
+    admin_token = re.search(r'id="new-token">([^<]+)<', admin.form("/admin/users/1/tokens").text).group(1)
+    rankings = script.get(f"/api/projects/{pid}/export/rankings", headers={"Authorization": f"Bearer {admin_token}"})
+    assert rankings.status_code == 200 and json.loads(rankings.text)["ranks"] == [3, 2, 1]
+    assert script.get(f"/api/projects/{pid}/next", headers=auth).json()["id"] == item["id"] + 2
     script.post(f"/api/projects/{pid}/items/{item['id'] + 2}/skip", headers=auth)
     assert script.get(f"/api/projects/{pid}/next", headers=auth).status_code == 204
 

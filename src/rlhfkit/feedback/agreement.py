@@ -72,15 +72,16 @@ def _difference(metric: Metric, values: list, n_c: Counter) -> dict[tuple, float
     return delta2
 
 
-def _order(ranks: Sequence[int], i: int, j: int) -> int:
-    """+1 if completion i is ranked above j, -1 if below, 0 for a tie."""
-    return (ranks[i] < ranks[j]) - (ranks[i] > ranks[j])
+def _order(rank_of: dict[str, int], x: str, y: str) -> int:
+    """+1 if completion x is ranked above y, -1 if below, 0 for a tie."""
+    return (rank_of[x] < rank_of[y]) - (rank_of[x] > rank_of[y])
 
 
-def _by_item(records: Iterable[RankingRecord]) -> dict[str | None, list[RankingRecord]]:
-    groups: dict[str | None, list[RankingRecord]] = defaultdict(list)
+def _by_item(records: Iterable[RankingRecord]) -> dict[Hashable, list[RankingRecord]]:
+    """Records of the same item: same id, or without ids the same prompt and completions (as consolidation groups)."""
+    groups: dict[Hashable, list[RankingRecord]] = defaultdict(list)
     for r in records:
-        groups[r.id].append(r)
+        groups[r.id if r.id is not None else (r.prompt, frozenset(r.completions))].append(r)
     return groups
 
 
@@ -90,9 +91,10 @@ def pairwise_agreement(records: Iterable[RankingRecord]) -> float | None:
     agree = total = 0
     for group in _by_item(records).values():
         for a, b in combinations(group, 2):
-            for i, j in combinations(range(len(a.completions)), 2):
+            rank_a, rank_b = dict(zip(a.completions, a.ranks)), dict(zip(b.completions, b.ranks))
+            for x, y in combinations(a.completions, 2):
                 total += 1
-                agree += _order(a.ranks, i, j) == _order(b.ranks, i, j)
+                agree += _order(rank_a, x, y) == _order(rank_b, x, y)
     return agree / total if total else None
 
 

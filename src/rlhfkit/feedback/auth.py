@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback.db import ROLES, ApiToken, AuthSession, User, utcnow
@@ -68,6 +68,7 @@ def create_user(db: Session, username: str, password: str, role: str) -> User:
 
 def create_session(db: Session, user: User) -> str:
     """A new login for `user`; returns the cookie value (the only copy of the token)."""
+    db.execute(delete(AuthSession).where(AuthSession.expires_at <= utcnow()))  # tidy up logins long expired
     token = new_token()
     db.add(AuthSession(token_hash=token_hash(token), user_id=user.id, csrf_token=new_token(),
                        expires_at=utcnow() + SESSION_LIFETIME))

@@ -61,8 +61,7 @@ def project_report(db: Session, project: Project) -> ProjectReport:
             for aspect, value in rating.items():
                 rating_units[aspect][a.item_id, i].append(value)
         if "flags" in project.questions:
-            for i in range(len(a.item.completions)):
-                flagged = set((a.flags or [[]] * len(a.item.completions))[i])
+            for i, flagged in enumerate(a.flags or [[] for _ in a.item.completions]):  # none sent: none raised
                 for flag in HARM_FLAGS:
                     flag_units[a.item_id, i, flag].append(flag in flagged)
     agreement = []

@@ -30,7 +30,8 @@ def _cookie_options(request: Request) -> dict:
 
 @router.get("/login")
 def login_page(request: Request, next: str = "/", principal: Principal | None = Depends(optional_principal)):
-    csrf = request.cookies.get(LOGIN_CSRF_COOKIE) or new_token()
+    # Logged in already: the form must carry the session's token, which the CSRF check expects then.
+    csrf = principal.csrf_token if principal and principal.session else request.cookies.get(LOGIN_CSRF_COOKIE) or new_token()
     response = render(request, "login.html", principal, next=_local(next), csrf_token=csrf)
     response.set_cookie(LOGIN_CSRF_COOKIE, csrf, **_cookie_options(request))
     return response
