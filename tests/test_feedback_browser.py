@@ -168,3 +168,24 @@ def test_admin_to_exported_pairs_with_two_annotators(server, browser, tmp_path):
         ("Capital of France?", "Lyon.", XSS),
         ("What is 2+2?", "4", "5"), ("What is 2+2?", "4", "22"), ("What is 2+2?", "5", "22"),  # bob's vote decides
     }
+
+
+def test_sampling_job_progress_is_shown_until_done(server, browser, tmp_path, tiny_model):
+    (tmp_path / "prompts.csv").write_text("prompt\n" + "".join(f"Question number {i}?\n" for i in range(6)))
+    admin = login(browser, server, "admin")
+    admin.goto("/admin")
+    admin.fill("#new-project input[name=name]", "sampled")
+    admin.fill("#new-project input[name=k]", "2")
+    admin.click("#new-project button[type=submit]")
+    admin.wait_for_url("**/admin/projects/*")
+    admin.set_input_files("#import-prompts input[type=file]", tmp_path / "prompts.csv")
+    admin.click("#import-prompts button")
+    admin.fill("#generate input[name=model]", tiny_model)
+    admin.fill("#generate input[name=max_new_tokens]", "16")
+    admin.click("#generate button")
+    admin.wait_for_selector("#jobs progress")
+    admin.screenshot(path=tmp_path / "job-started.png", full_page=True)
+    # The page polls the job and reloads itself when it ends; nothing here reloads it.
+    admin.wait_for_selector("#jobs .job-status:has-text('done: 6/6')", timeout=60_000)
+    assert "6 with completions" in admin.text_content("#progress")
+    admin.screenshot(path=tmp_path / "job-done.png", full_page=True)
