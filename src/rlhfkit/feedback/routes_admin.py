@@ -28,7 +28,8 @@ DB = Annotated[Session, Depends(get_db)]
 
 
 def _errors(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'project'}: {x['msg'].removeprefix('Value error, ')}"
+                     for x in e.errors())
 
 
 def _home_page(request: Request, admin: Principal, db: Session, status_code: int = 200, **extra):
@@ -49,11 +50,8 @@ def create_project(request: Request, admin: Admin, db: DB, name: Annotated[str, 
     try:
         spec = ProjectIn(name=name.strip(), guidelines=guidelines, k=k, annotators_per_item=annotators_per_item,
                          questions=list(questions))
-        if "pairwise" in spec.questions and spec.k != 2:
-            raise DataError("a pairwise choice compares exactly two completions: set K to 2")
-    except (ValidationError, DataError) as e:
-        message = _errors(e) if isinstance(e, ValidationError) else str(e)
-        return _home_page(request, admin, db, status_code=422, error=message)
+    except ValidationError as e:
+        return _home_page(request, admin, db, status_code=422, error=_errors(e))
     if db.scalar(select(Project).where(Project.name == spec.name)):
         return _home_page(request, admin, db, status_code=409, error=f"a project named {spec.name!r} exists")
     project = Project(**spec.model_dump())

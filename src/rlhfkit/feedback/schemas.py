@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from rlhfkit.feedback.db import HARM_FLAGS, QUESTIONS, RATING_ASPECTS
 
@@ -27,6 +27,12 @@ class ProjectIn(BaseModel):
         if "ranking" in questions and "pairwise" in questions:
             raise ValueError("ask for either a ranking or a pairwise choice, not both")
         return list(dict.fromkeys(questions))
+
+    @model_validator(mode="after")
+    def _pairwise_compares_two(self) -> ProjectIn:
+        if "pairwise" in self.questions and self.k != 2:
+            raise ValueError("a pairwise choice compares exactly two completions: set K to 2")
+        return self
 
 
 class AnnotationIn(BaseModel):
