@@ -382,3 +382,16 @@ def test_cli_create_admin_and_export(tmp_path):
     r = runner.invoke(cli_app, ["feedback", "export", "--project", "nope", "--kind", "sft", "--output",
                                 str(tmp_path / "x.jsonl"), "--database-url", url])
     assert r.exit_code != 0 and "no project named 'nope'" in str(r.exception)
+
+
+def test_cli_serve_migrates_and_runs_the_app(tmp_path, monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    r = CliRunner().invoke(cli_app, ["feedback", "serve", "--database-url", url, "--port", "8123"])
+    assert r.exit_code == 0, r.output
+    assert served["port"] == 8123 and served["host"] == "127.0.0.1" and "http://127.0.0.1:8123" in r.output
+    add_user(served["app"], "alice")  # the schema is there: serve migrated the new database
+    assert Client(served["app"]).login("alice").get("/api/me").json()["username"] == "alice"
