@@ -81,3 +81,9 @@ def test_generation_job_failure_is_visible(tmp_path):
     job = wait_for_job(admin, latest_job(app))
     assert job["status"] == "failed" and "no-such-model" in job["message"]
     assert "failed" in admin.get(f"/admin/projects/{pid}").text
+
+    with app.state.sessions() as db:  # one job at a time per project: two would fill the same items
+        db.add(Job(project_id=pid, kind="generate", status="running", params={"model": "m"}))
+        db.commit()
+    r = admin.form(f"/admin/projects/{pid}/generate", {"model": "m"})
+    assert r.status_code == 409 and "still running" in r.text

@@ -43,8 +43,14 @@ def interrupt_unfinished_jobs(sessions: sessionmaker) -> None:
         db.commit()
 
 
+class JobRunning(Exception):
+    """The project has a sampling job under way; two would fill the same items."""
+
+
 def start_generation(sessions: sessionmaker, project: Project, params: GenerationParams) -> Job:
     with sessions() as db:
+        if db.scalar(select(Job.id).where(Job.project_id == project.id, Job.status.in_(("queued", "running")))):
+            raise JobRunning("a sampling job is still running for this project; wait for it to end")
         empty = db.scalars(select(Item.id).where(Item.project_id == project.id, ~Item.completions.any())).all()
         job = Job(project_id=project.id, kind="generate", status="queued", total=len(empty),
                   params=params.model_dump())

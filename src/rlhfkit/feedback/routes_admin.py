@@ -16,7 +16,7 @@ from rlhfkit.feedback.auth import Principal, create_api_token, create_user, get_
 from rlhfkit.feedback.db import QUESTIONS, ROLES, Job, Project, User
 from rlhfkit.feedback.export import EXPORTS
 from rlhfkit.feedback.importing import import_completions, import_prompts
-from rlhfkit.feedback.jobs import GenerationParams, start_generation
+from rlhfkit.feedback.jobs import GenerationParams, JobRunning, start_generation
 from rlhfkit.feedback.pages import render
 from rlhfkit.feedback.reports import project_report
 from rlhfkit.feedback.routes_api import jsonl_response
@@ -93,7 +93,10 @@ def generate(request: Request, project_id: int, admin: Admin, db: DB, model: Ann
         params = GenerationParams(model=model.strip(), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     except ValidationError as e:
         return _project_page(request, admin, db, project, status_code=422, error=_errors(e))
-    start_generation(request.app.state.sessions, project, params)
+    try:
+        start_generation(request.app.state.sessions, project, params)
+    except JobRunning as e:
+        return _project_page(request, admin, db, project, status_code=409, error=str(e))
     return RedirectResponse(f"/admin/projects/{project_id}", status_code=303)
 
 

@@ -45,7 +45,7 @@ def login(request: Request, username: Annotated[str, Form(max_length=64)], passw
     if per_user.blocked(user_key) or per_address.blocked(address_key):
         raise HTTPException(429, "too many failed logins; wait a few minutes", headers={"Retry-After": "300"})
     user = db.scalar(select(User).where(User.username == username))
-    if user is None or not verify_password(user.password_hash, password):
+    if not verify_password(user.password_hash if user else None, password):
         per_user.failed(user_key)
         per_address.failed(address_key)
         return render(request, "login.html", None, status_code=401, next=_local(next), error="wrong username or password",
