@@ -73,8 +73,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--per-item", type=int, default=3, help="annotators per item")
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="feedback-load-")
-    database_url = args.database_url or f"sqlite:///{Path(workdir) / 'load.db'}"
+    with tempfile.TemporaryDirectory(prefix="feedback-load-") as workdir:
+        run(args, args.database_url or f"sqlite:///{Path(workdir) / 'load.db'}")
+
+
+def run(args: argparse.Namespace, database_url: str) -> None:
     project_id, tokens = setup(database_url, args.annotators, args.items, args.k, args.per_item)
     expected = args.items * args.per_item
     with socket.socket() as s:
