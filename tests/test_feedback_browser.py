@@ -1,6 +1,6 @@
 """End to end in a real browser (Debian's chromium driven by Playwright): an admin sets up a project from files,
-adds two annotators; they rank by drag-and-drop and by keyboard alone (with a tie); the admin sees agreement
-and the export holds the expected consensus pairs. Screenshots go to pytest's tmp_path."""
+adds two annotators; they rank by drag-and-drop and by keyboard alone (with a tie); the admin sees agreement,
+the export holds the expected consensus pairs and trains a reward model. Screenshots go to pytest's tmp_path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 import uvicorn
 from feedback_helpers import PASSWORD, add_user, jsonl
 
+from rlhfkit.config import RewardConfig, load_config
 from rlhfkit.feedback.app import create_app
+from rlhfkit.reward.train import train_reward_model
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"needs {CHROMIUM} (apt-get install chromium)")
@@ -101,7 +103,7 @@ def ranks_shown(page) -> dict[str, str]:
     return dict(zip(card_texts(page), page.locator("#ranking > .card .rank-badge").all_text_contents()))
 
 
-def test_admin_to_exported_pairs_with_two_annotators(server, browser, tmp_path):
+def test_admin_to_exported_pairs_with_two_annotators(server, browser, tmp_path, tiny_model):
     (tmp_path / "prompts.jsonl").write_bytes(jsonl(PROMPTS))
     (tmp_path / "completions.jsonl").write_bytes(jsonl(COMPLETIONS))
     admin = login(browser, server, "admin")
@@ -168,6 +170,12 @@ def test_admin_to_exported_pairs_with_two_annotators(server, browser, tmp_path):
         ("Capital of France?", "Lyon.", XSS),
         ("What is 2+2?", "4", "5"), ("What is 2+2?", "4", "22"), ("What is 2+2?", "5", "22"),  # bob's vote decides
     }
+    # The downloaded file trains a reward model as is.
+    (tmp_path / "pairs.jsonl").write_text(export.text())
+    cfg = load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={tmp_path / 'pairs.jsonl'}",
+                                           f"output_dir={tmp_path / 'rm'}", "max_steps=2"])
+    train_reward_model(cfg)
+    assert (tmp_path / "rm" / "config.json").is_file()
 
 
 def test_sampling_job_progress_is_shown_until_done(server, browser, tmp_path, tiny_model):
