@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.feedback.cli import feedback_app
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Reinforcement Learning from Human Feedback, end to end.")
@@ -24,6 +25,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Data conversions.")
 app.add_typer(data_app, name="data")
 pipeline_app = typer.Typer(no_args_is_help=True, help="The whole RLHF loop from one config.")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(feedback_app, name="feedback")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value settings over the config (e.g. epochs=1 lora.r=8)", show_default=False)]

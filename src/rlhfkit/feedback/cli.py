@@ -1,0 +1,100 @@
+"""`rlhfkit feedback ...`: serve the app, create the first admin, export from the command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlhfkit.errors import ConfigError, OutputExistsError
+
+feedback_app = typer.Typer(no_args_is_help=True, help="The human-feedback web app: annotate, measure agreement, export.")
+DEFAULT_DATABASE = "sqlite:///feedback.db"
+DatabaseUrl = Annotated[str, typer.Option(help="sqlite:///path.db (default: ./feedback.db) or postgresql://user:pass@host/db",
+                                          envvar="RLHFKIT_FEEDBACK_DATABASE_URL")]
+
+
+class ExportKind(str, Enum):
+    rankings = "rankings"
+    pairs = "pairs"
+    sft = "sft"
+
+
+def _quiet_migrations() -> None:
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one INFO line per plugin and step otherwise
+
+
+def _sessions(database_url: str):
+    from rlhfkit.feedback.db import make_engine, make_sessionmaker, migrate
+
+    _quiet_migrations()
+    engine = make_engine(database_url)
+    migrate(engine)
+    return make_sessionmaker(engine)
+
+
+@feedback_app.command()
+def serve(database_url: DatabaseUrl = DEFAULT_DATABASE, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Start the web app (the database schema is created or upgraded first)."""
+    import uvicorn
+    from sqlalchemy import make_url
+
+    from rlhfkit.feedback.app import create_app
+
+    _quiet_migrations()
+    app = create_app(database_url)
+    shown = make_url(database_url).render_as_string(hide_password=True)
+    typer.echo(f"rlhfkit feedback on http://{host}:{port} (database {shown}); Ctrl-C stops it")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@feedback_app.command("create-admin")
+def create_admin(
+    username: Annotated[str, typer.Option(help="the admin's login name")],
+    database_url: DatabaseUrl = DEFAULT_DATABASE,
+    password_stdin: Annotated[bool, typer.Option(help="read the password from standard input (for scripts)")] = False,
+) -> None:
+    """Create an admin account. There is no default password: this is how the first admin comes to be."""
+    from rlhfkit.feedback.auth import create_user
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    with _sessions(database_url)() as db:
+        try:
+            create_user(db, username, password, "admin")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        db.commit()
+    typer.echo(f"admin {username!r} created")
+
+
+@feedback_app.command()
+def export(
+    project: Annotated[str, typer.Option(help="the project's name")],
+    kind: Annotated[ExportKind, typer.Option(help="rankings (per annotator), pairs (consensus), or sft (ideal responses)")],
+    output: Annotated[Path, typer.Option(help="JSONL file to write")],
+    database_url: DatabaseUrl = DEFAULT_DATABASE,
+) -> None:
+    """Write a project's rankings, consensus pairs or SFT examples as JSONL (the same files as the admin page)."""
+    from sqlalchemy import select
+
+    from rlhfkit.data.jsonl import write_jsonl
+    from rlhfkit.feedback.db import Project
+    from rlhfkit.feedback.export import EXPORTS
+
+    if output.exists():
+        raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
+    with _sessions(database_url)() as db:
+        found = db.scalar(select(Project).where(Project.name == project))
+        if found is None:
+            names = ", ".join(db.scalars(select(Project.name))) or "none"
+            raise ConfigError(f"no project named {project!r} (projects: {names})")
+        records = EXPORTS[kind.value](db, found)
+    write_jsonl(output, records)
+    typer.echo(f"{len(records)} {kind.value} records written to {output}")

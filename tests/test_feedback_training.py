@@ -1,0 +1,89 @@
+"""From a prompt file to a trained reward model through the app: the sampling job fills completions from the
+tiny model, two annotators rank, the consensus export is read by train_reward_model as is."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from feedback_helpers import Client, create_project, jsonl, make_app
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app as cli_app
+from rlhfkit.config import RewardConfig, load_config
+from rlhfkit.feedback.db import Item, Job
+from rlhfkit.reward.train import train_reward_model
+
+
+def wait_for_job(client: Client, job_id: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still running after {timeout} s")
+
+
+def latest_job(app) -> int:
+    with app.state.sessions() as db:
+        return db.scalar(select(Job.id).order_by(Job.id.desc()).limit(1))
+
+
+def test_prompt_file_to_reward_model(tmp_path, tiny_model):
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    app = make_app(url)
+    admin, alice, bob = (Client(app).login(n) for n in ("admin", "alice", "bob"))
+    pid = create_project(admin, name="rm", k=3, annotators=2, questions=("ranking",))
+    prompts = [{"prompt": f"Where is office number {i}?", "id": f"o{i}"} for i in range(4)]
+    assert admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("prompts.jsonl", jsonl(prompts))}).status_code == 200
+
+    r = admin.form(f"/admin/projects/{pid}/generate", {"model": tiny_model, "max_new_tokens": 8, "temperature": 1.0},
+                   follow_redirects=False)
+    assert r.status_code == 303
+    job = wait_for_job(admin, latest_job(app))
+    assert job["status"] == "done" and job["done"] == job["total"] == 4, job
+    assert 'data-job-running' not in admin.get(f"/admin/projects/{pid}").text
+    with app.state.sessions() as db:
+        items = db.scalars(select(Item).where(Item.project_id == pid)).all()
+        assert all(len(item.completions) == 3 and item.completions[0].source == tiny_model for item in items)
+
+    # Both annotators prefer the shortest completion, ties broken by text: a consistent, learnable preference.
+    for client in (alice, bob):
+        while (response := client.get(f"/api/projects/{pid}/next")).status_code == 200:
+            item = response.json()
+            order = sorted(range(3), key=lambda i: (len(item["completions"][i]["text"]), item["completions"][i]["text"]))
+            ranks = [order.index(i) + 1 for i in range(3)]
+            r = client.post(f"/api/projects/{pid}/items/{item['id']}/annotations", json={"ranks": ranks},
+                            headers={"X-CSRF-Token": client.csrf})
+            assert r.status_code == 201, r.text
+    assert "8 answers submitted" in admin.get(f"/admin/projects/{pid}").text
+
+    pairs = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(cli_app, ["feedback", "export", "--project", "rm", "--kind", "pairs",
+                                          "--output", str(pairs), "--database-url", url])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert len(records) == 12 and set(records[0]) == {"prompt", "chosen", "rejected"}
+    cfg = load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={pairs}", f"output_dir={tmp_path / 'rm'}",
+                                           "max_steps=2", "batch_size=2"])
+    train_reward_model(cfg)
+    assert (tmp_path / "rm" / "config.json").is_file()
+
+
+def test_generation_job_failure_is_visible(tmp_path):
+    app = make_app(f"sqlite:///{tmp_path / 'feedback.db'}")
+    admin = Client(app).login("admin")
+    pid = create_project(admin, k=2)
+    admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("p.jsonl", jsonl([{"prompt": "hi"}]))})
+    admin.form(f"/admin/projects/{pid}/generate", {"model": str(tmp_path / "no-such-model")})
+    job = wait_for_job(admin, latest_job(app))
+    assert job["status"] == "failed" and "no-such-model" in job["message"]
+    assert "failed" in admin.get(f"/admin/projects/{pid}").text
+
+    with app.state.sessions() as db:  # one job at a time per project: two would fill the same items
+        db.add(Job(project_id=pid, kind="generate", status="running", params={"model": "m"}))
+        db.commit()
+    r = admin.form(f"/admin/projects/{pid}/generate", {"model": "m"})
+    assert r.status_code == 409 and "still running" in r.text
