@@ -1,5 +1,6 @@
-"""From a prompt file to a trained reward model through the app: the sampling job fills completions from the
-tiny model, two annotators rank, the consensus export is read by train_reward_model as is."""
+"""The human loop without the browser: a prompt file into the app, the sampling job fills completions from the
+tiny model, two annotators rank (API calls), the consensus export is read by train_reward_model as is, and PPO
+runs against that reward model."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app as cli_app
-from rlhfkit.config import RewardConfig, load_config
+from rlhfkit.config import PPOConfig, RewardConfig, load_config
+from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.feedback.db import Item, Job
+from rlhfkit.ppo import train_ppo
 from rlhfkit.reward.train import train_reward_model
 
 
@@ -31,12 +34,13 @@ def latest_job(app) -> int:
         return db.scalar(select(Job.id).order_by(Job.id.desc()).limit(1))
 
 
-def test_prompt_file_to_reward_model(tmp_path, tiny_model):
+def test_prompt_file_to_reward_model_to_ppo(tmp_path, tiny_model):
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     app = make_app(url)
     admin, alice, bob = (Client(app).login(n) for n in ("admin", "alice", "bob"))
     pid = create_project(admin, name="rm", k=3, annotators=2, questions=("ranking",))
     prompts = [{"prompt": f"Where is office number {i}?", "id": f"o{i}"} for i in range(4)]
+    write_jsonl(tmp_path / "prompts.jsonl", prompts)
     assert admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("prompts.jsonl", jsonl(prompts))}).status_code == 200
 
     r = admin.form(f"/admin/projects/{pid}/generate", {"model": tiny_model, "max_new_tokens": 8, "temperature": 1.0},
@@ -70,6 +74,12 @@ def test_prompt_file_to_reward_model(tmp_path, tiny_model):
                                            "max_steps=2", "batch_size=2"])
     train_reward_model(cfg)
     assert (tmp_path / "rm" / "config.json").is_file()
+
+    ppo = train_ppo(PPOConfig(model=tiny_model, prompts_file=tmp_path / "prompts.jsonl", output_dir=tmp_path / "ppo",
+                              rewards=[{"scorer": str(tmp_path / "rm")}], steps=2, batch_size=4, mini_batch_size=2,
+                              ppo_epochs=1, sampling={"max_new_tokens": 6}, preview={"num_prompts": 0}))
+    assert ppo.steps == 2 and "reward/reward" in ppo.history[-1]
+    assert (tmp_path / "ppo" / "adapter_config.json").is_file()
 
 
 def test_generation_job_failure_is_visible(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from rlhfkit.data.jsonl import parse_jsonl
 from rlhfkit.data.records import PromptRecord
 from rlhfkit.errors import DataError
 from rlhfkit.feedback.db import Completion, Item, Project
@@ -44,16 +44,7 @@ def _problem(error: ValidationError) -> str:
 
 
 def _jsonl_rows(name: str, content: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, line in enumerate(_text(name, content).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
+    return parse_jsonl(name, _text(name, content).splitlines())
 
 
 def _csv_rows(name: str, content: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
