@@ -94,7 +94,9 @@ def test_gradient_accumulation_gives_the_same_update_as_a_bigger_batch(tiny_mode
     base = load_causal_lm(tiny_model).state_dict()
     for key in big:
         assert not torch.equal(big[key], base[key]) or "norm" in key
-        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-6)
+        # Summation order differs, and Adam divides by sqrt(v): for a weight whose gradient is near zero (a rare
+        # token's embedding) float noise moves it by ~1e-5. A wrong loss normalisation moves every weight by ~1e-3.
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=2e-5)
 
 
 def test_merged_adapter_is_saved_as_full_weights(tiny_model, sft_files, tmp_path):
