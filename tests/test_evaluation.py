@@ -227,8 +227,9 @@ def test_simulate_writes_valid_rankings_from_a_gold_scorer(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "completions": ["only one"]}])
     with pytest.raises(DataError, match=r"bad.jsonl:1"):
         simulate(cfg.model_copy(update={"completions_file": tmp_path / "bad.jsonl", "overwrite": True}))
-    with pytest.raises(ValueError, match="either completions_file"):
-        SimulateConfig(gold=[{"scorer": "toxicity"}], output_file=tmp_path / "r.jsonl")
+    for sources in ({}, {"model": "m"}, {"completions_file": "c.jsonl", "model": "m", "prompts_file": "p.jsonl"}):
+        with pytest.raises(ValueError, match="either completions_file"):
+            SimulateConfig(gold=[{"scorer": "toxicity"}], output_file=tmp_path / "r.jsonl", **sources)
 
 
 def test_simulate_samples_k_completions_from_a_model(tiny_model, tmp_path):

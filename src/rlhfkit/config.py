@@ -332,7 +332,7 @@ class SimulateConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SimulateConfig:
-        sampled = self.model is not None or self.prompts_file is not None
-        if (self.completions_file is None) == (not sampled) or (sampled and (self.model is None or self.prompts_file is None)):
+        sampling = (self.model is not None, self.prompts_file is not None)
+        if (self.completions_file is not None) == any(sampling) or (any(sampling) and not all(sampling)):
             raise ValueError("give either completions_file, or model and prompts_file to sample k completions per prompt")
         return self

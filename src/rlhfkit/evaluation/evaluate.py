@@ -88,11 +88,11 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
     settings = SamplingSettings(**cfg.sampling.model_dump())
     stop_ids = stop_token_ids(tokenizer, lm)
     out = ModelAnswers(kl=[] if reference is not None else None, ref_nll=[] if reference is not None else None)
+    device = next(lm.parameters()).device
     torch.manual_seed(cfg.seed)  # every model draws from the same random stream
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval {name}", unit="batch"):
         query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + cfg.batch_size], cfg.max_prompt_length,
                                                cfg.system_prompt)
-        device = next(lm.parameters()).device
         rollout = sample_responses(policy, query_ids.to(device), query_mask.to(device), settings, stop_ids,
                                    tokenizer.pad_token_id)
         mask = rollout.response_mask
@@ -105,7 +105,8 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
         width = rollout.response_ids.shape[1]
         logits, _ = policy(**rollout.inputs(), response_width=width)
         logp = logprobs_from_logits(logits, rollout.response_ids, settings.temperature)
-        ref_logits, _ = reference(**rollout.inputs(), response_width=width)
+        # the reference answering for itself needs no second forward
+        ref_logits = logits if reference.lm is lm else reference(**rollout.inputs(), response_width=width)[0]
         ref_logp = logprobs_from_logits(ref_logits, rollout.response_ids, settings.temperature)
         ref_logp_t1 = logprobs_from_logits(ref_logits, rollout.response_ids, 1.0)
         out.kl += ((logp - ref_logp) * mask).sum(-1).tolist()
