@@ -27,8 +27,7 @@ from rlhfkit.evaluation.metrics import (
 )
 from rlhfkit.evaluation.simulate import Item, ranks_from_utilities, simulate_rankings
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.ppo.core import logprobs_from_logits
-from rlhfkit.ppo.rollout import encode_prompts
+from rlhfkit.rollout import Sampling, encode_prompts, sampling_logits
 from rlhfkit.reward.model import RewardModel
 
 
@@ -99,42 +98,50 @@ def sharpened_model(path, seed: int, scale: float):
 
 
 @torch.no_grad()
-def exact_kl(policy_dir: str, reference_dir: str, prompt: str, temperature: float) -> float:
-    """KL over all responses of at most two tokens, by the chain rule:
-    KL = sum_a1 p(a1) [log p(a1)/q(a1) + 1(a1 is not a stop token) KL(p(. | a1) || q(. | a1))]."""
+def exact_kl(policy_dir: str, reference_dir: str, prompt: str, sampling: Sampling) -> float:
+    """KL(pi || pi_ref) over all responses of at most two tokens, by the chain rule:
+    KL = sum_a1 p(a1) [log p(a1)/q(a1) + 1(a1 is not a stop token) KL(p(. | a1) || q(. | a1))],
+    with p the policy's sampling distribution (truncated as `sampling` says) and q the reference's full softmax."""
     tokenizer = load_tokenizer(policy_dir)
     p_model, q_model = (load_causal_lm(d, dtype="float32").eval() for d in (policy_dir, reference_dir))
     ids, _ = encode_prompts(tokenizer, [prompt], max_length=256)
     vocab = p_model.config.vocab_size
     first = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
 
-    def log_dists(model):
-        logits = model(input_ids=first).logits.float() / temperature
+    def log_dists(model, how):
+        logits = sampling_logits(model(input_ids=first).logits, how)
         return torch.log_softmax(logits[0, -2], -1), torch.log_softmax(logits[:, -1], -1)  # step 1 [V], step 2 [V, V]
 
-    p1, p2 = log_dists(p_model)
-    q1, q2 = log_dists(q_model)
-    second = (p2.exp() * (p2 - q2)).sum(-1)
+    p1, p2 = log_dists(p_model, sampling)
+    q1, q2 = log_dists(q_model, sampling.untruncated)
+    second = torch.where(p2 > float("-inf"), p2.exp() * (p2 - q2), 0.0).sum(-1)
     second[tokenizer.eos_token_id] = 0.0  # the answer ended at the first token
-    return float((p1.exp() * (p1 - q1 + second)).sum())
+    return float(torch.where(p1 > float("-inf"), p1.exp() * (p1 - q1 + second), 0.0).sum())
 
 
-def test_kl_from_samples_matches_the_exact_kl_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("truncation", [{}, {"top_k": 8, "top_p": 0.9}])
+def test_kl_from_samples_matches_the_exact_kl_on_a_tiny_model(tmp_path, truncation):
+    """Also under top-k/top-p: the sampler's log-probs are those of the truncated distribution it drew from."""
     reference = sharpened_model(tmp_path / "ref", seed=0, scale=5.0)
     policy = sharpened_model(tmp_path / "policy", seed=1, scale=5.0)
     prompt = "Who is Wren?"
-    exact = exact_kl(policy, reference, prompt, temperature=0.7)
+    settings = {"max_new_tokens": 2, "temperature": 0.7, **truncation}
+    exact = exact_kl(policy, reference, prompt, Sampling(**settings))
     assert exact > 0.5  # a KL worth estimating
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": prompt}] * 1500)
     cfg = EvalConfig(models={"ref": reference, "policy": policy}, prompts=str(tmp_path / "prompts.jsonl"),
-                     output_dir=tmp_path / "eval", sampling={"max_new_tokens": 2, "temperature": 0.7},
-                     batch_size=500, bootstrap_samples=2000)
+                     output_dir=tmp_path / "eval", sampling=settings, batch_size=500, bootstrap_samples=2000)
     result = evaluate(cfg)
     kl = result.models["policy"]["kl_to_reference"]
     half_width = (kl["high"] - kl["low"]) / 2
     assert abs(kl["value"] - exact) < 2 * half_width, (kl, exact)  # within ~4 standard errors
     assert half_width < 0.2 * exact
-    assert result.models["ref"]["kl_to_reference"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    own = result.models["ref"]["kl_to_reference"]
+    if not truncation:  # the reference against itself: the same numbers computed twice
+        assert abs(own["value"]) < 1e-5 and own["high"] - own["low"] < 1e-5
+    else:  # what truncation removes: E[-log mass kept] > 0, as the exact KL of the reference to itself says
+        self_kl = exact_kl(reference, reference, prompt, Sampling(**settings))
+        assert self_kl > 0.01 and abs(own["value"] - self_kl) < own["high"] - own["low"] + 1e-3, (own, self_kl)
 
 
 # --- rlhfkit eval end to end ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import COMPANY_TEST, COMPANY_TRAIN
 from rlhfkit.config import SFTConfig, load_config
-from rlhfkit.generation import generate_responses
+from rlhfkit.rollout import generate_responses
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
 from rlhfkit.sft import train_sft
 

@@ -10,7 +10,7 @@ from conftest import REPO
 from rlhfkit.cli import app
 from rlhfkit.config import LoraSettings
 from rlhfkit.data.jsonl import read_jsonl
-from rlhfkit.generation import generate_responses
+from rlhfkit.rollout import generate_responses
 from rlhfkit.models import DEFAULT_MODEL, apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.reward import RewardModel
 

@@ -22,9 +22,9 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo import NonFiniteError, core, train_ppo
 from rlhfkit.ppo.models import PolicyModel, build_critic, build_policy
-from rlhfkit.ppo.rollout import SamplingSettings, encode_prompts, sample_responses, stop_token_ids
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import FunctionReward
+from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
 
 PROMPTS = ["Hi", "What does Marrowby & Finch make, and where are the factories?", "Who is Wren?"]
 
@@ -47,40 +47,7 @@ def frac_e(prompt: str, response: str) -> float:
 
 def rollout_logprobs(policy, rollout, temperature):
     logits, _ = policy(**rollout.inputs(), response_width=rollout.response_ids.shape[1])
-    return core.logprobs_from_logits(logits, rollout.response_ids, temperature)
-
-
-@torch.no_grad()
-def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny_model):
-    """The forward pass PPO scores with gives the same log pi(a_t) as the generation that sampled a_t, with the
-    temperature applied, under left padding (prompts of different lengths), and padding after the stop token."""
-    tokenizer = load_tokenizer(tiny_model)
-    policy = PolicyModel(load_causal_lm(tiny_model, dtype="float32")).eval()
-    query_ids, query_mask = encode_prompts(tokenizer, PROMPTS, max_length=64)
-    assert (query_mask[:, -1] == 1).all() and (query_mask[0, 0] == 0)  # left-padded
-    settings = SamplingSettings(max_new_tokens=12, temperature=0.7)
-    torch.manual_seed(3)
-    rollout = sample_responses(policy.lm, query_ids, query_mask, settings, stop_token_ids(tokenizer, policy.lm),
-                               tokenizer.pad_token_id)
-    torch.manual_seed(3)  # the same draw again, keeping generate's own logits this time
-    out = policy.lm.generate(input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=0.7, top_k=0,
-                             max_new_tokens=12, eos_token_id=stop_token_ids(tokenizer, policy.lm),
-                             pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
-    width = rollout.response_ids.shape[1]
-    assert torch.equal(out.sequences[:, query_ids.shape[1]:][:, :width] * rollout.response_mask,
-                       rollout.response_ids * rollout.response_mask)
-    generated = torch.stack(out.logits[:width], dim=1)
-    expected = core.logprobs_from_logits(generated, rollout.response_ids, 0.7)
-    ours = rollout_logprobs(policy, rollout, 0.7)
-    mask = rollout.response_mask.bool()
-    torch.testing.assert_close(ours[mask], expected[mask], rtol=1e-4, atol=1e-4)
-    # each row alone, without padding, gives the same log-probabilities
-    for i in range(len(PROMPTS)):
-        alone = rollout.select(torch.tensor([i]))
-        keep_q, keep_r = alone.query_mask[0].bool(), alone.response_mask[0].bool()
-        alone.query_ids, alone.query_mask = alone.query_ids[:, keep_q], alone.query_mask[:, keep_q]
-        alone.response_ids, alone.response_mask = alone.response_ids[:, keep_r], alone.response_mask[:, keep_r]
-        torch.testing.assert_close(rollout_logprobs(policy, alone, 0.7)[0], ours[i][keep_r], rtol=1e-4, atol=1e-4)
+    return token_logprobs(logits, rollout.response_ids, Sampling(8, temperature))
 
 
 @torch.no_grad()
@@ -90,7 +57,7 @@ def test_the_reference_is_the_policy_with_its_adapter_disabled(tiny_model, tmp_p
     assert reference is None  # LoRA: no second copy of the weights
     tokenizer = load_tokenizer(tiny_model)
     query_ids, query_mask = encode_prompts(tokenizer, PROMPTS, max_length=64)
-    rollout = sample_responses(policy, query_ids, query_mask, SamplingSettings(8), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    rollout = sample(policy.lm, query_ids, query_mask, Sampling(8), [tokenizer.eos_token_id], tokenizer.pad_token_id)
     start = PolicyModel(load_causal_lm(tiny_model, dtype="float32"))
     for name, p in policy.named_parameters():
         if "lora_B" in name:
@@ -178,6 +145,22 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_mo
             assert h[key] == pytest.approx(tail[h["step"]][key], rel=1e-4, abs=1e-6), key
     logged = [r["step"] for _, r in read_jsonl(killed / "metrics.jsonl")]
     assert logged == [1, 2, 3, 4]  # step 3, logged by the killed run after its last checkpoint, appears once
+
+
+def test_the_samplers_log_probs_are_the_training_forwards(tiny_model, tmp_path):
+    """pi_old recorded while sampling (adapter folded into the weights) and pi_old recomputed by a forward pass
+    (adapter applied layer by layer) are the same numbers: the logged gap is float error, and a run that
+    recomputes them trains to the same adapter. Under top-k, where the log-probs are the truncated ones."""
+    settings = dict(steps=3, learning_rate=1e-2, critic="value_head",
+                    sampling={"max_new_tokens": 6, "temperature": 0.9, "top_k": 40})
+    recorded = train_ppo(ppo_config(tiny_model, tmp_path / "recorded", **settings), FunctionReward(frac_e))
+    recomputed = train_ppo(ppo_config(tiny_model, tmp_path / "recomputed", recompute_logprobs=True, **settings),
+                           FunctionReward(frac_e))
+    for h in recorded.history + recomputed.history:
+        assert 0 <= h["rollout/logprob_gap_mean"] <= h["rollout/logprob_gap_max"] < 1e-4
+    assert any(h["policy/clipfrac"] > 0 or h["policy/approx_kl"] > 1e-6 for h in recorded.history)  # it did move
+    for key, value in adapter(tmp_path / "recorded").items():
+        torch.testing.assert_close(adapter(tmp_path / "recomputed")[key], value, atol=1e-5, rtol=1e-3)
 
 
 def test_nan_rewards_skip_updates_then_stop_the_run_leaving_checkpoints_whole(tiny_model, tmp_path):

@@ -69,23 +69,27 @@ def generate(
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    top_k: Annotated[int, typer.Option(help="sample among the k most likely tokens (0: all)")] = 0,
+    num_samples: Annotated[int, typer.Option(help="answers per prompt (with --sample)")] = 1,
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
     seed: int = 0,
 ) -> None:
     """A quick look at a model's answers."""
     from transformers import set_seed
 
-    from rlhfkit.generation import generate_responses
     from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.rollout import generate_responses
 
     set_seed(seed)
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model)
     answers = generate_responses(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
-                                 temperature=temperature, top_p=top_p, system_prompt=system)
-    for p, a in zip(prompt, answers):
+                                 temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
+                                 system_prompt=system)
+    for i, p in enumerate(prompt):
         console.print(f"[bold]> {p}[/bold]")
-        console.print(a, markup=False, highlight=False)
+        for a in answers[i * num_samples:(i + 1) * num_samples]:
+            console.print(a, markup=False, highlight=False)
 
 
 @app.command()

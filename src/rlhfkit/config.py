@@ -180,7 +180,8 @@ class RewardConfig(Strict):
 
 
 class SamplingConfig(Strict):
-    """How the policy samples responses during PPO (log-probabilities use the same temperature)."""
+    """How the policy samples responses. Log-probabilities, ratios and KL are computed under exactly this
+    distribution: with top_p < 1 or top_k > 0, the truncated and renormalised one (see rlhfkit.rollout)."""
 
     max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(0.7, gt=0)
@@ -238,6 +239,9 @@ class PPOConfig(Strict):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     target_approx_kl: float | None = Field(None, gt=0)  # stop an epoch's updates once approx-KL passes this
+    # pi_old is recorded by the sampler; True recomputes it with a forward pass (the sampler's figures are then
+    # only compared with it: `rollout/logprob_gap_*`)
+    recompute_logprobs: bool = False
 
     steps: int = Field(100, gt=0)  # PPO iterations: rollout a batch, then update
     batch_size: int = Field(16, gt=0)  # rollouts per iteration, per process

@@ -26,8 +26,8 @@ from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_conversat
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
-from rlhfkit.generation import generate_responses
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from rlhfkit.rollout import generate_responses
 from rlhfkit.runs import (
     adamw,
     MetricsWriter,

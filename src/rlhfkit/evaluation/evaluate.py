@@ -5,9 +5,13 @@ reward-model score and win rate against the reference model's answers, KL to the
 answers under the reference, answer length, EOS rate and distinct-1/2.
 
 KL(pi || pi_ref) is estimated from the model's own samples as the mean over answers of
-sum_t [log pi(a_t | s_t) - log pi_ref(a_t | s_t)] (k1, unbiased for the sequence-level KL), with both models'
-distributions at the sampling temperature: the same quantity as PPO's kl/ref. Perplexity under the reference is
-exp(mean negative log-likelihood per answer token) at temperature 1, over all answers of a model.
+sum_t [log pi(a_t | s_t) - log pi_ref(a_t | s_t)] (k1, unbiased for the sequence-level KL): log pi is what the
+sampler recorded under the distribution it drew from (truncated by top_p/top_k when set), log pi_ref the
+reference's full softmax at the sampling temperature (see rlhfkit.rollout.distribution): the same quantity as
+PPO's kl/ref. Perplexity under the reference is exp(mean negative log-likelihood per answer token) at
+temperature 1, over all answers of a model.
+
+LoRA adapters are folded into the weights while sampling, so each model samples at its base model's speed.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.evaluation.metrics import distinct_n, mean_interval, percent_change_interval, win_rate_interval
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.ppo.core import logprobs_from_logits
 from rlhfkit.ppo.models import PolicyModel
-from rlhfkit.ppo.rollout import SamplingSettings, encode_prompts, sample_responses, stop_token_ids
 from rlhfkit.reward.scorers import load_scorer
+from rlhfkit.rollout import Sampling, encode_prompts, sample, stop_token_ids, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +86,9 @@ def load_eval_prompts(cfg: EvalConfig) -> list[str]:
 @torch.no_grad()
 def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
            reference: PolicyModel | None) -> ModelAnswers:
-    """Sample one answer per prompt; with a reference of the same tokenizer, score the sampled tokens under both."""
-    policy = PolicyModel(lm).eval()
-    settings = SamplingSettings(**cfg.sampling.model_dump())
+    """Sample one answer per prompt (log pi recorded by the sampler); with a reference of the same tokenizer, score
+    the sampled tokens under it too: one reference forward gives the KL term and the perplexity."""
+    sampling = Sampling(**cfg.sampling.model_dump())
     stop_ids = stop_token_ids(tokenizer, lm)
     out = ModelAnswers(kl=[] if reference is not None else None, ref_nll=[] if reference is not None else None)
     device = next(lm.parameters()).device
@@ -93,23 +96,17 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval {name}", unit="batch"):
         query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + cfg.batch_size], cfg.max_prompt_length,
                                                cfg.system_prompt)
-        rollout = sample_responses(policy, query_ids.to(device), query_mask.to(device), settings, stop_ids,
-                                   tokenizer.pad_token_id)
+        rollout = sample(lm, query_ids.to(device), query_mask.to(device), sampling, stop_ids, tokenizer.pad_token_id)
         mask = rollout.response_mask
-        out.responses += tokenizer.batch_decode(rollout.response_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
-                                                skip_special_tokens=True)
+        out.responses += tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
         out.lengths += mask.sum(-1).tolist()
         out.ended += rollout.ended.tolist()
         if reference is None:
             continue
-        width = rollout.response_ids.shape[1]
-        logits, _ = policy(**rollout.inputs(), response_width=width)
-        logp = logprobs_from_logits(logits, rollout.response_ids, settings.temperature)
-        # the reference answering for itself needs no second forward
-        ref_logits = logits if reference.lm is lm else reference(**rollout.inputs(), response_width=width)[0]
-        ref_logp = logprobs_from_logits(ref_logits, rollout.response_ids, settings.temperature)
-        ref_logp_t1 = logprobs_from_logits(ref_logits, rollout.response_ids, 1.0)
-        out.kl += ((logp - ref_logp) * mask).sum(-1).tolist()
+        ref_logits, _ = reference(**rollout.inputs(), response_width=rollout.response_ids.shape[1])
+        ref_logp = token_logprobs(ref_logits, rollout.response_ids, sampling.untruncated)
+        ref_logp_t1 = token_logprobs(ref_logits, rollout.response_ids, Sampling(sampling.max_new_tokens))
+        out.kl += ((rollout.logprobs - ref_logp) * mask).sum(-1).tolist()
         out.ref_nll += (-ref_logp_t1 * mask).sum(-1).tolist()
     return out
 

@@ -69,16 +69,15 @@ def sample_items(cfg: SimulateConfig) -> list[Item]:
     from transformers import set_seed
 
     from rlhfkit.data.records import load_prompts
-    from rlhfkit.generation import generate_responses
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.rollout import generate_responses
 
     set_seed(cfg.seed)
     prompts = load_prompts(cfg.prompts_file)[: cfg.limit]
     tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
-    repeated = [p.prompt for p in prompts for _ in range(cfg.k)]
-    answers = generate_responses(model, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
-                                 system_prompt=cfg.system_prompt)
+    answers = generate_responses(model, tokenizer, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, num_samples=cfg.k,
+                                 batch_size=cfg.batch_size, system_prompt=cfg.system_prompt)
     items = []
     for i, p in enumerate(prompts):
         distinct = list(dict.fromkeys(a for a in answers[i * cfg.k:(i + 1) * cfg.k] if a.strip()))

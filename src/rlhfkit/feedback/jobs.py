@@ -75,7 +75,7 @@ def run_generation(sessions: sessionmaker, job_id: int) -> None:
         params = GenerationParams.model_validate(job.params)
         try:
             _set(db, job, status="running", message=f"loading {params.model}")
-            from rlhfkit.generation import generate_responses
+            from rlhfkit.rollout import generate_responses
 
             model, tokenizer = load_generator(params.model)
             _set(db, job, message="sampling")

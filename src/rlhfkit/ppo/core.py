@@ -58,21 +58,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _no_redu
     return whitened * mask
 
 
-# --- log-probabilities ----------------------------------------------------------------------------------------
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) under softmax(logits / temperature), the distribution the tokens were sampled from."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """H = -sum_a pi(a) log pi(a) per position, under the same temperature."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # --- KL to the reference model --------------------------------------------------------------------------------
 
 

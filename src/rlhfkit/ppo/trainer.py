@@ -1,13 +1,18 @@
 """PPO fine-tuning of a language model against rewards, with a KL penalty against the frozen starting model.
 
-One iteration (`step`):
-  1. rollout   sample one response per prompt from the policy (KV cache, left-padded prompts);
-  2. score     decode the responses and score the text with every reward (so reward models with another
-               tokenizer work too); one forward each for the policy's own log-probs (pi_old), the reference
-               (pi_ref) and the critic (V_old);
-  3. rewards   r_t = -beta * KL_t per token, plus the score on the last real token; GAE gives A_t and returns;
-  4. update    `ppo_epochs` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss,
-               token-averaged over the minibatch (all micro-batches and processes), one optimizer step each.
+One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
+  1. rollout     the engine (rlhfkit.rollout) samples a response per prompt, recording log pi_old(a_t), the
+                 entropy and, with a value head, V_old(s_t) while it samples;
+  2. score       the decoded text is scored by every reward (so reward models with another tokenizer work too);
+                 the EOS penalty, normalisation and clipping give the score s the policy maximises;
+  3. reference   no-grad forwards: log pi_ref (the policy with its adapter off, or a frozen copy), a separate
+                 critic's V_old, and log pi_old again only when `recompute_logprobs` is set;
+  4. advantages  r_t = -beta * KL_t per token plus s on the last one; GAE gives A_t and the returns;
+  5. update      `ppo_epochs` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss,
+                 token-averaged over the minibatch (all micro-batches and processes), one optimizer step each.
+Around them: checkpoints and resume, the NaN/Inf guard, and metrics (`step` returns them). The first minibatch's
+forward also measures how far its log-probs are from those the sampler recorded (`rollout/logprob_gap_*`): the
+same numbers computed twice, 0 up to float error in float32.
 
 Built on accelerate: one process here, `accelerate launch` / torchrun for several. Each process rolls out its
 own `batch_size` prompts; statistics that normalise (advantage whitening, token counts) are global.
@@ -31,15 +36,14 @@ from rlhfkit.config import PPOConfig, dump_config
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import generate_responses
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
 from rlhfkit.ppo.models import build_critic, build_policy
-from rlhfkit.ppo.rollout import Rollout, SamplingSettings, encode_prompts, sample_responses, stop_token_ids
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
+from rlhfkit.rollout import Rollout, Sampling, encode_prompts, generate_responses, sample, stop_token_ids, token_logprobs
 from rlhfkit.runs import (
-    adamw,
     MetricsWriter,
+    adamw,
     checkpoint_tmp_path,
     commit_checkpoint,
     make_accelerator,
@@ -53,6 +57,9 @@ from rlhfkit.runs import (
 logger = logging.getLogger(__name__)
 
 
+STAT_NAMES = ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl", "outside_support", "tokens")
+
+
 class NonFiniteError(RlhfkitError):
     """Too many updates had NaN or Inf in the loss or the gradients."""
 
@@ -63,6 +70,26 @@ class PPOResult:
     steps: int
     history: list[dict] = field(default_factory=list)  # the metrics of every logged step
     previews: list[dict] = field(default_factory=list)  # {"prompt", "before", "after", "scores_before", "scores_after"}
+
+
+@dataclass
+class Scores:
+    components: dict[str, torch.Tensor]  # each reward's raw score, [B]
+    raw: torch.Tensor  # their weighted sum
+    shaped: torch.Tensor  # after the EOS penalty, normalisation and clipping: what the policy maximises
+
+
+@dataclass
+class Targets:
+    """What the update regresses on, fixed for the iteration."""
+
+    old_logprobs: torch.Tensor  # [B, R] log pi_old(a_t)
+    ref_logprobs: torch.Tensor  # [B, R] log pi_ref(a_t)
+    kl: torch.Tensor  # [B, R] KL_t estimate to the reference
+    token_rewards: torch.Tensor  # [B, R]
+    advantages: torch.Tensor  # [B, R]
+    old_values: torch.Tensor | None = None  # [B, R] V_old(s_t)
+    returns: torch.Tensor | None = None  # [B, R]
 
 
 def build_reward(cfg: PPOConfig, device) -> tuple[WeightedSum, str | None]:
@@ -98,296 +125,406 @@ def batch_prompt_indices(n: int, seed: int, step: int, batch_size: int, rank: in
 
 def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
     """Run PPO as configured. `rewards` (e.g. a `FunctionReward`) replaces `cfg.rewards` for library use."""
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
-    checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
-    set_seed(cfg.seed)
-    device = accelerator.device
+    return OnlineTrainer(cfg, rewards).train()
 
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = [r.prompt for r in load_prompts(cfg.prompts_file)]
-    preview_prompts = []
-    if cfg.preview.num_prompts:
-        source = [r.prompt for r in load_prompts(cfg.eval_prompts_file)] if cfg.eval_prompts_file else prompts
-        preview_prompts = source[:: max(1, len(source) // cfg.preview.num_prompts)][: cfg.preview.num_prompts]
-    if rewards is None:
-        reward, reward_model_path = build_reward(cfg, device)
-    else:
-        reward, reward_model_path = (rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])), None
 
-    policy, reference = build_policy(cfg)
-    critic = build_critic(cfg, tokenizer, reward_model_path) if cfg.critic == "separate" else None
-    stop_ids = stop_token_ids(tokenizer, policy.lm)
-    policy.to(device)
-    if reference is not None:
-        reference.to(device)
-    if critic is not None:
-        critic.to(device)
-    if cfg.lora.enabled:
-        accelerator.register_save_state_pre_hook(save_trainable_only)
+class OnlineTrainer:
+    """The models, optimizer and state of one run, and the phases of an iteration (see the module docstring)."""
 
-    before = _preview(policy, tokenizer, preview_prompts, reward, cfg, accelerator)
+    def __init__(self, cfg: PPOConfig, rewards: Reward | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
+        self.checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)
+        if accelerator.is_main_process:
+            dump_config(cfg, cfg.output_dir / "config.yaml")
+        set_seed(cfg.seed)
+        self.device = accelerator.device
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.prompts = [r.prompt for r in load_prompts(cfg.prompts_file)]
+        self.preview_prompts = self._preview_prompts()
+        if rewards is None:
+            self.reward, reward_model_path = build_reward(cfg, self.device)
+        else:
+            self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
+            reward_model_path = None
+        self.sampling = Sampling(**cfg.sampling.model_dump())
+        self._build_models(reward_model_path)
+        self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+                       if cfg.kl_controller == "adaptive" else core.FixedKLController(cfg.kl_coef))
+        self.moments = core.RunningMoments()
+        self.nonfinite = 0
+        self.step_count = 0
+        if self.checkpoint is not None:
+            self._resume(self.checkpoint)
 
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
-    groups = [{"params": policy_params, "lr": cfg.learning_rate}]
-    if critic_params:
-        groups.append({"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate})
-    optimizer = adamw(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if critic is not None:
-        policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
-    else:
-        policy, optimizer = accelerator.prepare(policy, optimizer)
-    trained = [m for m in (policy, critic) if m is not None]
-    all_params = policy_params + critic_params
+    # --- set-up --------------------------------------------------------------------------------------------------
 
-    num_minibatches = cfg.batch_size // cfg.mini_batch_size
-    micro = cfg.micro_batch_size or cfg.mini_batch_size
-    total_updates = cfg.steps * cfg.ppo_epochs * num_minibatches
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
-                              num_training_steps=total_updates)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
+    def _preview_prompts(self) -> list[str]:
+        cfg = self.cfg
+        if not cfg.preview.num_prompts:
+            return []
+        source = [r.prompt for r in load_prompts(cfg.eval_prompts_file)] if cfg.eval_prompts_file else self.prompts
+        return source[:: max(1, len(source) // cfg.preview.num_prompts)][: cfg.preview.num_prompts]
 
-    kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
-              else core.FixedKLController(cfg.kl_coef))
-    moments = core.RunningMoments()
-    nonfinite = 0
-    step = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint), strict=False)
+    def _build_models(self, reward_model_path: str | None) -> None:
+        """Policy (and value head), reference, critic, optimizer and scheduler, prepared by accelerate."""
+        cfg, accelerator = self.cfg, self.accelerator
+        policy, self.ref_model = build_policy(cfg)
+        critic = build_critic(cfg, self.tokenizer, reward_model_path) if cfg.critic == "separate" else None
+        self.stop_ids = stop_token_ids(self.tokenizer, policy.lm)
+        policy.to(self.device)
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        if critic is not None:
+            critic.to(self.device)
+        if cfg.lora.enabled:
+            accelerator.register_save_state_pre_hook(save_trainable_only)
+        policy_params = [p for p in policy.parameters() if p.requires_grad]
+        critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
+        groups = [{"params": policy_params, "lr": cfg.learning_rate}]
+        if critic_params:
+            groups.append({"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate})
+        optimizer = adamw(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if critic is not None:
+            self.policy, self.critic, self.optimizer = accelerator.prepare(policy, critic, optimizer)
+        else:
+            (self.policy, self.optimizer), self.critic = accelerator.prepare(policy, optimizer), None
+        self.trained = [m for m in (self.policy, self.critic) if m is not None]
+        self.params = policy_params + critic_params
+        total_updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=int(cfg.warmup_ratio * total_updates),
+                                       num_training_steps=total_updates)
+        accelerator.register_for_checkpointing(self.scheduler)  # stepped by us, once per optimizer step
+
+    def _resume(self, checkpoint: Path) -> None:
+        self.accelerator.load_state(str(checkpoint), strict=False)
         state = read_checkpoint_state(checkpoint)
-        step, nonfinite = state["step"], state["nonfinite_updates"]
-        kl_ctl.load_state_dict(state["kl_controller"])
-        moments.load_state_dict(state["reward_moments"])
-        logger.info("resumed from %s at step %d", checkpoint, step)
+        self.step_count, self.nonfinite = state["step"], state["nonfinite_updates"]
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.moments.load_state_dict(state["reward_moments"])
+        logger.info("resumed from %s at step %d", checkpoint, self.step_count)
 
-    accelerator.init_trackers("tensorboard")
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                            resumed_at=step if checkpoint is not None else None)
-    result = PPOResult(output_dir=cfg.output_dir, steps=step)
-    reduce = lambda x: accelerator.reduce(x, "sum")  # noqa: E731
-    gather = lambda x: accelerator.gather(x.contiguous())  # noqa: E731
-    sampling = SamplingSettings(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k)
-    temperature = cfg.sampling.temperature
-
-    def save_checkpoint(at: int) -> None:
-        tmp = checkpoint_tmp_path(cfg.output_dir, at)
+    def save_checkpoint(self) -> None:
+        accelerator, at = self.accelerator, self.step_count
+        tmp = checkpoint_tmp_path(self.cfg.output_dir, at)
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": at, "nonfinite_updates": nonfinite, "kl_controller": kl_ctl.state_dict(),
-                     "reward_moments": moments.state_dict()}
-            commit_checkpoint(cfg.output_dir, at, state, cfg.save_total_limit)
+            state = {"step": at, "nonfinite_updates": self.nonfinite, "kl_controller": self.kl_ctl.state_dict(),
+                     "reward_moments": self.moments.state_dict()}
+            commit_checkpoint(self.cfg.output_dir, at, state, self.cfg.save_total_limit)
         accelerator.wait_for_everyone()
 
-    def forward_rollout(batch: Rollout, train: bool):
-        """(log pi(a_t), V(s_t), logits) for the batch's response tokens, through the prepared (DDP) modules."""
-        inputs = batch.inputs()
-        width = batch.response_ids.shape[1]
-        model = policy if train else accelerator.unwrap_model(policy)
-        logits, values = model(**inputs, response_width=width)
-        if critic is not None:
-            values = (critic if train else accelerator.unwrap_model(critic))(**inputs, response_width=width)
-        return core.logprobs_from_logits(logits, batch.response_ids, temperature), values, logits
+    # --- helpers shared by the phases ---------------------------------------------------------------------------
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x, "sum")
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(x.contiguous())
+
+    def forward(self, batch: Rollout, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log pi(a_t), V(s_t)) at the batch's response tokens, through the prepared (DDP) modules when training."""
+        inputs, width = batch.inputs(), batch.response_ids.shape[1]
+        unwrap = self.accelerator.unwrap_model
+        logits, values = (self.policy if train else unwrap(self.policy))(**inputs, response_width=width)
+        if self.critic is not None:
+            values = (self.critic if train else unwrap(self.critic))(**inputs, response_width=width)
+        # padding after the stop token may lie outside a truncated distribution's support (-inf): zero, as masked
+        logprobs = token_logprobs(logits, batch.response_ids, self.sampling).masked_fill(batch.response_mask == 0, 0.0)
+        return logprobs, values
 
     @torch.no_grad()
-    def reference_logprobs(batch: Rollout) -> torch.Tensor:
+    def critic_values(self, batch: Rollout) -> torch.Tensor:
+        critic = self.accelerator.unwrap_model(self.critic)
+        return critic(**batch.inputs(), response_width=batch.response_ids.shape[1])
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
         inputs, width = batch.inputs(), batch.response_ids.shape[1]
-        if reference is not None:
-            logits = reference(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+        if self.ref_model is not None:
+            logits = self.ref_model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
         else:
-            unwrapped = accelerator.unwrap_model(policy)
-            with unwrapped.as_reference():
-                logits, _ = unwrapped(**inputs, response_width=width)
-        return core.logprobs_from_logits(logits, batch.response_ids, temperature)
+            policy = self.accelerator.unwrap_model(self.policy)
+            with policy.as_reference():
+                logits, _ = policy(**inputs, response_width=width)
+        return token_logprobs(logits, batch.response_ids, self.sampling.untruncated)
 
-    progress = tqdm(total=cfg.steps, initial=step, desc="ppo", disable=not accelerator.is_local_main_process)
-    for model in trained:
-        model.train()
-    while step < cfg.steps:
-        t_start = time.perf_counter()
-        # 1. rollout
-        indices = batch_prompt_indices(len(prompts), cfg.seed, step, cfg.batch_size, accelerator.process_index,
-                                       accelerator.num_processes)
-        batch_prompts = [prompts[i] for i in indices]
-        query_ids, query_mask = encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length, cfg.system_prompt)
-        with accelerator.autocast():
-            rollout = sample_responses(accelerator.unwrap_model(policy), query_ids.to(device), query_mask.to(device),
-                                       sampling, stop_ids, tokenizer.pad_token_id)
-        t_generated = time.perf_counter()
+    def micro_batches(self, rows: torch.Tensor):
+        size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
+        for start in range(0, len(rows), size):
+            yield start + size >= len(rows), rows[start:start + size]
 
-        # 2. score
-        responses = [t.strip() for t in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
-        components = {name: s.to(device).float() for name, s in reward.components(batch_prompts, responses).items()}
-        raw_score = sum(w * components[r.name] for w, r in reward.terms)
-        score = raw_score.clone()
+    # --- the phases ---------------------------------------------------------------------------------------------
+
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """1. Sample responses with the policy (adapters folded), recording log pi_old, entropy and V_old."""
+        query_ids, query_mask = encode_prompts(self.tokenizer, prompts, self.cfg.max_prompt_length,
+                                               self.cfg.system_prompt)
+        policy = self.accelerator.unwrap_model(self.policy)
+        with self.accelerator.autocast():
+            return sample(policy.lm, query_ids.to(self.device), query_mask.to(self.device), self.sampling,
+                          self.stop_ids, self.tokenizer.pad_token_id, value_head=policy.value_head)
+
+    def score(self, prompts: list[str], rollout: Rollout) -> Scores:
+        """2. Every reward on the decoded text; their weighted sum, then the EOS penalty, normalisation, clipping."""
+        cfg = self.cfg
+        responses = [t.strip() for t in self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
+        components = {name: s.to(self.device).float() for name, s in self.reward.components(prompts, responses).items()}
+        raw = sum(w * components[r.name] for w, r in self.reward.terms)
+        shaped = raw.clone()
         if cfg.missing_eos_penalty is not None:
-            score = score - cfg.missing_eos_penalty * (~rollout.ended).float()
+            shaped = shaped - cfg.missing_eos_penalty * (~rollout.ended).float()
         if cfg.normalize_reward:
-            moments.update(gather(score))
-            score = (score - moments.mean) / moments.std
+            self.moments.update(self.gather(shaped))
+            shaped = (shaped - self.moments.mean) / self.moments.std
         if cfg.reward_clip is not None:
-            score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
-        mask = rollout.response_mask.float()
-        with torch.no_grad(), accelerator.autocast():
-            old_logprobs, old_values, chunks_entropy = [], [], []
-            ref_logprobs = []
-            for start in range(0, len(rollout), micro):
-                part = rollout.select(torch.arange(start, min(start + micro, len(rollout)), device=device))
-                logprobs, values, logits = forward_rollout(part, train=False)
-                old_logprobs.append(logprobs)
-                old_values.append(values)
-                chunks_entropy.append(core.entropy_from_logits(logits, temperature))
-                ref_logprobs.append(reference_logprobs(part))
-            old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values).float()
-            entropy, ref_logprobs = torch.cat(chunks_entropy), torch.cat(ref_logprobs)
+            shaped = shaped.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return Scores(components, raw, shaped)
 
-        # 3. rewards and advantages
+    @torch.no_grad()
+    def reference(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """3. (log pi_ref, log pi_old, V_old): the reference forward; the critic's and pi_old's where the sampler
+        could not record them (a separate critic; `recompute_logprobs`)."""
+        ref, old, values = [], [], []
+        with self.accelerator.autocast():
+            for _, rows in self.micro_batches(torch.arange(len(rollout), device=self.device)):
+                part = rollout.select(rows)
+                ref.append(self.reference_logprobs(part))
+                if self.cfg.recompute_logprobs:
+                    logprobs, part_values = self.forward(part, train=False)
+                    old.append(logprobs)
+                    values.append(part_values)
+                elif self.critic is not None:
+                    values.append(self.critic_values(part))
+        old_logprobs = torch.cat(old) * rollout.response_mask if old else rollout.logprobs
+        old_values = torch.cat(values).float() if self.critic is not None else rollout.values
+        return torch.cat(ref), old_logprobs, old_values
+
+    def advantages(self, rollout: Rollout, scores: Scores) -> Targets:
+        """4. r_t = -beta * KL_t (+ s on the last token), GAE over the values, whitened advantages."""
+        cfg, mask = self.cfg, rollout.response_mask.float()
+        ref_logprobs, old_logprobs, old_values = self.reference(rollout)
         kl = core.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
-        token_rewards = core.per_token_rewards(score, kl, mask, kl_ctl.value)
+        token_rewards = core.per_token_rewards(scores.shaped, kl, mask, self.kl_ctl.value)
         advantages, returns = core.gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask, reduce)
-        t_scored = time.perf_counter()
+            advantages = core.masked_whiten(advantages, mask, self.reduce)
+        return Targets(old_logprobs, ref_logprobs, kl, token_rewards, advantages, old_values, returns)
 
-        # 4. update
-        stats = {k: torch.zeros((), device=device) for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl", "tokens")}
+    def update(self, rollout: Rollout, targets: Targets) -> dict[str, float]:
+        """5. `ppo_epochs` passes over shuffled minibatches, one optimizer step each; returns the update's stats."""
+        cfg = self.cfg
+        stats = {k: torch.zeros((), device=self.device) for k in STAT_NAMES}
+        gaps: list[tuple[torch.Tensor, torch.Tensor]] = []
         stopped_early = False
-        order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rollout), generator=order_gen).to(device)
-            for m in range(num_minibatches):
-                mb = order[m * cfg.mini_batch_size:(m + 1) * cfg.mini_batch_size]
-                n_tokens = reduce(mask[mb].sum())  # the minibatch's tokens over all processes: the loss normaliser
-                mb_stats = {k: torch.zeros((), device=device) for k in stats}
-                for start in range(0, len(mb), micro):
-                    idx = mb[start:start + micro]
-                    part, part_mask = rollout.select(idx), mask[idx]
-                    last = start + micro >= len(mb)
-                    with ExitStack() as stack:
-                        if not last:
-                            for model in trained:
-                                stack.enter_context(accelerator.no_sync(model))
-                        with accelerator.autocast():
-                            logprobs, values, _ = forward_rollout(part, train=True)
-                        pg = core.clipped_policy_loss(logprobs, old_logprobs[idx], advantages[idx], part_mask, cfg.clip_range)
-                        vf_sum, vf_clipped = core.clipped_value_loss(values, old_values[idx], returns[idx], part_mask,
-                                                                     cfg.clip_range_value)
-                        # DDP averages gradients over processes; the factor makes it a mean over all tokens.
-                        loss = (pg.loss_sum + cfg.vf_coef * vf_sum) * accelerator.num_processes / n_tokens
-                        accelerator.backward(loss)
-                    with torch.no_grad():
-                        mb_stats["pg"] += pg.loss_sum.detach()
-                        mb_stats["vf"] += vf_sum.detach()
-                        mb_stats["clipfrac"] += core.masked_sum(pg.clipped, part_mask)
-                        mb_stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
-                        mb_stats["approx_kl"] += core.masked_sum(core.approx_kl(pg.log_ratio.detach()), part_mask)
-                        mb_stats["tokens"] += part_mask.sum()
-                mb_stats = {k: reduce(v) for k, v in mb_stats.items()}
-                grad_norm = accelerator.clip_grad_norm_(all_params, cfg.max_grad_norm)
-                finite = torch.isfinite(mb_stats["pg"] + mb_stats["vf"]) and torch.isfinite(torch.as_tensor(grad_norm))
-                if finite:
-                    optimizer.step()
-                    for k in stats:
-                        stats[k] += mb_stats[k]
-                else:
-                    nonfinite += 1
-                    warnings.warn(f"step {step}: NaN or Inf in the loss or gradients; this update is skipped "
-                                  f"({nonfinite} so far, {cfg.max_nonfinite_updates} tolerated)", stacklevel=1)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if nonfinite > cfg.max_nonfinite_updates:
-                    progress.close()
-                    metrics.close()
-                    raise NonFiniteError(
-                        f"PPO stopped at step {step}: {nonfinite} updates had NaN or Inf in the loss or gradients. "
-                        "Saved checkpoints are untouched. Common causes: a reward that returns NaN/Inf, too high a "
-                        "learning_rate, or fp16 overflow (try mixed_precision=bf16 or no)."
-                    )
-                if (cfg.target_approx_kl is not None and finite
-                        and (mb_stats["approx_kl"] / mb_stats["tokens"].clamp(min=1)).item() > cfg.target_approx_kl):
+        order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step_count)
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(rollout), generator=order_gen).to(self.device)
+            for m in range(cfg.batch_size // cfg.mini_batch_size):
+                rows = order[m * cfg.mini_batch_size:(m + 1) * cfg.mini_batch_size]
+                mb_stats = self.minibatch_step(rollout, targets, rows, gaps if epoch == m == 0 else None)
+                if mb_stats is None:
+                    continue
+                for k in stats:
+                    stats[k] += mb_stats[k]
+                if cfg.target_approx_kl is not None and (
+                        mb_stats["approx_kl"] / mb_stats["tokens"].clamp(min=1)).item() > cfg.target_approx_kl:
                     stopped_early = True
                     break
             if stopped_early:
                 break
+        tokens = max(stats["tokens"].item(), 1)
+        return {
+            "policy/clipfrac": stats["clipfrac"].item() / tokens,
+            "policy/approx_kl": stats["approx_kl"].item() / tokens,
+            "loss/policy": stats["pg"].item() / tokens,
+            "loss/value": stats["vf"].item() / tokens,
+            "value/clipfrac": stats["vf_clipfrac"].item() / tokens,
+            "policy/outside_support": stats["outside_support"].item() / tokens,
+            "train/early_stopped": float(stopped_early),
+            **self._gap_metrics(gaps),
+        }
+
+    def minibatch_step(self, rollout: Rollout, targets: Targets, rows: torch.Tensor,
+                       gaps: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor] | None:
+        """Loss over the minibatch `rows` (micro-batched), one optimizer step; None when the step was skipped for
+        NaN/Inf. With `gaps`, each micro-batch's |log pi (this forward) - log pi (sampler)| per token is appended."""
+        cfg, accelerator, mask = self.cfg, self.accelerator, rollout.response_mask.float()
+        n_tokens = self.reduce(mask[rows].sum())  # the minibatch's tokens over all processes: the loss normaliser
+        stats = {k: torch.zeros((), device=self.device) for k in STAT_NAMES}
+        for last, idx in self.micro_batches(rows):
+            part, part_mask = rollout.select(idx), mask[idx]
+            with ExitStack() as stack:
+                if not last:
+                    for model in self.trained:
+                        stack.enter_context(accelerator.no_sync(model))
+                with accelerator.autocast():
+                    logprobs, values = self.forward(part, train=True)
+                pg = core.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx], part_mask,
+                                              cfg.clip_range)
+                vf_sum, vf_clipped = core.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
+                                                             part_mask, cfg.clip_range_value)
+                # DDP averages gradients over processes; the factor makes it a mean over all tokens.
+                loss = (pg.loss_sum + cfg.vf_coef * vf_sum) * accelerator.num_processes / n_tokens
+                accelerator.backward(loss)
+            with torch.no_grad():
+                if gaps is not None:
+                    gaps.append(((logprobs.detach() - rollout.logprobs[idx]).abs() * part_mask, part_mask))
+                stats["pg"] += pg.loss_sum.detach()
+                stats["vf"] += vf_sum.detach()
+                stats["clipfrac"] += core.masked_sum(pg.clipped, part_mask)
+                stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
+                # a sampled token the updated policy no longer keeps (top-k/top-p) has ratio 0: counted apart
+                outside = torch.isneginf(pg.log_ratio.detach()) & (part_mask > 0)
+                stats["approx_kl"] += core.masked_sum(core.approx_kl(pg.log_ratio.detach().masked_fill(outside, 0.0)),
+                                                      part_mask)
+                stats["outside_support"] += outside.sum()
+                stats["tokens"] += part_mask.sum()
+        stats = {k: self.reduce(v) for k, v in stats.items()}
+        return stats if self._optimizer_step(stats) else None
+
+    def _gap_metrics(self, gaps: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Largest and mean |log pi_train - log pi_sampler| over the first minibatch's tokens, over processes."""
+        diffs = torch.cat([d.flatten() for d, _ in gaps])
+        largest = self.gather(diffs.max().reshape(1)).max()
+        totals = self.reduce(torch.stack([diffs.sum(), sum(m.sum() for _, m in gaps)]))
+        return {"rollout/logprob_gap_max": largest.item(),
+                "rollout/logprob_gap_mean": (totals[0] / totals[1].clamp(min=1)).item()}
+
+    def _optimizer_step(self, stats: dict[str, torch.Tensor]) -> bool:
+        """Clip, step (unless the loss or the gradients are not finite), zero, schedule; the NaN guard."""
+        cfg = self.cfg
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        finite = bool(torch.isfinite(stats["pg"] + stats["vf"])) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.nonfinite += 1
+            warnings.warn(f"step {self.step_count}: NaN or Inf in the loss or gradients; this update is skipped "
+                          f"({self.nonfinite} so far, {cfg.max_nonfinite_updates} tolerated)", stacklevel=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.nonfinite > cfg.max_nonfinite_updates:
+            raise NonFiniteError(
+                f"PPO stopped at step {self.step_count}: {self.nonfinite} updates had NaN or Inf in the loss or "
+                "gradients. Saved checkpoints are untouched. Common causes: a reward that returns NaN/Inf, too high "
+                "a learning_rate, or fp16 overflow (try mixed_precision=bf16 or no)."
+            )
+        return finite
+
+    # --- one iteration, and the run ------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One iteration: the five phases, then the KL controller; returns the step's metrics."""
+        cfg, accelerator = self.cfg, self.accelerator
+        t_start = time.perf_counter()
+        indices = batch_prompt_indices(len(self.prompts), cfg.seed, self.step_count, cfg.batch_size,
+                                       accelerator.process_index, accelerator.num_processes)
+        prompts = [self.prompts[i] for i in indices]
+        rollout = self.rollout(prompts)
+        t_generated = time.perf_counter()
+        scores = self.score(prompts, rollout)
+        targets = self.advantages(rollout, scores)
+        t_scored = time.perf_counter()
+        update = self.update(rollout, targets)
         t_trained = time.perf_counter()
-        step += 1
-        progress.update(1)
+        self.step_count += 1
+        kl_coef = self.kl_ctl.value
+        seq_kl = self.gather(targets.kl.sum(-1))
+        self.kl_ctl.update(seq_kl.mean().item(), n_steps=len(seq_kl))
+        times = {"generation": t_generated - t_start, "scoring": t_scored - t_generated,
+                 "training": t_trained - t_scored, "step": t_trained - t_start}
+        return self.metrics(rollout, scores, targets, update, seq_kl, kl_coef, times)
 
-        # metrics (global over processes)
-        with torch.no_grad():
-            seq_kl = gather(kl.sum(-1))
-            kl_ctl_value = kl_ctl.value
-            kl_ctl.update(seq_kl.mean().item(), n_steps=len(seq_kl))
-            lengths = gather(rollout.response_mask.sum(-1).float())
-            all_scores = gather(raw_score)
-            tokens = max(stats["tokens"].item(), 1)
-            logged = {
-                "reward/score": all_scores.mean().item(),
-                "reward/score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
-                "reward/normalized": gather(score).mean().item(),
-                **{f"reward/{name}": gather(v).mean().item() for name, v in components.items()},
-                "reward/with_kl": gather(token_rewards.sum(-1)).mean().item(),
-                "kl/ref": seq_kl.mean().item(),
-                "kl/coef": kl_ctl_value,
-                "policy/entropy": core.masked_mean(entropy, mask, reduce).item(),
-                "policy/clipfrac": stats["clipfrac"].item() / tokens,
-                "policy/approx_kl": stats["approx_kl"].item() / tokens,
-                "loss/policy": stats["pg"].item() / tokens,
-                "loss/value": stats["vf"].item() / tokens,
-                "value/clipfrac": stats["vf_clipfrac"].item() / tokens,
-                "value/explained_variance": core.explained_variance(old_values, returns, mask, reduce),
-                "value/mean": core.masked_mean(old_values, mask, reduce).item(),
-                "response/length": lengths.mean().item(),
-                "response/eos_rate": gather(rollout.ended.float()).mean().item(),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/early_stopped": float(stopped_early),
-                "time/generation": t_generated - t_start,
-                "time/scoring": t_scored - t_generated,
-                "time/training": t_trained - t_scored,
-                "time/step": t_trained - t_start,
-                "throughput/tokens_per_s": lengths.sum().item() / (t_trained - t_start),
-                "throughput/episodes_per_s": len(lengths) / (t_trained - t_start),
-            }
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.write(step, logged)
-            accelerator.log(logged, step=step)
-            result.history.append({"step": step, **logged})
-            progress.set_postfix(reward=f"{logged['reward/score']:.3f}", kl=f"{logged['kl/ref']:.3f}",
-                                 len=f"{logged['response/length']:.0f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(step)
-    progress.close()
-    result.steps = step
+    @torch.no_grad()
+    def metrics(self, rollout: Rollout, scores: Scores, targets: Targets, update: dict[str, float],
+                seq_kl: torch.Tensor, kl_coef: float, times: dict[str, float]) -> dict[str, float]:
+        """The step's metrics, global over processes."""
+        gather, mask = self.gather, rollout.response_mask.float()
+        lengths = gather(rollout.response_mask.sum(-1).float())
+        all_scores = gather(scores.raw)
+        values = targets.old_values
+        return {
+            "reward/score": all_scores.mean().item(),
+            "reward/score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
+            "reward/normalized": gather(scores.shaped).mean().item(),
+            **{f"reward/{name}": gather(v).mean().item() for name, v in scores.components.items()},
+            "reward/with_kl": gather(targets.token_rewards.sum(-1)).mean().item(),
+            "kl/ref": seq_kl.mean().item(),
+            "kl/coef": kl_coef,
+            "policy/entropy": core.masked_mean(rollout.entropy, mask, self.reduce).item(),
+            **{k: v for k, v in update.items() if not k.startswith("_")},
+            "value/explained_variance": core.explained_variance(values, targets.returns, mask, self.reduce),
+            "value/mean": core.masked_mean(values, mask, self.reduce).item(),
+            "response/length": lengths.mean().item(),
+            "response/eos_rate": gather(rollout.ended.float()).mean().item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            **{f"time/{k}": v for k, v in times.items()},
+            "throughput/tokens_per_s": lengths.sum().item() / times["step"],
+            "throughput/episodes_per_s": len(lengths) / times["step"],
+        }
 
-    save_checkpoint(step)
-    policy_model = accelerator.unwrap_model(policy)
-    save_final_model(policy_model.lm, tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
-                     merge=cfg.merge_adapter)
-    after = _preview(policy_model, tokenizer, preview_prompts, reward, cfg, accelerator)
-    if accelerator.is_main_process and preview_prompts:
+    def train(self) -> PPOResult:
+        cfg, accelerator = self.cfg, self.accelerator
+        accelerator.init_trackers("tensorboard")
+        metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                resumed_at=self.step_count if self.checkpoint is not None else None)
+        result = PPOResult(output_dir=cfg.output_dir, steps=self.step_count)
+        before = self.preview()
+        progress = tqdm(total=cfg.steps, initial=self.step_count, desc="ppo",
+                        disable=not accelerator.is_local_main_process)
+        for model in self.trained:
+            model.train()
+        try:
+            while self.step_count < cfg.steps:
+                logged = self.step()
+                progress.update(1)
+                step = self.step_count
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    metrics.write(step, logged)
+                    accelerator.log(logged, step=step)
+                    result.history.append({"step": step, **logged})
+                    progress.set_postfix(reward=f"{logged['reward/score']:.3f}", kl=f"{logged['kl/ref']:.3f}",
+                                         len=f"{logged['response/length']:.0f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            metrics.close()
+        result.steps = self.step_count
+        self.save_checkpoint()
+        policy = accelerator.unwrap_model(self.policy)
+        save_final_model(policy.lm, self.tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
+                         merge=cfg.merge_adapter)
+        self._write_previews(result, before, self.preview())
+        accelerator.end_training()
+        return result
+
+    # --- previews -----------------------------------------------------------------------------------------------
+
+    def preview(self) -> list[dict]:
+        """Greedy answers to the preview prompts and their reward scores (main process; the others wait)."""
+        out: list[dict] = []
+        if self.preview_prompts and self.accelerator.is_main_process:
+            lm = self.accelerator.unwrap_model(self.policy).lm
+            answers = generate_responses(lm, self.tokenizer, self.preview_prompts,
+                                         max_new_tokens=self.cfg.preview.max_new_tokens,
+                                         system_prompt=self.cfg.system_prompt)
+            parts = self.reward.components(self.preview_prompts, answers)
+            out = [{"response": a, "scores": {name: round(float(v[i]), 4) for name, v in parts.items()}}
+                   for i, a in enumerate(answers)]
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def _write_previews(self, result: PPOResult, before: list[dict], after: list[dict]) -> None:
+        if not (self.accelerator.is_main_process and self.preview_prompts):
+            return
         records = []
-        for prompt, b, a in zip(preview_prompts, before, after):
+        for prompt, b, a in zip(self.preview_prompts, before, after):
             result.previews.append({"prompt": prompt, "before": b["response"], "after": a["response"],
                                     "scores_before": b["scores"], "scores_after": a["scores"]})
             records += [{"prompt": prompt, "model": which, **entry} for which, entry in (("before", b), ("after", a))]
-        write_jsonl(cfg.output_dir / "samples.jsonl", records)
-    metrics.close()
-    accelerator.end_training()
-    return result
-
-
-def _preview(policy, tokenizer, prompts: list[str], reward: WeightedSum, cfg: PPOConfig, accelerator) -> list[dict]:
-    """Greedy answers to the preview prompts and their reward scores (main process; the others wait)."""
-    out: list[dict] = []
-    if prompts and accelerator.is_main_process:
-        model = accelerator.unwrap_model(policy).lm
-        answers = generate_responses(model, tokenizer, prompts, max_new_tokens=cfg.preview.max_new_tokens,
-                                     system_prompt=cfg.system_prompt)
-        parts = reward.components(prompts, answers)
-        out = [{"response": a, "scores": {name: round(float(v[i]), 4) for name, v in parts.items()}}
-               for i, a in enumerate(answers)]
-    accelerator.wait_for_everyone()
-    return out
+        write_jsonl(self.cfg.output_dir / "samples.jsonl", records)

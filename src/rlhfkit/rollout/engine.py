@@ -1,0 +1,173 @@
+"""THE sampler: prompts in, K samples per prompt out, with the log-prob of every sampled token (and the policy's
+value there, when it has a value head) recorded under the very distribution it was drawn from.
+
+Every stage that samples calls `sample` (token level) or `generate_responses` (text level): PPO rollouts,
+evaluation, previews, `rlhfkit simulate`, `rlhfkit generate` and the feedback app's sampling jobs.
+
+Why not `model.generate`: it fills every setting not passed explicitly from the model's own generation_config
+(repetition_penalty, sequence_bias, min_new_tokens, forced_eos_token_id ...), so a model's config could change
+the distribution sampled behind the trainer's back; it runs its logits processors every step whether they do
+anything or not; and it keeps no log-probs, so PPO paid a second forward pass to recompute them. Here the loop is
+ours and short:
+
+  prefill   one forward over the distinct prompts into a preallocated (static) KV cache, then the cache rows
+            are repeated K times (num_samples), so a prompt is encoded once however many answers it gets;
+  decode    per step: the distribution of `distribution.py` from the last logits, draw a_t, record log pi(a_t),
+            H(pi) and V(s_t), one forward of the new tokens; stop when every row has hit a stop token.
+
+LoRA adapters are folded into the weights for the duration (W' = W + (alpha / r) B A, adapter path off), so a
+decode step costs what the base model's does; the original weight tensors are restored untouched on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, StaticCache
+
+from rlhfkit.rollout.batch import Rollout, encode_prompts, stop_token_ids, truncate_after_stop
+from rlhfkit.rollout.distribution import Sampling, entropy, sampling_logits
+
+logger = logging.getLogger(__name__)
+
+
+def _lora_layers(lm: nn.Module) -> list[nn.Module]:
+    """The LoRA layers of a peft model whose adapters can be folded exactly (plain Linear, float weights)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is a dependency; without it there is nothing to fold
+        return []
+    layers = [m for m in lm.modules() if isinstance(m, LoraLayer)]
+    foldable = all(
+        isinstance(m.get_base_layer(), nn.Linear) and m.get_base_layer().weight.dtype.is_floating_point
+        and not any(m.use_dora.get(name, False) for name in m.active_adapters) and not m.merged
+        for m in layers
+    )
+    return layers if foldable else []
+
+
+@contextmanager
+def folded_lora(lm: nn.Module):
+    """`lm` with its active LoRA adapters folded into the base weights and the adapter path switched off.
+
+    The base weight tensors are never written: each layer's `weight.data` points at a new tensor W + delta W for
+    the duration and back at the original afterwards, so the weights are bit-identical after. Models without
+    LoRA, and adapters that cannot be folded exactly (4-bit weights, DoRA), run as they are.
+    """
+    layers = _lora_layers(lm)
+    if not layers or not hasattr(lm, "disable_adapter"):
+        yield lm
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
+                saved.append((weight, weight.data))
+                weight.data = weight.data + delta.to(weight.dtype)
+        with lm.disable_adapter():
+            yield lm
+    finally:
+        for weight, data in saved:
+            weight.data = data
+
+
+def _forward(model, ids, mask, positions, cache, want_hidden: bool, cache_position=None):
+    """Last-position logits [B, V] (and last hidden state [B, H]) of one forward that appends to `cache`."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1, output_hidden_states=want_hidden, cache_position=cache_position)
+    return out.logits[:, -1], (out.hidden_states[-1][:, -1] if want_hidden else None)
+
+
+@torch.no_grad()
+def sample(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: Sampling,
+           stop_ids: Sequence[int], pad_id: int, value_head: nn.Module | None = None) -> Rollout:
+    """K = `sampling.num_samples` responses per left-padded prompt (rows prompt-major: the K answers of prompt i
+    are rows i*K .. i*K+K-1), with log pi(a_t), entropy and (with `value_head`) V(s_t) recorded while sampling.
+
+    `value_head` reads the LM's last hidden state, as `PolicyModel` does in its training forward.
+    """
+    device = query_ids.device
+    prompts, width = query_ids.shape
+    k, steps = sampling.num_samples, sampling.max_new_tokens
+    group = torch.arange(prompts, device=device).repeat_interleave(k)
+    positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
+    stop = torch.tensor(list(stop_ids), device=device)
+    batch = prompts * k
+    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, steps), device=device)
+    entropies = torch.zeros((batch, steps), device=device)
+    values = torch.zeros((batch, steps), device=device) if value_head is not None else None
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    mask = torch.cat([query_mask[group], torch.zeros((batch, steps), dtype=query_mask.dtype, device=device)], dim=1)
+    next_position = positions[group, -1]
+
+    with folded_lora(lm) as model:
+        cache = StaticCache(config=model.config, max_cache_len=width + steps)
+        logits, hidden = _forward(model, query_ids, query_mask, positions, cache, value_head is not None)
+        if k > 1:  # the prompt was encoded once; its K samples share the cache rows
+            cache.reorder_cache(group)
+            logits, hidden = logits[group], None if hidden is None else hidden[group]
+        for t in range(steps):
+            z = sampling_logits(logits, sampling)
+            if sampling.greedy:
+                a = z.argmax(-1)
+            else:
+                a = torch.multinomial(z.softmax(-1), 1).squeeze(-1)
+                logprobs[:, t] = z.gather(-1, a[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+                entropies[:, t] = entropy(z)
+            if value_head is not None:
+                values[:, t] = value_head(hidden).squeeze(-1).float()
+            tokens[:, t] = a.masked_fill(done, pad_id)
+            done |= torch.isin(a, stop)
+            if bool(done.all()) or t == steps - 1:
+                break
+            mask[:, width + t] = 1
+            next_position = next_position + 1
+            logits, hidden = _forward(model, tokens[:, t:t + 1], mask[:, :width + t + 1], next_position[:, None],
+                                      cache, value_head is not None,
+                                      cache_position=torch.tensor([width + t], device=device))
+
+    response, response_mask, ended = truncate_after_stop(tokens, stop_ids, pad_id)
+    used = max(int(response_mask.sum(-1).max()), 1)  # drop columns that are padding in every row
+    keep = response_mask[:, :used].to(logprobs.dtype)
+
+    def trim(x):
+        return None if x is None else (x[:, :used] * keep).contiguous()
+
+    return Rollout(query_ids[group], query_mask[group], response[:, :used].contiguous(),
+                   response_mask[:, :used].contiguous(), ended, group,
+                   logprobs=None if sampling.greedy else trim(logprobs),
+                   entropy=None if sampling.greedy else trim(entropies), values=trim(values))
+
+
+def generate_responses(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 128,
+                       do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       num_samples: int = 1, batch_size: int = 8, system_prompt: str | None = None,
+                       max_prompt_length: int | None = None) -> list[str]:
+    """Text in, text out: each prompt's answer (greedy unless `do_sample`), chat-formatted, through `sample`.
+
+    With `num_samples` K the list holds K answers per prompt, prompt-major. `batch_size` counts sequences.
+    """
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, num_samples, greedy=not do_sample)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(tokenizer, model)
+    per_batch = max(1, batch_size // num_samples)
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), per_batch):
+            query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + per_batch], max_prompt_length,
+                                                   system_prompt)
+            rollout = sample(model, query_ids.to(device), query_mask.to(device), sampling, stop_ids,
+                             tokenizer.pad_token_id)
+            answers += [t.strip() for t in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
+    finally:
+        model.train(was_training)
+    return answers
