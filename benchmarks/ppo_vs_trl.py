@@ -19,11 +19,14 @@ iterations, float32), with rlhfkit's venv (`make test` creates it):
 On an offline GPU machine whose Python already has torch/transformers/peft/accelerate: on a machine with network,
 
     .venv/bin/python benchmarks/ppo_vs_trl.py --download-wheels /tmp/trl-wheels [--wheels-python 3.12]
+    .venv/bin/python benchmarks/ppo_vs_trl.py --export-tokenizer /tmp/smollm2-tokenizer
 
-(trl, datasets, pandas, a pyarrow wheel stripped of its Flight/S3 libraries...: about 48 MiB), carry that
-directory over and run
+(trl, datasets, pandas, a pyarrow wheel stripped of its Flight/S3 libraries...: about 48 MiB; the bundled model's
+tokenizer: 2 MiB), carry both over and run the GPU workload on randomly initialised weights of the SmolLM2-135M
+shape and of a 1.07B Llama shape (bf16, batch 64, 4 minibatches, 1 epoch, 128 new tokens, no stop token):
 
-    python benchmarks/ppo_vs_trl.py --wheels /path/to/trl-wheels --device cuda --dtype bfloat16
+    python benchmarks/ppo_vs_trl.py --gpu-workload --random-init smollm2-135m --tokenizer /tmp/smollm2-tokenizer --wheels /tmp/trl-wheels
+    python benchmarks/ppo_vs_trl.py --gpu-workload --random-init llama-1b --tokenizer /tmp/smollm2-tokenizer --wheels /tmp/trl-wheels
 """
 
 from __future__ import annotations
@@ -208,6 +211,49 @@ def download_wheels(dest: Path, python_version: str | None, slim: bool = True) -
     print(f"{total / 2**20:8.2f} MiB  total, {len(files)} files in {dest}")
 
 
+# Shapes for timing on randomly initialised weights (no model can be downloaded where the GPUs are). Both use the
+# SmolLM2 tokenizer's 49,152-token vocabulary with tied embeddings; llama-1b is Llama-3.2-1B's body (1.07B).
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rope_theta=100000.0),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, rope_theta=500000.0),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def export_tokenizer(model_dir: str, dest: Path) -> None:
+    """The tokenizer files of `model_dir` (the bundled model), to carry to a machine that cannot install it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, dest / name)
+    log(f"tokenizer files written to {dest}")
+
+
+def random_model_dir(shape: str, tokenizer_dir: Path, seed: int) -> str:
+    """A Llama of `shape` with seeded random weights and the given tokenizer, saved once under the cache."""
+    target = cache_root() / "benchmarks" / f"random-{shape}-seed{seed}"
+    if (target / "config.json").is_file():
+        return str(target)
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
+    torch.manual_seed(seed)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LlamaForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    log(f"random {shape} model in {target}")
+    return str(target)
+
+
 def run_trl(workload: dict, python: Path) -> dict:
     cmd = [
         str(python), str(TRL_SCRIPT),
@@ -306,21 +352,46 @@ def main() -> None:
                    help="with --download-wheels: target Python version for binary wheels (default: this one)")
     p.add_argument("--full-pyarrow", action="store_true",
                    help="with --download-wheels: keep pyarrow's Flight/S3 libraries (+~17 MiB)")
+    p.add_argument("--random-init", choices=sorted(SHAPES), default=None,
+                   help="time randomly initialised weights of this shape instead of --model")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="with --random-init: tokenizer directory (default: the bundled model's)")
+    p.add_argument("--export-tokenizer", type=Path, default=None, metavar="DIR",
+                   help="only write the bundled model's tokenizer files to DIR (to carry to a GPU machine)")
+    p.add_argument("--gpu-workload", action="store_true",
+                   help="batch 64, 4 mini-batches, 128 new tokens, no stop token, bf16 on cuda (the GPU table)")
     args = p.parse_args()
 
     if args.download_wheels:
         download_wheels(args.download_wheels, args.wheels_python, slim=not args.full_pyarrow)
         return
+    if args.gpu_workload:
+        args.batch_size, args.num_mini_batches, args.response_length, args.stop_token = 64, 4, 128, "none"
+        args.device, args.dtype = args.device or "cuda", args.dtype or "bfloat16"
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    from rlhfkit.models.registry import resolve_model
+    if args.export_tokenizer:
+        from rlhfkit.models.registry import resolve_model
+
+        export_tokenizer(resolve_model(args.model), args.export_tokenizer)
+        return
+    if args.random_init:
+        if args.tokenizer is None:
+            from rlhfkit.models.registry import resolve_model
+
+            args.tokenizer = Path(resolve_model(args.model))
+        model_name, model_dir = f"random {args.random_init}", random_model_dir(args.random_init, args.tokenizer, args.seed)
+    else:
+        from rlhfkit.models.registry import resolve_model
+
+        model_name, model_dir = args.model, resolve_model(args.model)
 
     workload = {
-        "model": args.model,
-        "model_dir": resolve_model(args.model),
+        "model": model_name,
+        "model_dir": model_dir,
         "prompts": str(Path(args.prompts).resolve()),
         "batch_size": args.batch_size,
         "num_mini_batches": args.num_mini_batches,

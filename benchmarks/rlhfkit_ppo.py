@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 
 import torch
@@ -26,8 +25,6 @@ def main() -> None:
     p.add_argument("--critic", choices=["separate", "value_head"], default="separate")
     args = p.parse_args()
     w = json.loads(args.workload)
-    if w["stop_token"] != "eos":
-        sys.exit("rlhfkit always stops a response at EOS; run the benchmark with --stop-token eos")
 
     from rlhfkit.config import PPOConfig
     from rlhfkit.ppo import train_ppo
@@ -50,7 +47,9 @@ def main() -> None:
         cfg = PPOConfig.model_validate({
             "model": w["model_dir"], "prompts_file": w["prompts"], "output_dir": out, "overwrite": True,
             "rewards": [{"scorer": "toxicity"}],  # replaced by the reward model above
-            "sampling": {"max_new_tokens": w["response_length"], "temperature": w["temperature"]},
+            "sampling": {"max_new_tokens": w["response_length"], "temperature": w["temperature"],
+                         "stop_token_ids": None if w["stop_token"] == "eos" else []},
+            "missing_eos_penalty": 1.0 if w["stop_token"] == "eos" else None,
             "steps": steps, "batch_size": w["batch_size"], "mini_batch_size": w["batch_size"] // w["num_mini_batches"],
             "ppo_epochs": w["ppo_epochs"], "lora": {"enabled": args.lora}, "critic": args.critic,
             "mixed_precision": "bf16" if w["dtype"] == "bfloat16" else "no", "seed": w["seed"],

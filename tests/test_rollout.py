@@ -36,7 +36,7 @@ def tiny(tiny_model):
 
 
 def forward_logprobs(lm, rollout, sampling, value_head=None):
-    logits, values = PolicyModel(lm, value_head)(**rollout.inputs(), response_width=rollout.response_ids.shape[1])
+    logits, values = PolicyModel(lm, value_head)(**rollout.tokens())
     logprobs = token_logprobs(logits, rollout.response_ids, sampling).masked_fill(rollout.response_mask == 0, 0.0)
     return logprobs, values
 
@@ -137,7 +137,9 @@ def test_values_recorded_while_sampling_equal_the_training_forwards(tiny):
     assert rollout.values.abs().sum() > 0
 
 
-def test_a_prompt_is_encoded_once_for_its_k_samples(tiny):
+def test_the_shared_prefix_and_each_prompt_are_encoded_once_for_k_samples(tiny):
+    """The prefix all prompts share (here the chat template's user header) in one row, each prompt's own tokens
+    once, then one token per row per step for the 3 prompts x 5 samples."""
     tokenizer, lm = tiny
     seen = []
     hook = lm.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
@@ -146,8 +148,10 @@ def test_a_prompt_is_encoded_once_for_its_k_samples(tiny):
         sample(lm, query_ids, query_mask, Sampling(4, num_samples=5), [], tokenizer.pad_token_id)
     finally:
         hook.remove()
-    assert seen[0] == tuple(query_ids.shape)  # the prefill: 3 prompts, not 15 rows
-    assert seen[1:] == [(15, 1)] * 3  # then one token per row per step
+    prefix = seen[0][1]
+    assert seen[0][0] == 1 and prefix >= 4  # "<|im_start|>user\n" at least
+    assert seen[1] == (3, query_ids.shape[1] - prefix)
+    assert seen[2:] == [(15, 1)] * 3
 
 
 def test_greedy_decoding_is_the_argmax_path_generate_takes(tiny):
@@ -248,6 +252,19 @@ def test_folding_is_undone_when_sampling_fails(tiny_model):
         assert not torch.equal(weight, original)
         raise RuntimeError("boom")
     assert torch.equal(weight, original)
+
+
+def test_the_compiled_decode_step_samples_what_the_eager_one_does(tiny_model, tiny):
+    tokenizer, _ = tiny
+    model = lora_model(tiny_model)
+    query_ids, query_mask = encode_prompts(tokenizer, PROMPTS)
+    sampling = Sampling(8, 0.9, num_samples=2)
+    rollouts = []
+    for compile in (False, True):
+        torch.manual_seed(5)
+        rollouts.append(sample(model, query_ids, query_mask, sampling, [], tokenizer.pad_token_id, compile=compile))
+    assert torch.equal(rollouts[0].response_ids, rollouts[1].response_ids)
+    torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=1e-5)
 
 
 # --- text in, text out ----------------------------------------------------------------------------------------

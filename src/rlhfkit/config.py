@@ -187,6 +187,21 @@ class SamplingConfig(Strict):
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: off
+    # tokens that end a response (kept in it); None: the tokenizer's EOS and the model's end-of-turn tokens;
+    # []: none, every response runs to max_new_tokens
+    stop_token_ids: list[int] | None = None
+    compile: bool | None = None  # torch.compile the decode step; None: on CUDA only (on a CPU it rarely pays)
+
+    def distribution(self):
+        """The engine's `Sampling` for these settings."""
+        from rlhfkit.rollout import Sampling
+
+        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids"}))
+
+    def stop_ids(self, tokenizer, model) -> list[int]:
+        from rlhfkit.rollout import stop_token_ids
+
+        return stop_token_ids(tokenizer, model) if self.stop_token_ids is None else list(self.stop_token_ids)
 
 
 class RewardTerm(Strict):

@@ -33,7 +33,7 @@ from rlhfkit.evaluation.metrics import distinct_n, mean_interval, percent_change
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel
 from rlhfkit.reward.scorers import load_scorer
-from rlhfkit.rollout import Sampling, encode_prompts, sample, stop_token_ids, token_logprobs
+from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -88,22 +88,23 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
            reference: PolicyModel | None) -> ModelAnswers:
     """Sample one answer per prompt (log pi recorded by the sampler); with a reference of the same tokenizer, score
     the sampled tokens under it too: one reference forward gives the KL term and the perplexity."""
-    sampling = Sampling(**cfg.sampling.model_dump())
-    stop_ids = stop_token_ids(tokenizer, lm)
+    sampling = cfg.sampling.distribution()
+    stop_ids = cfg.sampling.stop_ids(tokenizer, lm)
     out = ModelAnswers(kl=[] if reference is not None else None, ref_nll=[] if reference is not None else None)
     device = next(lm.parameters()).device
     torch.manual_seed(cfg.seed)  # every model draws from the same random stream
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval {name}", unit="batch"):
         query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + cfg.batch_size], cfg.max_prompt_length,
                                                cfg.system_prompt)
-        rollout = sample(lm, query_ids.to(device), query_mask.to(device), sampling, stop_ids, tokenizer.pad_token_id)
+        rollout = sample(lm, query_ids.to(device), query_mask.to(device), sampling, stop_ids, tokenizer.pad_token_id,
+                         compile=cfg.sampling.compile)
         mask = rollout.response_mask
         out.responses += tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
         out.lengths += mask.sum(-1).tolist()
         out.ended += rollout.ended.tolist()
         if reference is None:
             continue
-        ref_logits, _ = reference(**rollout.inputs(), response_width=rollout.response_ids.shape[1])
+        ref_logits, _ = reference(**rollout.tokens())
         ref_logp = token_logprobs(ref_logits, rollout.response_ids, sampling.untruncated)
         ref_logp_t1 = token_logprobs(ref_logits, rollout.response_ids, Sampling(sampling.max_new_tokens))
         out.kl += ((rollout.logprobs - ref_logp) * mask).sum(-1).tolist()

@@ -19,6 +19,7 @@ from torch import nn
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import apply_lora, disable_dropout, load_causal_lm
+from rlhfkit.rollout.prefix import forward_responses
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +32,19 @@ class PolicyModel(nn.Module):
         self.lm = lm
         self.value_head = value_head
 
-    def forward(self, input_ids, attention_mask, position_ids, response_width: int):
-        """Logits predicting each of the last `response_width` tokens, [B, R, V], and values there ([B, R] or None).
+    def forward(self, query_ids, query_mask, response_ids, response_mask):
+        """Logits predicting each response token, [B, R, V], and the values there ([B, R] or None).
 
-        The LM head runs only on those positions (`logits_to_keep`): prompt tokens need no vocabulary projection.
+        Prompts shared by several rows, and the prefix all prompts share, are computed once (rlhfkit.rollout.prefix);
+        the LM head runs only on the response positions: prompt tokens need no vocabulary projection.
         """
-        keep = response_width + 1
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      logits_to_keep=keep, output_hidden_states=self.value_head is not None, use_cache=False)
-        values = None
-        if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1][:, -keep:-1]).squeeze(-1).float()
-        return out.logits[:, :-1], values
+        def select(out):
+            return out.logits, out.hidden_states[-1] if self.value_head is not None else None
+
+        logits, hidden = forward_responses(self.lm, query_ids, query_mask, response_ids, response_mask, select,
+                                           output_hidden_states=self.value_head is not None)
+        values = None if hidden is None else self.value_head(hidden).squeeze(-1).float()
+        return logits, values
 
     @contextmanager
     def as_reference(self):
@@ -62,9 +64,10 @@ class ValueModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, input_ids, attention_mask, position_ids, response_width: int) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.head(hidden[:, -(response_width + 1):-1]).squeeze(-1).float()
+    def forward(self, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+        (hidden,) = forward_responses(self.backbone, query_ids, query_mask, response_ids, response_mask,
+                                      lambda out: (out.last_hidden_state,))
+        return self.head(hidden).squeeze(-1).float()
 
 
 def load_start_model(cfg: PPOConfig) -> nn.Module:

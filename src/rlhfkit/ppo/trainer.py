@@ -40,7 +40,8 @@ from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
 from rlhfkit.ppo.models import build_critic, build_policy
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
-from rlhfkit.rollout import Rollout, Sampling, encode_prompts, generate_responses, sample, stop_token_ids, token_logprobs
+from rlhfkit.rollout import Rollout, encode_prompts, generate_responses, sample, token_logprobs
+from rlhfkit.rollout.prefix import forward_responses
 from rlhfkit.runs import (
     MetricsWriter,
     adamw,
@@ -148,7 +149,7 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
-        self.sampling = Sampling(**cfg.sampling.model_dump())
+        self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                        if cfg.kl_controller == "adaptive" else core.FixedKLController(cfg.kl_coef))
@@ -172,7 +173,7 @@ class OnlineTrainer:
         cfg, accelerator = self.cfg, self.accelerator
         policy, self.ref_model = build_policy(cfg)
         critic = build_critic(cfg, self.tokenizer, reward_model_path) if cfg.critic == "separate" else None
-        self.stop_ids = stop_token_ids(self.tokenizer, policy.lm)
+        self.stop_ids = cfg.sampling.stop_ids(self.tokenizer, policy.lm)
         policy.to(self.device)
         if self.ref_model is not None:
             self.ref_model.to(self.device)
@@ -227,29 +228,27 @@ class OnlineTrainer:
 
     def forward(self, batch: Rollout, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log pi(a_t), V(s_t)) at the batch's response tokens, through the prepared (DDP) modules when training."""
-        inputs, width = batch.inputs(), batch.response_ids.shape[1]
         unwrap = self.accelerator.unwrap_model
-        logits, values = (self.policy if train else unwrap(self.policy))(**inputs, response_width=width)
+        logits, values = (self.policy if train else unwrap(self.policy))(**batch.tokens())
         if self.critic is not None:
-            values = (self.critic if train else unwrap(self.critic))(**inputs, response_width=width)
+            values = (self.critic if train else unwrap(self.critic))(**batch.tokens())
         # padding after the stop token may lie outside a truncated distribution's support (-inf): zero, as masked
         logprobs = token_logprobs(logits, batch.response_ids, self.sampling).masked_fill(batch.response_mask == 0, 0.0)
         return logprobs, values
 
     @torch.no_grad()
     def critic_values(self, batch: Rollout) -> torch.Tensor:
-        critic = self.accelerator.unwrap_model(self.critic)
-        return critic(**batch.inputs(), response_width=batch.response_ids.shape[1])
+        return self.accelerator.unwrap_model(self.critic)(**batch.tokens())
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
-        inputs, width = batch.inputs(), batch.response_ids.shape[1]
+        """log pi_ref(a_t): the reference's full softmax at the sampling temperature (see rlhfkit.rollout)."""
         if self.ref_model is not None:
-            logits = self.ref_model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+            (logits,) = forward_responses(self.ref_model, select=lambda out: (out.logits,), **batch.tokens())
         else:
             policy = self.accelerator.unwrap_model(self.policy)
             with policy.as_reference():
-                logits, _ = policy(**inputs, response_width=width)
+                logits, _ = policy(**batch.tokens())
         return token_logprobs(logits, batch.response_ids, self.sampling.untruncated)
 
     def micro_batches(self, rows: torch.Tensor):
@@ -266,7 +265,8 @@ class OnlineTrainer:
         policy = self.accelerator.unwrap_model(self.policy)
         with self.accelerator.autocast():
             return sample(policy.lm, query_ids.to(self.device), query_mask.to(self.device), self.sampling,
-                          self.stop_ids, self.tokenizer.pad_token_id, value_head=policy.value_head)
+                          self.stop_ids, self.tokenizer.pad_token_id, value_head=policy.value_head,
+                          compile=self.cfg.sampling.compile)
 
     def score(self, prompts: list[str], rollout: Rollout) -> Scores:
         """2. Every reward on the decoded text; their weighted sum, then the EOS penalty, normalisation, clipping."""

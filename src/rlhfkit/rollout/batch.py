@@ -85,6 +85,11 @@ class Rollout:
         """Prompt + response as one batch, with position ids from the mask."""
         return sequence_inputs(self.query_ids, self.query_mask, self.response_ids, self.response_mask)
 
+    def tokens(self) -> dict[str, torch.Tensor]:
+        """What a forward over the responses takes (`PolicyModel`, `ValueModel`, `forward_responses`)."""
+        return {"query_ids": self.query_ids, "query_mask": self.query_mask, "response_ids": self.response_ids,
+                "response_mask": self.response_mask}
+
     def select(self, index: torch.Tensor) -> Rollout:
         """The rows in `index` (a view of the batch for a minibatch)."""
         return Rollout(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)})
