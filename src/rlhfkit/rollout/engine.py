@@ -89,16 +89,39 @@ def draw(pi: torch.Tensor) -> torch.Tensor:
     return torch.where(token < pi.shape[-1], token, pi.argmax(-1))
 
 
-def _decode_step(model: nn.Module, compile: bool):
-    """The model's forward for one token per row: as it is, or compiled once per model (static shapes: a fixed
-    batch, a cache length rounded up, the full-width mask every step)."""
+# Causal LMs whose logits are exactly their output embedding applied to the last hidden state (no soft-capping or
+# scaling between them), for which the decode step computes that product itself (see `_decode_step`).
+PLAIN_HEADS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
+
+
+def _decode_step(model: nn.Module, want_hidden: bool, compile: bool):
+    """step(**forward kwargs) -> (last-position logits [B, V], last hidden state [B, H] or None), for one new token
+    per row; compiled once per model when asked (static shapes: a fixed batch, a cache length rounded up, the
+    full-width mask every step).
+
+    For the plain heads above the logits are computed as W_out @ h^T: with a handful of rows, the CPU matmul
+    kernels run that orientation 1.6-1.9x faster than h @ W_out^T (the 49,152 x 576 vocabulary matrix is a
+    quarter of a decode step's weight reads on the bundled model); the same numbers up to float rounding.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(base).__name__ in PLAIN_HEADS and getattr(head, "bias", None) is None:
+        body = base.get_decoder()
+
+        def step(**kwargs):
+            hidden = body(**kwargs).last_hidden_state[:, -1]
+            return (head.weight @ hidden.T).T, hidden
+    else:
+        def step(**kwargs):
+            out = model(**kwargs, logits_to_keep=1, output_hidden_states=want_hidden)
+            return out.logits[:, -1], out.hidden_states[-1][:, -1] if want_hidden else None
     if not compile:
-        return model
-    compiled = getattr(model, "_rlhfkit_decode_step", None)
-    if compiled is None:
-        compiled = torch.compile(model.forward, dynamic=False)
+        return step
+    compiled = getattr(model, "_rlhfkit_decode_step", {})
+    if want_hidden not in compiled:
+        compiled[want_hidden] = torch.compile(step, dynamic=False)
         model._rlhfkit_decode_step = compiled
-    return compiled
+    return compiled[want_hidden]
 
 
 @torch.no_grad()
@@ -132,13 +155,13 @@ def sample(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, sam
         compile = device.type == "cuda" if compile is None else compile
         length = width + steps if not compile else -(-(width + steps) // 64) * 64  # few shapes, few compilations
         cache = StaticCache(config=model.config, max_cache_len=length)
-        out, prompt_mask = plan.encode(model, cache, logits_to_keep=1, output_hidden_states=want_hidden)
+        out, prompt_mask = plan.encode(model, cache, output_hidden_states=want_hidden)
         cache.reorder_cache(rows)
         logits = out.logits[:, -1][rows]
         hidden = out.hidden_states[-1][:, -1][rows] if want_hidden else None
         mask = torch.cat([prompt_mask[rows], prompt_mask.new_zeros((batch, length - width))], dim=1)
         next_position = plan.prompt_positions()[:, -1][rows]
-        step = _decode_step(model, compile)
+        step = _decode_step(model, want_hidden, compile)
         for t in range(steps):
             z = sampling_logits(logits, sampling)
             if sampling.greedy:
@@ -157,11 +180,8 @@ def sample(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, sam
                 break
             mask[:, width + t] = 1
             next_position = next_position + 1
-            out = step(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=next_position[:, None],
-                       cache=cache, cache_position=torch.tensor([width + t], device=device), use_cache=True,
-                       logits_to_keep=1, output_hidden_states=want_hidden)
-            logits = out.logits[:, -1]
-            hidden = out.hidden_states[-1][:, -1] if want_hidden else None
+            logits, hidden = step(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=next_position[:, None],
+                                  cache=cache, cache_position=torch.tensor([width + t], device=device), use_cache=True)
 
     response, response_mask, ended = truncate_after_stop(tokens, stop_ids, pad_id)
     used = max(int(response_mask.sum(-1).max()), 1)  # drop columns that are padding in every row

@@ -64,15 +64,17 @@ class PromptPlan:
 
     def encode(self, model, cache, **kwargs):
         """Run the prefix (once) and the distinct prompts' own tokens through `model` into `cache`, which then holds
-        G rows; returns the output of the second forward (its last position is each prompt's last token)."""
-        shared = len(self.prefix)
+        G rows; returns the second forward's output, with vocabulary logits at each prompt's last token only, and
+        the attention mask of the cached columns."""
+        shared, width = len(self.prefix), self.own_ids.shape[1]
         if shared:
             model(input_ids=self.prefix[None], position_ids=torch.arange(shared, device=self.prefix.device)[None],
-                  attention_mask=torch.ones_like(self.prefix)[None], cache=cache, use_cache=True, **kwargs)
+                  attention_mask=torch.ones_like(self.prefix)[None], cache=cache, use_cache=True,
+                  **_keep(model, 1, shared), **kwargs)
             cache.reorder_cache(torch.zeros(len(self.own_ids), dtype=torch.long, device=self.prefix.device))
         mask = torch.cat([self.own_mask.new_ones((len(self.own_ids), shared)), self.own_mask], dim=1)
         return model(input_ids=self.own_ids, attention_mask=mask, position_ids=self.prompt_positions(), cache=cache,
-                     use_cache=True, **kwargs), mask
+                     use_cache=True, **_keep(model, 1, width), **kwargs), mask
 
 
 Select = Callable[[object], tuple[torch.Tensor | None, ...]]
@@ -90,20 +92,25 @@ def forward_responses(model, query_ids, query_mask, response_ids, response_mask,
         mask = torch.cat([query_mask, response_mask], dim=1)
         out = model(input_ids=torch.cat([query_ids, response_ids], dim=1), attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
-                    **_keep(model, width + 1), **kwargs)
+                    **_keep(model, width + 1, mask.shape[1]), **kwargs)
         return tuple(None if t is None else t[:, -(width + 1):-1] for t in select(out))
     cache = DynamicCache(config=model.config)
-    prompt_out, prompt_mask = plan.encode(model, cache, **_keep(model, 1), **kwargs)
+    prompt_out, prompt_mask = plan.encode(model, cache, **kwargs)
     cache.reorder_cache(plan.rows)
     last = plan.prompt_positions()[:, -1][plan.rows]
     mask = torch.cat([prompt_mask[plan.rows], response_mask], dim=1)
     out = model(input_ids=response_ids, attention_mask=mask, position_ids=last[:, None] + response_mask.cumsum(-1),
-                cache=cache, use_cache=True, **_keep(model, width), **kwargs)
+                cache=cache, use_cache=True, **_keep(model, width, width), **kwargs)
     return tuple(None if a is None else torch.cat([a[:, -1:][plan.rows], b[:, :width - 1]], dim=1)
                  for a, b in zip(select(prompt_out), select(out)))
 
 
-def _keep(model, n: int) -> dict:
-    """`logits_to_keep=n` for models with an LM head (only those positions get vocabulary logits)."""
+def _keep(model, n: int, length: int) -> dict:
+    """For models with an LM head, only the last `n` of `length` positions get vocabulary logits. As indices, not
+    a count: the slice a count makes is strided, and a strided [B, n, H] through the LM head becomes a batched
+    matmul against B expanded copies of the vocabulary matrix (on a CPU, 10x the time of one matmul)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(type(base).forward).parameters else {}
+    if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
+        return {}
+    device = next(model.parameters()).device
+    return {"logits_to_keep": n if n == length else torch.arange(length - n, length, device=device)}
