@@ -9,16 +9,16 @@ import re
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from feedback_helpers import PASSWORD, Client, add_user, create_project, csrf_of, database_url, jsonl, make_app  # noqa: F401
+from feedback_helpers import (  # noqa: F401
+    PASSWORD, PROMPTS, Client, add_user, annotate_page, answer_form, clients, create_project, csrf_of, database_url, jsonl,
+    make_app, seeded,
+)
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app as cli_app
 from rlhfkit.feedback.db import Annotation, Assignment, Base, Item, User, utcnow
 
-PROMPTS = [{"prompt": f"Question {i}?", "id": f"q{i}"} for i in range(3)]
-COMPLETIONS = [{"id": f"q{i}", "prompt": f"Question {i}?", "completions": [f"answer {i}{c}" for c in "abc"]}
-               for i in range(3)]
 XSS = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
 
 
@@ -26,39 +26,6 @@ XSS = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
 def app(database_url):
     """The app on SQLite, and again on PostgreSQL: every test that uses it is a storage test on both."""
     return make_app(database_url)
-
-
-def clients(app, *names):
-    return [Client(app).login(n) for n in names]
-
-
-def seeded(app, **project):
-    """Admin, alice and bob logged in; a project with 3 prompts and 3 completions each."""
-    admin, alice, bob = clients(app, "admin", "alice", "bob")
-    pid = create_project(admin, **project)
-    assert admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("p.jsonl", jsonl(PROMPTS))}).status_code == 200
-    r = admin.form(f"/admin/projects/{pid}/import/completions", files={"file": ("c.jsonl", jsonl(COMPLETIONS))})
-    assert r.status_code == 200 and "imported 3 completions" in r.text
-    return admin, alice, bob, pid
-
-
-def annotate_page(client, pid):
-    page = client.get(f"/projects/{pid}/annotate")
-    assert page.status_code == 200
-    match = re.search(r'action="/projects/\d+/items/(\d+)/submit"', page.text)
-    return page, int(match.group(1)) if match else None
-
-
-def answer_form(client, app, item_id, best_first: list[int], ideal: str = ""):
-    """Form fields ranking the completions at positions `best_first` 1, 2, 3, rating all 4, flagging nothing."""
-    with app.state.sessions() as db:
-        k = len(db.get(Item, item_id).completions)
-    data = {"k": k, "flags_shown": "1", "ideal_response": ideal}
-    for rank, position in enumerate(best_first, start=1):
-        data[f"rank_{position}"] = rank
-    for i in range(k):
-        data.update({f"rating_{i}_{a}": 4 for a in ("helpful", "honest", "harmless")})
-    return data
 
 
 def test_migrations_create_exactly_the_models(database_url):
@@ -141,10 +108,9 @@ def test_answers_are_validated_against_the_project(app):
                 {"ranks": [1, 2, 3]}, {"ranks": [1, 2, 3], "ratings": [{"helpful": 6, "honest": 1, "harmless": 1}] * 3},
                 {"ranks": [1, 2, 3], "ratings": ratings, "flags": [["not-a-flag"], [], []]}):
         assert alice.post(url, json=bad, headers=headers).status_code == 422, bad
-    good = {"ranks": [1, 1, 2], "ratings": ratings, "flags": [["privacy"], [], []], "ideal_response": "Better.",
-            "seconds_spent": 12.5}
+    good = {"ranks": [1, 1, 2], "ratings": ratings, "flags": [["privacy"], [], []], "ideal_response": "Better."}
     r = alice.post(url, json=good, headers=headers)
-    assert r.status_code == 201 and r.json()["ranks"] == [1, 1, 2] and r.json()["seconds_spent"] == 12.5
+    assert r.status_code == 201 and r.json()["ranks"] == [1, 1, 2] and r.json()["flags"] == [["privacy"], [], []]
     assert alice.post(url, json=good, headers=headers).status_code == 409
 
 
@@ -318,7 +284,7 @@ def test_admin_pages_projects_and_users(app):
     assert json.loads(pairs) == {"prompt": "p", "chosen": "second", "rejected": "first"}
 
     r = admin.form("/admin/users", {"username": "dave", "password": "short", "role": "annotator"})
-    assert r.status_code == 422 and "8 characters" in r.text
+    assert r.status_code == 422 and "8 to 1024 characters" in r.text
     assert admin.form("/admin/users", {"username": "dave", "password": PASSWORD, "role": "annotator"}).status_code == 200
     dave = Client(app).login("dave")
     assert dave.get("/admin").status_code == 403
@@ -367,7 +333,7 @@ def test_cli_create_admin_and_export(tmp_path):
     add_user(app, "alice")
     add_user(app, "bob")
     root, alice, bob = (Client(app).login(n) for n in ("root", "alice", "bob"))
-    pid = create_project(root, name="cli", k=2, annotators=2, questions=("ranking",))
+    pid = create_project(root, name="cli", k=2, annotators=2, questions=("ranking",), members=("alice", "bob"))
     root.form(f"/admin/projects/{pid}/import/completions",
               files={"file": ("c.jsonl", jsonl([{"prompt": "p", "completions": ["good", "bad"]}]))})
     for client in (alice, bob):
