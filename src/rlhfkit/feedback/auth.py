@@ -92,14 +92,18 @@ def find_user(db: Session, username: str) -> User | None:
     return db.scalar(select(User).where(User.username_key == username_key(username)))
 
 
+class UserExists(ValueError):
+    """The username is taken (in some case)."""
+
+
 def create_user(db: Session, username: str, password: str, role: str) -> User:
-    """A new account. Raises ValueError for a bad name, password or role, or a name taken in any case; the
-    unique index on the lower-case name settles a race between two requests (IntegrityError at flush)."""
+    """A new account. Raises ValueError for a bad name, password or role, UserExists for a name taken in any case;
+    between two simultaneous requests, the unique index on the lower-case name decides (IntegrityError)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     check_username(username)
     if find_user(db, username) is not None:
-        raise ValueError(f"user {username!r} exists already (usernames are compared without case)")
+        raise UserExists(f"user {username!r} exists already (usernames are compared without case)")
     user = User(username=username, username_key=username_key(username), password_hash=hash_password(password), role=role)
     db.add(user)
     db.flush()

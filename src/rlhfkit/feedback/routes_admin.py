@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 from rlhfkit.errors import DataError
 from rlhfkit.feedback.annotations import MIN_COMPLETIONS, item_or_404, project_or_404
 from rlhfkit.feedback.auth import (
-    Principal, create_api_token, create_user, find_user, get_db, require_admin, set_active, set_password,
+    Principal, UserExists, create_api_token, create_user, find_user, get_db, require_admin, set_active, set_password,
 )
 from rlhfkit.feedback.db import (
     QUESTIONS, ROLES, ApiToken, Assignment, Item, Job, Project, ProjectMember, User, utcnow,
@@ -263,12 +263,13 @@ def add_user(request: Request, admin: Admin, db: DB, username: Annotated[str, Fo
     try:
         create_user(db, username.strip(), password, role)
         db.commit()
+    except (UserExists, IntegrityError) as e:  # IntegrityError: the same name, created by a simultaneous request
+        db.rollback()
+        return _users_page(request, admin, db, status_code=409,
+                           error=str(e) if isinstance(e, UserExists) else f"user {username.strip()!r} exists already")
     except ValueError as e:
         db.rollback()
         return _users_page(request, admin, db, status_code=422, error=str(e))
-    except IntegrityError:  # the same name, created by a simultaneous request
-        db.rollback()
-        return _users_page(request, admin, db, status_code=409, error=f"user {username.strip()!r} exists already")
     return RedirectResponse("/admin/users", status_code=303)
 
 
