@@ -89,7 +89,7 @@ class ProjectIn(BaseModel):
     k: int = Field(4, ge=2, le=10)
     annotators_per_item: int = Field(2, ge=1, le=50)
     questions: list[Question] = Field(min_length=1)
-    control_share: float = Field(0.1, ge=0, le=0.5, description="of the items handed to an annotator, the control items")
+    control_share: float = Field(0.1, ge=0, le=1, description="of the items handed to an annotator, the control items")
 
     @field_validator("questions")
     @classmethod
