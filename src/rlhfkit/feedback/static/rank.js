@@ -36,9 +36,16 @@
     saveDraft();
   }
 
+  function leaveAllEqual() {
+    // Moving or tying a card after "All equal" starts a real order: every tie of "All equal" goes.
+    if (!allEqual.checked) return;
+    allEqual.checked = false;
+    cards().forEach(function (card) { card.dataset.tied = "0"; });
+  }
+
   function move(card, step) {
     const sibling = step < 0 ? card.previousElementSibling : card.nextElementSibling;
-    allEqual.checked = false;
+    leaveAllEqual();
     card.dataset.tied = "0";  // a moved card leaves its tie group
     if (sibling) {
       if (step < 0) list.insertBefore(card, sibling);
@@ -50,7 +57,7 @@
 
   function toggleTie(card) {
     if (!card.previousElementSibling) return;
-    allEqual.checked = false;
+    leaveAllEqual();
     card.dataset.tied = card.dataset.tied === "1" ? "0" : "1";
     renumber();
   }
@@ -86,7 +93,7 @@
         // Dropped on the upper half of a card: place above it; on the lower half: below it.
         const box = card.getBoundingClientRect();
         const above = event.clientY < box.top + box.height / 2;
-        allEqual.checked = false;
+        leaveAllEqual();
         dragged.dataset.tied = "0";
         list.insertBefore(dragged, above ? card : card.nextElementSibling);
         renumber();
@@ -189,6 +196,14 @@
       box.focus();
     });
   });
+
+  // The sticky prompt's height, for the cards' scroll margin (app.css).
+  const promptBox = document.getElementById("prompt-box");
+  function notePromptHeight() {
+    document.documentElement.style.setProperty("--prompt-height", promptBox.offsetHeight + "px");
+  }
+  notePromptHeight();
+  window.addEventListener("resize", notePromptHeight);
 
   cards().forEach(function (card) {
     card.addEventListener("keydown", function (event) { onCardKey(card, event); });
