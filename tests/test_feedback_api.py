@@ -268,8 +268,12 @@ def test_imports_are_one_transaction_and_name_file_and_line(app):
 def test_admin_pages_projects_and_users(app):
     admin, alice = clients(app, "admin", "alice")
     assert "New project" in admin.get("/admin").text
-    r = admin.form("/admin/projects", {"name": "pw", "k": 3, "annotators_per_item": 1, "questions": ["pairwise"]})
+    r = admin.form("/admin/projects", {"name": "pw", "k": 3, "annotators_per_item": 1, "questions": ["pairwise"],
+                                       "guidelines": "Long *guidelines* typed with care", "members": ["alice"]})
     assert r.status_code == 422 and "K to 2" in r.text
+    # The form comes back as it was filled in.
+    assert ">Long *guidelines* typed with care</textarea>" in r.text and 'value="pw"' in r.text
+    assert re.search(r'value="pairwise"\s+checked', r.text) and re.search(r'value="alice"\s+checked', r.text)
     r = admin.form("/admin/projects", {"name": "bad", "k": 3, "annotators_per_item": 1, "questions": ["ranking", "pairwise"]})
     assert r.status_code == 422
     pid = create_project(admin, name="pw", k=2, annotators=1, questions=("pairwise",))
@@ -361,3 +365,13 @@ def test_cli_serve_migrates_and_runs_the_app(tmp_path, monkeypatch):
     assert served["port"] == 8123 and served["host"] == "127.0.0.1" and "http://127.0.0.1:8123" in r.output
     add_user(served["app"], "alice")  # the schema is there: serve migrated the new database
     assert Client(served["app"]).login("alice").get("/api/me").json()["username"] == "alice"
+
+
+def test_the_app_starts_without_torch():
+    """The server imports torch only when a sampling job runs (a restart takes seconds, not tens of seconds)."""
+    import subprocess
+    import sys
+
+    code = "import sys, rlhfkit.feedback.app, rlhfkit.feedback.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ error answers: 4xx for every bad request (never 500), 503 with Retry-After when 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rlhfkit.feedback import routes_admin, routes_annotator, routes_api, routes_auth
 from rlhfkit.feedback.auth import LoginRateLimiter, LoginRequired, optional_principal, verify_csrf
 from rlhfkit.feedback.db import make_engine, make_sessionmaker, migrate
-from rlhfkit.feedback.importing import discard_unfinished_imports
+from rlhfkit.feedback.importing import remove_all_leftovers, stop_unfinished_imports
 from rlhfkit.feedback.jobs import interrupt_unfinished_jobs
 from rlhfkit.feedback.pages import render
 
@@ -120,12 +121,16 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
     sessions = make_sessionmaker(engine)
     with sessions() as db:
         interrupt_unfinished_jobs(db)
-        discard_unfinished_imports(db)
+        stop_unfinished_imports(db)
 
     # No Swagger page: it loads scripts from a CDN, which the CSP (and an offline machine) would block.
     app = FastAPI(title="rlhfkit human feedback", dependencies=[Depends(verify_csrf)], docs_url=None,
                   redoc_url=None, openapi_url="/api/openapi.json")
     app.state.engine, app.state.sessions = engine, sessions
+    # An import cut short by a stop may have left many (invisible) rows: delete them without delaying the start.
+    app.state.cleanup = threading.Thread(target=remove_all_leftovers, args=(sessions,), name="feedback-cleanup",
+                                         daemon=True)
+    app.state.cleanup.start()
     app.state.model_dir = (model_dir or Path.cwd()).resolve()
     app.state.login_limits = LoginRateLimiter(limit=5), LoginRateLimiter(limit=30)  # per account or browser, per address
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")

@@ -4,30 +4,32 @@ An import is all or nothing, and it never holds the database for long: the whole
 (a bad line names the file and the line, and nothing is written); then the rows are written in chunks, each its
 own short transaction, so annotators' requests go on in between. The rows carry the import's job id and stay
 invisible (to the queue, the pages and the exports) until the job is marked done, in one small final
-transaction. An import that fails while writing is deleted again; one cut short by a server stop is deleted
-when the server starts (jobs.interrupt_unfinished_jobs).
+transaction. The rows of an import that failed, or was cut short by a server stop, stay invisible and are
+deleted (in chunks) by the next import into the project, and in the background when the server starts.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
-from sqlalchemy import delete, exists, func, insert, select
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.data.jsonl import parse_jsonl
 from rlhfkit.data.records import PromptRecord
 from rlhfkit.errors import DataError
-from rlhfkit.feedback.db import Completion, Item, Job, Project, utcnow
+from rlhfkit.feedback.db import ACTIVE_JOB, Completion, Item, Job, Project, utcnow, visible
 from rlhfkit.feedback.jobs import claim_job
 from rlhfkit.feedback.schemas import Text
 
+logger = logging.getLogger(__name__)
 CHUNK_ROWS = 1000  # rows per write transaction: short enough that annotators wait milliseconds, not seconds
 
 
@@ -112,7 +114,8 @@ class _Ids:
     """The project's item ids (external), and the positions new items take."""
 
     def __init__(self, db: Session, project: Project):
-        self.taken = set(db.scalars(select(Item.external_id).where(Item.project_id == project.id)))
+        self.taken = set(db.scalars(select(Item.external_id).where(Item.project_id == project.id,
+                                                                   visible(Item.import_job_id))))
         self.position = (db.scalar(select(func.max(Item.position)).where(Item.project_id == project.id)) or 0) + 1
 
     def new(self, where: str, external_id: str | None) -> tuple[str, int]:
@@ -136,7 +139,8 @@ def plan_prompts(db: Session, project: Project, name: str, content: bytes) -> Pl
 def plan_completions(db: Session, project: Project, name: str, content: bytes) -> Plan:
     """K completions per line, matched to an item by id (else by prompt text; the first such item), or a new item."""
     existing = db.execute(select(Item.external_id, Item.prompt, exists().where(Completion.item_id == Item.id))
-                          .where(Item.project_id == project.id).order_by(Item.position.desc())).all()
+                          .where(Item.project_id == project.id, visible(Item.import_job_id))
+                          .order_by(Item.position.desc())).all()
     by_id = {external_id: filled for external_id, _, filled in existing}
     by_prompt = {prompt: external_id for external_id, prompt, _ in existing}  # position descending: the first wins
     ids, plan, filled_here = _Ids(db, project), Plan(), set()
@@ -164,17 +168,16 @@ def run_import(db: Session, project: Project, name: str, plan: Plan, what: str) 
         raise DataError(f"{name}: the file holds no {what}")
     job = claim_job(db, project, "import", total=plan.rows, params={"file": name, "what": what})
     try:
+        remove_leftovers(db, project.id)  # an earlier import's rows may hold ids this one brings again
         _write(db, project, job, plan)
         job.status, job.message, job.updated_at = "done", f"imported {plan.records} {what} from {name}", utcnow()
         db.commit()
     except IntegrityError:  # a sampling job (or another change) gave one of the file's items completions first
-        db.rollback()
-        discard_import(db, job, "failed", "an item got completions from elsewhere during the import")
+        _fail(db, project, job, "an item got completions from elsewhere during the import")
         raise DataError(f"{name}: an item got completions from elsewhere (a sampling job?) while the file was "
                         "imported; nothing was imported: import the file again") from None
     except BaseException:
-        db.rollback()
-        discard_import(db, job, "failed", "the import failed")
+        _fail(db, project, job, "the import failed")
         raise
     return plan.records
 
@@ -199,20 +202,40 @@ def _progress(db: Session, job: Job, rows: int) -> None:
     db.commit()
 
 
-def discard_import(db: Session, job: Job, status: str, reason: str) -> None:
-    """Delete what an unfinished import wrote (in chunks, to keep each transaction short) and say why on the job."""
-    for model in (Completion, Item):
-        while ids := db.scalars(select(model.id).where(model.import_job_id == job.id).limit(CHUNK_ROWS)).all():
-            db.execute(delete(model).where(model.id.in_(ids)))
-            db.commit()
-    job.status, job.message, job.updated_at = status, f"{reason}; nothing of the file was kept", utcnow()
+def _fail(db: Session, project: Project, job: Job, reason: str) -> None:
+    db.rollback()
+    job.status, job.message, job.updated_at = "failed", f"{reason}; nothing of the file was kept", utcnow()
+    db.commit()
+    remove_leftovers(db, project.id)
+
+
+def stop_unfinished_imports(db: Session) -> None:
+    """At start: imports that were running when the server stopped will not finish. Marked so, their rows stay
+    invisible until remove_leftovers deletes them."""
+    db.execute(update(Job).where(Job.kind == "import", Job.status.in_(ACTIVE_JOB))
+               .values(status="interrupted", message="the server stopped during the import; nothing of the file was kept"))
     db.commit()
 
 
-def discard_unfinished_imports(db: Session) -> None:
-    """Imports that were running when the server stopped: delete what they wrote (they were never visible)."""
-    for job in db.scalars(select(Job).where(Job.kind == "import", Job.status.in_(("queued", "running")))).all():
-        discard_import(db, job, "interrupted", "the server stopped during the import")
+def remove_leftovers(db: Session, project_id: int | None = None) -> None:
+    """Delete the rows of imports that did not finish (of one project, or all), in chunks so that no transaction
+    is long."""
+    unfinished = select(Job.id).where(Job.kind == "import", Job.status.not_in(("done", *ACTIVE_JOB)))
+    if project_id is not None:
+        unfinished = unfinished.where(Job.project_id == project_id)
+    for model in (Completion, Item):
+        while ids := db.scalars(select(model.id).where(model.import_job_id.in_(unfinished)).limit(CHUNK_ROWS)).all():
+            db.execute(delete(model).where(model.id.in_(ids)))
+            db.commit()
+
+
+def remove_all_leftovers(sessions: sessionmaker) -> None:
+    """remove_leftovers for every project, in its own session (the server runs it in a thread as it starts)."""
+    try:
+        with sessions() as db:
+            remove_leftovers(db)
+    except Exception:  # the next import into the project removes them anyway
+        logger.exception("removing the rows of unfinished imports failed")
 
 
 def import_prompts(db: Session, project: Project, name: str, content: bytes) -> int:

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.feedback.db import ACTIVE_JOB, Completion, Item, Job, Project, utcnow, visible
 from rlhfkit.feedback.schemas import Text
-from rlhfkit.models.registry import BUNDLED_MODELS
 
 logger = logging.getLogger(__name__)
 RESAMPLE_ROUNDS = 3  # tries to get K distinct, non-empty completions for a prompt
@@ -41,6 +40,8 @@ def check_model_name(name: str, model_dir: Path) -> str:
     """What to load for `name`: a bundled alias or a hub id as given, a directory under `model_dir` as its
     absolute path. Anything else is refused with one message, whether or not it exists, so that the field
     cannot be used to find out which paths exist on the server."""
+    from rlhfkit.models.registry import BUNDLED_MODELS  # here: rlhfkit.models imports torch, which the app avoids
+
     root = model_dir.resolve()
     if name in BUNDLED_MODELS:
         return name
@@ -63,7 +64,7 @@ def load_generator(model: str):
 
 def interrupt_unfinished_jobs(db: Session) -> None:
     """Sampling jobs that were running when the server stopped will not resume; say so instead of showing them
-    running (imports are undone instead: importing.discard_unfinished_imports)."""
+    running (imports: importing.stop_unfinished_imports)."""
     db.execute(update(Job).where(Job.kind != "import", Job.status.in_(ACTIVE_JOB))
                .values(status="interrupted", message="the server stopped while the job ran; start it again"))
     db.commit()

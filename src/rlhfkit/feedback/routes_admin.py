@@ -44,10 +44,12 @@ def _annotators(db: Session) -> list[User]:
     return list(db.scalars(select(User).where(User.role == "annotator", User.active).order_by(User.username_key)))
 
 
-def _home_page(request: Request, admin: Principal, db: Session, status_code: int = 200, **extra):
+def _home_page(request: Request, admin: Principal, db: Session, status_code: int = 200, typed: dict | None = None,
+               **extra):
     projects = db.scalars(select(Project).order_by(Project.name)).all()
+    typed = typed or {"k": 4, "annotators_per_item": 2, "questions": ["ranking", "ideal"], "control_percent": 10}
     return render(request, "admin_home.html", admin, projects=projects, questions=QUESTIONS, annotators=_annotators(db),
-                  status_code=status_code, **extra)
+                  typed=typed, status_code=status_code, **extra)
 
 
 @router.get("")
@@ -69,24 +71,30 @@ def create_project(request: Request, admin: Admin, db: DB, name: Annotated[str, 
                    guidelines: Annotated[str, Form()] = "", questions: Annotated[list[str], Form()] = (),
                    control_percent: Annotated[float, Form(ge=0, le=100)] = 10,
                    members: Annotated[list[str], Form()] = ()):
+    typed = {"name": name, "k": k, "annotators_per_item": annotators_per_item, "guidelines": guidelines,
+             "questions": list(questions), "control_percent": control_percent, "members": list(members)}
+
+    def refused(status_code: int, error: str):  # the form comes back as it was filled in
+        return _home_page(request, admin, db, status_code=status_code, error=error, typed=typed)
+
     try:
         spec = ProjectIn(name=name.strip(), guidelines=guidelines, k=k, annotators_per_item=annotators_per_item,
                          questions=list(questions), control_share=control_percent / 100)
         users = _members(db, list(members))
     except ValidationError as e:
-        return _home_page(request, admin, db, status_code=422, error=_errors(e))
+        return refused(422, _errors(e))
     except ValueError as e:
-        return _home_page(request, admin, db, status_code=422, error=str(e))
+        return refused(422, str(e))
     taken = f"a project named {spec.name!r} exists"
     if db.scalar(select(Project).where(Project.name == spec.name)):
-        return _home_page(request, admin, db, status_code=409, error=taken)
+        return refused(409, taken)
     project = Project(**spec.model_dump())
     db.add(project)
     try:
         db.flush()  # the unique name settles two simultaneous requests for one name
     except IntegrityError:
         db.rollback()
-        return _home_page(request, admin, db, status_code=409, error=taken)
+        return refused(409, taken)
     db.add_all(ProjectMember(project_id=project.id, user_id=user.id) for user in users)
     db.commit()
     return RedirectResponse(f"/admin/projects/{project.id}", status_code=303)
