@@ -66,7 +66,7 @@ def test_simultaneous_creations_of_one_name_give_one_and_409s(database_url):
 @pytest.fixture
 def fake_sampler(monkeypatch):
     """A sampler that holds each batch until the test releases it, and answers "sample N of <prompt>"."""
-    from rlhfkit import generation
+    from rlhfkit import rollout
 
     gate = {"started": threading.Event(), "go": threading.Event(), "count": 0}
 
@@ -77,7 +77,7 @@ def fake_sampler(monkeypatch):
         return [f"sample {gate['count']}.{i} of {p}" for i, p in enumerate(prompts)]
 
     monkeypatch.setattr(jobs, "load_generator", lambda model: (None, None))
-    monkeypatch.setattr(generation, "generate_responses", generate_responses)
+    monkeypatch.setattr(rollout, "generate_responses", generate_responses)
     return gate
 
 
