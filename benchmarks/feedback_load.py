@@ -1,6 +1,7 @@
 """Load test of the feedback app: N concurrent annotators (threads with httpx and API tokens) against a local
-server (a `rlhfkit feedback serve` subprocess), while an admin imports a large prompts file into the same project;
-the server is killed (SIGKILL) and restarted halfway through.
+server (a `rlhfkit feedback serve` subprocess), while an admin imports a large prompts file into the same project
+(uploaded once a quarter of the submissions are in, so that it is usually still running at the kill); the server
+is killed (SIGKILL) and restarted when half the submissions are in.
 
 At the end, every acknowledged submission (HTTP 201) must be in the database with its item and annotator, and
 no annotator request may have failed: any answer but 200, 201 and 204 counts as a failure. Connections refused
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
     def importer() -> None:
         """Upload the prompts file; after a kill cut it short (the server removes such an import), upload again."""
         content = prompts_file(args.import_prompts)
+        while len(acknowledged) < expected // 4:
+            time.sleep(0.05)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_token}"}, timeout=600) as client:
             while True:
                 started = time.perf_counter()

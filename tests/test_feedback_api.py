@@ -124,10 +124,14 @@ def test_roles_on_every_route(app):
         alice_id = db.scalar(select(User.id).where(User.username == "alice"))
     admin_gets = [f"/admin", f"/admin/projects/{pid}", "/admin/users", f"/admin/projects/{pid}/export/pairs",
                   f"/admin/projects/{pid}/export/rankings", f"/admin/projects/{pid}/export/sft",
-                  f"/api/projects/{pid}/export/pairs", "/api/jobs/1"]
+                  f"/api/projects/{pid}/export/pairs", "/api/jobs/1", f"/admin/projects/{pid}/items?external_id=q0",
+                  f"/admin/projects/{pid}/items/{item['id']}"]
     admin_posts = ["/admin/projects", f"/admin/projects/{pid}/import/prompts", f"/admin/projects/{pid}/import/completions",
                    f"/admin/projects/{pid}/generate", "/admin/users", f"/admin/users/{alice_id}/role",
-                   f"/admin/users/{alice_id}/tokens"]
+                   f"/admin/users/{alice_id}/tokens", f"/admin/users/{alice_id}/active", f"/admin/users/{alice_id}/password",
+                   "/admin/tokens/1/revoke", f"/admin/projects/{pid}/members", f"/admin/projects/{pid}/members/2/remove",
+                   f"/admin/projects/{pid}/archive", f"/admin/projects/{pid}/control-share",
+                   f"/admin/projects/{pid}/items/{item['id']}/control", f"/admin/projects/{pid}/items/{item['id']}/control/clear"]
     for url in admin_gets:
         assert bob.get(url).status_code == 403, url
     for url in admin_posts:
@@ -137,7 +141,7 @@ def test_roles_on_every_route(app):
     assert admin.get(f"/api/annotations/{mine}").status_code == 200
 
     anonymous = Client(app)
-    user_gets = ["/", f"/projects/{pid}/annotate", f"/projects/{pid}/guidelines"]
+    user_gets = ["/", f"/projects/{pid}/annotate", f"/projects/{pid}/guidelines", "/account"]
     for url in user_gets + admin_gets:
         r = anonymous.get(url, follow_redirects=False)
         assert r.status_code in (401, 303), url
@@ -159,7 +163,10 @@ def test_state_changing_requests_need_the_csrf_token(app):
              ("/admin/users", admin, {"username": "eve", "password": PASSWORD, "role": "admin"}),
              (f"/projects/{pid}/items/{item['id']}/skip", alice, {}),
              (f"/projects/{pid}/items/{item['id']}/submit", alice, {"k": 3, "rank_0": 1, "rank_1": 2, "rank_2": 3}),
-             ("/logout", alice, {})]
+             ("/logout", alice, {}),
+             ("/account/password", alice, {"current_password": PASSWORD, "new_password": "another long one"}),
+             ("/admin/users/2/active", admin, {"active": "false"}), ("/admin/tokens/1/revoke", admin, {}),
+             (f"/admin/projects/{pid}/archive", admin, {"archived": "true"})]
     for url, client, data in posts:
         assert client.post(url, data=data).status_code == 403, url
         assert client.post(url, data={**data, "csrf_token": "forged"}).status_code == 403, url
@@ -173,6 +180,8 @@ def test_state_changing_requests_need_the_csrf_token(app):
     with app.state.sessions() as db:
         assert db.scalar(select(User).where(User.username == "eve")) is None
         assert db.scalars(select(Annotation)).all() == []
+        assert all(u.active for u in db.scalars(select(User)))
+    assert Client(app).login("alice")  # her password is unchanged
 
 
 def test_model_text_is_escaped_everywhere(app):
@@ -192,6 +201,8 @@ def test_model_text_is_escaped_everywhere(app):
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "<script>alert" not in alice.get(f"/projects/{pid}/guidelines").text
     assert "<script>alert" not in admin.get(f"/admin/projects/{pid}").text
+    xss_item = re.search(r'action="/projects/\d+/items/(\d+)/submit"', page.text).group(1)
+    assert "<script>alert" not in admin.get(f"/admin/projects/{pid}/items/{xss_item}").text
     assert "<script>" not in admin.get(f"/admin/users").text
 
 
@@ -323,6 +334,8 @@ def test_api_tokens_for_scripts(app):
     assert script.get(f"/api/projects/{pid}/next", headers=auth).json()["id"] == item["id"] + 2
     script.post(f"/api/projects/{pid}/items/{item['id'] + 2}/skip", headers=auth)
     assert script.get(f"/api/projects/{pid}/next", headers=auth).status_code == 204
+    schema = script.get("/api/openapi.json").json()["paths"]
+    assert {"post", "put"} <= set(schema["/api/projects/{project_id}/items/{item_id}/annotations"])
 
 
 def test_cli_create_admin_and_export(tmp_path):
