@@ -188,3 +188,21 @@ def test_control_items_measure_accuracy_and_the_export_leaves_out_who_falls_belo
                                      str(out), "--min-accuracy", "0.8", "--database-url", url])
     assert r.exit_code == 0, r.output
     assert {json.loads(x)["annotator"] for x in out.read_text().splitlines()} == {"alice"}
+
+
+def test_control_items_are_mixed_in_at_the_projects_share(app):
+    admin, alice = clients(app, "admin", "alice")
+    pid = create_project(admin, k=2, annotators=1, questions=("ranking",), members=("alice",), control_percent=30)
+    lines = [{"id": f"q{i}", "prompt": f"Question {i}?", "completions": [f"a{i}", f"b{i}"]} for i in range(33)]
+    admin.form(f"/admin/projects/{pid}/import/completions", files={"file": ("c.jsonl", jsonl(lines))})
+    for control in ("q0", "q1", "q2"):
+        assert mark_control(admin, pid, control, ["1", "2"]).status_code == 200
+    served = []
+    while (r := alice.get(f"/api/projects/{pid}/next")).status_code == 200:
+        served.append(r.json()["prompt"])
+        alice.post(f"/api/projects/{pid}/items/{r.json()['id']}/annotations", json={"ranks": [1, 2]},
+                   headers={"X-CSRF-Token": alice.csrf})
+    controls = [n for n, prompt in enumerate(served) if prompt in ("Question 0?", "Question 1?", "Question 2?")]
+    # A draw of 30% per hand-out: all three came, among the regular items rather than as a block before them (the
+    # seeded draws here put them at hand-outs 2, 4 and 5), and all 30 regular items came too.
+    assert len(served) == 33 and len(controls) == 3 and controls != [0, 1, 2]

@@ -27,8 +27,11 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 JOB_NAMES = {"generate": "sampling job", "import": "import"}
 
 
+MAX_MODEL_NAME = 300  # the length of completions.source, where the name is recorded
+
+
 class GenerationParams(BaseModel):
-    model: Text = Field(min_length=1, max_length=300)  # alias, directory under the model directory, or hub id
+    model: Text = Field(min_length=1, max_length=MAX_MODEL_NAME)  # alias, directory under the model directory, or hub id
     max_new_tokens: int = Field(128, ge=1, le=2048)
     temperature: float = Field(0.9, gt=0, le=5)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -47,12 +50,12 @@ def check_model_name(name: str, model_dir: Path) -> str:
         return name
     if ".." not in Path(name).parts:
         local = (root / name).resolve()
-        if local.is_relative_to(root) and local.is_dir():
+        if local.is_relative_to(root) and local.is_dir() and len(str(local)) <= MAX_MODEL_NAME:
             return str(local)
         if HUB_ID.fullmatch(name) and not Path(name).exists():
             return name
     raise ValueError(f"give a bundled alias ({', '.join(BUNDLED_MODELS)}), a hub id (owner/name), or a model "
-                     f"directory under {root}")
+                     f"directory under {root} (its path at most {MAX_MODEL_NAME} characters)")
 
 
 def load_generator(model: str):

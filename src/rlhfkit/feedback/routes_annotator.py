@@ -5,7 +5,7 @@ guidelines. A refused answer comes back as the same page with the error and ever
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse
@@ -38,7 +38,6 @@ class Draft:
     pairwise: str | None = None
     ideal_response: str | None = None
     all_equal: bool = False
-    problems: list[str] = field(default_factory=list)
 
     @property
     def ranked(self) -> bool:
