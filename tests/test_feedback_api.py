@@ -9,16 +9,16 @@ import re
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from feedback_helpers import PASSWORD, Client, add_user, create_project, csrf_of, database_url, jsonl, make_app  # noqa: F401
+from feedback_helpers import (  # noqa: F401
+    PASSWORD, PROMPTS, Client, add_user, annotate_page, answer_form, clients, create_project, csrf_of, database_url, jsonl,
+    make_app, seeded,
+)
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app as cli_app
 from rlhfkit.feedback.db import Annotation, Assignment, Base, Item, User, utcnow
 
-PROMPTS = [{"prompt": f"Question {i}?", "id": f"q{i}"} for i in range(3)]
-COMPLETIONS = [{"id": f"q{i}", "prompt": f"Question {i}?", "completions": [f"answer {i}{c}" for c in "abc"]}
-               for i in range(3)]
 XSS = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
 
 
@@ -26,39 +26,6 @@ XSS = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
 def app(database_url):
     """The app on SQLite, and again on PostgreSQL: every test that uses it is a storage test on both."""
     return make_app(database_url)
-
-
-def clients(app, *names):
-    return [Client(app).login(n) for n in names]
-
-
-def seeded(app, **project):
-    """Admin, alice and bob logged in; a project with 3 prompts and 3 completions each."""
-    admin, alice, bob = clients(app, "admin", "alice", "bob")
-    pid = create_project(admin, **project)
-    assert admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("p.jsonl", jsonl(PROMPTS))}).status_code == 200
-    r = admin.form(f"/admin/projects/{pid}/import/completions", files={"file": ("c.jsonl", jsonl(COMPLETIONS))})
-    assert r.status_code == 200 and "imported 3 completions" in r.text
-    return admin, alice, bob, pid
-
-
-def annotate_page(client, pid):
-    page = client.get(f"/projects/{pid}/annotate")
-    assert page.status_code == 200
-    match = re.search(r'action="/projects/\d+/items/(\d+)/submit"', page.text)
-    return page, int(match.group(1)) if match else None
-
-
-def answer_form(client, app, item_id, best_first: list[int], ideal: str = ""):
-    """Form fields ranking the completions at positions `best_first` 1, 2, 3, rating all 4, flagging nothing."""
-    with app.state.sessions() as db:
-        k = len(db.get(Item, item_id).completions)
-    data = {"k": k, "flags_shown": "1", "ideal_response": ideal}
-    for rank, position in enumerate(best_first, start=1):
-        data[f"rank_{position}"] = rank
-    for i in range(k):
-        data.update({f"rating_{i}_{a}": 4 for a in ("helpful", "honest", "harmless")})
-    return data
 
 
 def test_migrations_create_exactly_the_models(database_url):
@@ -141,10 +108,9 @@ def test_answers_are_validated_against_the_project(app):
                 {"ranks": [1, 2, 3]}, {"ranks": [1, 2, 3], "ratings": [{"helpful": 6, "honest": 1, "harmless": 1}] * 3},
                 {"ranks": [1, 2, 3], "ratings": ratings, "flags": [["not-a-flag"], [], []]}):
         assert alice.post(url, json=bad, headers=headers).status_code == 422, bad
-    good = {"ranks": [1, 1, 2], "ratings": ratings, "flags": [["privacy"], [], []], "ideal_response": "Better.",
-            "seconds_spent": 12.5}
+    good = {"ranks": [1, 1, 2], "ratings": ratings, "flags": [["privacy"], [], []], "ideal_response": "Better."}
     r = alice.post(url, json=good, headers=headers)
-    assert r.status_code == 201 and r.json()["ranks"] == [1, 1, 2] and r.json()["seconds_spent"] == 12.5
+    assert r.status_code == 201 and r.json()["ranks"] == [1, 1, 2] and r.json()["flags"] == [["privacy"], [], []]
     assert alice.post(url, json=good, headers=headers).status_code == 409
 
 
@@ -158,10 +124,14 @@ def test_roles_on_every_route(app):
         alice_id = db.scalar(select(User.id).where(User.username == "alice"))
     admin_gets = [f"/admin", f"/admin/projects/{pid}", "/admin/users", f"/admin/projects/{pid}/export/pairs",
                   f"/admin/projects/{pid}/export/rankings", f"/admin/projects/{pid}/export/sft",
-                  f"/api/projects/{pid}/export/pairs", "/api/jobs/1"]
+                  f"/api/projects/{pid}/export/pairs", "/api/jobs/1", f"/admin/projects/{pid}/items?external_id=q0",
+                  f"/admin/projects/{pid}/items/{item['id']}"]
     admin_posts = ["/admin/projects", f"/admin/projects/{pid}/import/prompts", f"/admin/projects/{pid}/import/completions",
                    f"/admin/projects/{pid}/generate", "/admin/users", f"/admin/users/{alice_id}/role",
-                   f"/admin/users/{alice_id}/tokens"]
+                   f"/admin/users/{alice_id}/tokens", f"/admin/users/{alice_id}/active", f"/admin/users/{alice_id}/password",
+                   "/admin/tokens/1/revoke", f"/admin/projects/{pid}/members", f"/admin/projects/{pid}/members/2/remove",
+                   f"/admin/projects/{pid}/archive", f"/admin/projects/{pid}/control-share",
+                   f"/admin/projects/{pid}/items/{item['id']}/control", f"/admin/projects/{pid}/items/{item['id']}/control/clear"]
     for url in admin_gets:
         assert bob.get(url).status_code == 403, url
     for url in admin_posts:
@@ -171,7 +141,7 @@ def test_roles_on_every_route(app):
     assert admin.get(f"/api/annotations/{mine}").status_code == 200
 
     anonymous = Client(app)
-    user_gets = ["/", f"/projects/{pid}/annotate", f"/projects/{pid}/guidelines"]
+    user_gets = ["/", f"/projects/{pid}/annotate", f"/projects/{pid}/guidelines", "/account"]
     for url in user_gets + admin_gets:
         r = anonymous.get(url, follow_redirects=False)
         assert r.status_code in (401, 303), url
@@ -193,7 +163,10 @@ def test_state_changing_requests_need_the_csrf_token(app):
              ("/admin/users", admin, {"username": "eve", "password": PASSWORD, "role": "admin"}),
              (f"/projects/{pid}/items/{item['id']}/skip", alice, {}),
              (f"/projects/{pid}/items/{item['id']}/submit", alice, {"k": 3, "rank_0": 1, "rank_1": 2, "rank_2": 3}),
-             ("/logout", alice, {})]
+             ("/logout", alice, {}),
+             ("/account/password", alice, {"current_password": PASSWORD, "new_password": "another long one"}),
+             ("/admin/users/2/active", admin, {"active": "false"}), ("/admin/tokens/1/revoke", admin, {}),
+             (f"/admin/projects/{pid}/archive", admin, {"archived": "true"})]
     for url, client, data in posts:
         assert client.post(url, data=data).status_code == 403, url
         assert client.post(url, data={**data, "csrf_token": "forged"}).status_code == 403, url
@@ -207,6 +180,8 @@ def test_state_changing_requests_need_the_csrf_token(app):
     with app.state.sessions() as db:
         assert db.scalar(select(User).where(User.username == "eve")) is None
         assert db.scalars(select(Annotation)).all() == []
+        assert all(u.active for u in db.scalars(select(User)))
+    assert Client(app).login("alice")  # her password is unchanged
 
 
 def test_model_text_is_escaped_everywhere(app):
@@ -226,6 +201,8 @@ def test_model_text_is_escaped_everywhere(app):
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "<script>alert" not in alice.get(f"/projects/{pid}/guidelines").text
     assert "<script>alert" not in admin.get(f"/admin/projects/{pid}").text
+    xss_item = re.search(r'action="/projects/\d+/items/(\d+)/submit"', page.text).group(1)
+    assert "<script>alert" not in admin.get(f"/admin/projects/{pid}/items/{xss_item}").text
     assert "<script>" not in admin.get(f"/admin/users").text
 
 
@@ -302,8 +279,12 @@ def test_imports_are_one_transaction_and_name_file_and_line(app):
 def test_admin_pages_projects_and_users(app):
     admin, alice = clients(app, "admin", "alice")
     assert "New project" in admin.get("/admin").text
-    r = admin.form("/admin/projects", {"name": "pw", "k": 3, "annotators_per_item": 1, "questions": ["pairwise"]})
+    r = admin.form("/admin/projects", {"name": "pw", "k": 3, "annotators_per_item": 1, "questions": ["pairwise"],
+                                       "guidelines": "Long *guidelines* typed with care", "members": ["alice"]})
     assert r.status_code == 422 and "K to 2" in r.text
+    # The form comes back as it was filled in.
+    assert ">Long *guidelines* typed with care</textarea>" in r.text and 'value="pw"' in r.text
+    assert re.search(r'value="pairwise"\s+checked', r.text) and re.search(r'value="alice"\s+checked', r.text)
     r = admin.form("/admin/projects", {"name": "bad", "k": 3, "annotators_per_item": 1, "questions": ["ranking", "pairwise"]})
     assert r.status_code == 422
     pid = create_project(admin, name="pw", k=2, annotators=1, questions=("pairwise",))
@@ -318,7 +299,7 @@ def test_admin_pages_projects_and_users(app):
     assert json.loads(pairs) == {"prompt": "p", "chosen": "second", "rejected": "first"}
 
     r = admin.form("/admin/users", {"username": "dave", "password": "short", "role": "annotator"})
-    assert r.status_code == 422 and "8 characters" in r.text
+    assert r.status_code == 422 and "8 to 1024 characters" in r.text
     assert admin.form("/admin/users", {"username": "dave", "password": PASSWORD, "role": "annotator"}).status_code == 200
     dave = Client(app).login("dave")
     assert dave.get("/admin").status_code == 403
@@ -353,6 +334,8 @@ def test_api_tokens_for_scripts(app):
     assert script.get(f"/api/projects/{pid}/next", headers=auth).json()["id"] == item["id"] + 2
     script.post(f"/api/projects/{pid}/items/{item['id'] + 2}/skip", headers=auth)
     assert script.get(f"/api/projects/{pid}/next", headers=auth).status_code == 204
+    schema = script.get("/api/openapi.json").json()["paths"]
+    assert {"post", "put"} <= set(schema["/api/projects/{project_id}/items/{item_id}/annotations"])
 
 
 def test_cli_create_admin_and_export(tmp_path):
@@ -367,7 +350,7 @@ def test_cli_create_admin_and_export(tmp_path):
     add_user(app, "alice")
     add_user(app, "bob")
     root, alice, bob = (Client(app).login(n) for n in ("root", "alice", "bob"))
-    pid = create_project(root, name="cli", k=2, annotators=2, questions=("ranking",))
+    pid = create_project(root, name="cli", k=2, annotators=2, questions=("ranking",), members=("alice", "bob"))
     root.form(f"/admin/projects/{pid}/import/completions",
               files={"file": ("c.jsonl", jsonl([{"prompt": "p", "completions": ["good", "bad"]}]))})
     for client in (alice, bob):
@@ -395,3 +378,13 @@ def test_cli_serve_migrates_and_runs_the_app(tmp_path, monkeypatch):
     assert served["port"] == 8123 and served["host"] == "127.0.0.1" and "http://127.0.0.1:8123" in r.output
     add_user(served["app"], "alice")  # the schema is there: serve migrated the new database
     assert Client(served["app"]).login("alice").get("/api/me").json()["username"] == "alice"
+
+
+def test_the_app_starts_without_torch():
+    """The server imports torch only when a sampling job runs (a restart takes seconds, not tens of seconds)."""
+    import subprocess
+    import sys
+
+    code = "import sys, rlhfkit.feedback.app, rlhfkit.feedback.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from feedback_helpers import Client, create_project, jsonl, make_app
 from sqlalchemy import select
@@ -36,7 +37,7 @@ def latest_job(app) -> int:
 
 def test_prompt_file_to_reward_model_to_ppo(tmp_path, tiny_model):
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    app = make_app(url)
+    app = make_app(url, model_dir=Path(tiny_model))
     admin, alice, bob = (Client(app).login(n) for n in ("admin", "alice", "bob"))
     pid = create_project(admin, name="rm", k=3, annotators=2, questions=("ranking",))
     prompts = [{"prompt": f"Where is office number {i}?", "id": f"o{i}"} for i in range(4)]
@@ -83,17 +84,18 @@ def test_prompt_file_to_reward_model_to_ppo(tmp_path, tiny_model):
 
 
 def test_generation_job_failure_is_visible(tmp_path):
-    app = make_app(f"sqlite:///{tmp_path / 'feedback.db'}")
+    (tmp_path / "models" / "not-a-model").mkdir(parents=True)
+    app = make_app(f"sqlite:///{tmp_path / 'feedback.db'}", model_dir=tmp_path / "models")
     admin = Client(app).login("admin")
     pid = create_project(admin, k=2)
     admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("p.jsonl", jsonl([{"prompt": "hi"}]))})
-    admin.form(f"/admin/projects/{pid}/generate", {"model": str(tmp_path / "no-such-model")})
+    admin.form(f"/admin/projects/{pid}/generate", {"model": "not-a-model"})
     job = wait_for_job(admin, latest_job(app))
-    assert job["status"] == "failed" and "no-such-model" in job["message"]
+    assert job["status"] == "failed" and "not a model directory" in job["message"]
     assert "failed" in admin.get(f"/admin/projects/{pid}").text
 
     with app.state.sessions() as db:  # one job at a time per project: two would fill the same items
         db.add(Job(project_id=pid, kind="generate", status="running", params={"model": "m"}))
         db.commit()
-    r = admin.form(f"/admin/projects/{pid}/generate", {"model": "m"})
+    r = admin.form(f"/admin/projects/{pid}/generate", {"model": "smollm2-135m-instruct"})
     assert r.status_code == 409 and "still running" in r.text

@@ -33,6 +33,10 @@ def parse_jsonl(name: str, lines: Iterable[str]) -> Iterator[tuple[int, dict[str
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{name}:{lineno}: invalid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            raise DataError(f"{name}:{lineno}: invalid JSON ({str(e).split(';')[0]})") from None
         if not isinstance(record, dict):
             raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record

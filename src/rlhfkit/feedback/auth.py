@@ -1,8 +1,10 @@
-"""Who is asking: password hashing (argon2), login sessions, API tokens, CSRF tokens, roles, login rate limit.
+"""Who is asking: accounts (usernames, password hashing with argon2), login sessions, API tokens, known browsers,
+CSRF tokens, roles, and the login rate limit.
 
 Browsers authenticate with an HttpOnly, SameSite=Lax session cookie and must send the session's CSRF token with
 every state-changing request (form field `csrf_token` or header `X-CSRF-Token`). Scripts send
 `Authorization: Bearer <token>`; a browser cannot attach that header cross-site, so token requests need no CSRF.
+A deactivated user's sessions end and their tokens stop working.
 """
 
 from __future__ import annotations
@@ -10,32 +12,54 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import re
 import secrets
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from rlhfkit.feedback.db import ROLES, ApiToken, AuthSession, User, utcnow
+from rlhfkit.feedback.db import ROLES, ApiToken, Assignment, AuthSession, LoginDevice, User, utcnow
 
 SESSION_COOKIE = "rlhfkit_session"
 LOGIN_CSRF_COOKIE = "rlhfkit_login_csrf"  # double-submit token for the login form (no session exists yet)
+DEVICE_COOKIE = "rlhfkit_device"  # marks a browser that has logged in as its user before
 SESSION_LIFETIME = dt.timedelta(hours=12)
-MIN_PASSWORD_LENGTH = 8
+DEVICE_LIFETIME = dt.timedelta(days=180)
+TOKEN_USE_RECORDED_EVERY = dt.timedelta(minutes=5)  # last-used times are that coarse, to spare the database writes
+MIN_PASSWORD_LENGTH, MAX_PASSWORD_LENGTH = 8, 1024
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+# ASCII letters, digits, '.', '_', '-': no look-alikes (Cyrillic a, zero-width spaces, combining accents), and one
+# account per name whatever its case (the lower-case form is unique).
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+USERNAME_RULE = "a username has 1 to 64 characters: letters a-z and A-Z, digits, '.', '_' or '-', starting with a letter or digit"
 
 _hasher = PasswordHasher()
 
 
+def username_key(username: str) -> str:
+    """The form usernames are compared in: lower case."""
+    return username.lower()
+
+
+def check_username(username: str) -> str:
+    if not USERNAME.fullmatch(username):
+        raise ValueError(USERNAME_RULE)
+    return username
+
+
 def hash_password(password: str) -> str:
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise ValueError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise ValueError(f"the password needs {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters")
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in password):
+        raise ValueError("the password holds a control character; use printable characters and spaces")
     return _hasher.hash(password)
 
 
@@ -58,20 +82,49 @@ def new_token() -> str:
 
 
 def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def find_user(db: Session, username: str) -> User | None:
+    """The account `username` names, in any case; None for no account (or a name no account can have)."""
+    if not USERNAME.fullmatch(username):
+        return None  # never sent to the database: it may hold what PostgreSQL refuses (NUL)
+    return db.scalar(select(User).where(User.username_key == username_key(username)))
+
+
+class UserExists(ValueError):
+    """The username is taken (in some case)."""
 
 
 def create_user(db: Session, username: str, password: str, role: str) -> User:
+    """A new account. Raises ValueError for a bad name, password or role, UserExists for a name taken in any case;
+    between two simultaneous requests, the unique index on the lower-case name decides (IntegrityError)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if not username.strip() or len(username) > 64:
-        raise ValueError("the username must have 1 to 64 characters")
-    if db.scalar(select(User).where(User.username == username)) is not None:
-        raise ValueError(f"user {username!r} exists already")
-    user = User(username=username, password_hash=hash_password(password), role=role)
+    check_username(username)
+    if find_user(db, username) is not None:
+        raise UserExists(f"user {username!r} exists already (usernames are compared without case)")
+    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password), role=role)
     db.add(user)
     db.flush()
     return user
+
+
+def set_password(db: Session, user: User, password: str, keep_session: AuthSession | None = None) -> None:
+    """Change `user`'s password and end their other logins (all of them when an admin resets it)."""
+    user.password_hash = hash_password(password)
+    ended = delete(AuthSession).where(AuthSession.user_id == user.id)
+    if keep_session is not None:
+        ended = ended.where(AuthSession.id != keep_session.id)
+    db.execute(ended)
+
+
+def set_active(db: Session, user: User, active: bool) -> None:
+    """Deactivate (end the logins, give back the held items; tokens stop working) or reactivate an account."""
+    user.active = active
+    if not active:
+        db.execute(delete(AuthSession).where(AuthSession.user_id == user.id))
+        db.execute(delete(Assignment).where(Assignment.user_id == user.id))
 
 
 def create_session(db: Session, user: User) -> str:
@@ -83,9 +136,28 @@ def create_session(db: Session, user: User) -> str:
     return token
 
 
-def create_api_token(db: Session, user: User, name: str) -> str:
+def create_api_token(db: Session, user: User, name: str, days: int | None = None) -> str:
+    """A bearer token for `user`, valid for `days` (None: until revoked); returns the token (its only copy)."""
     token = new_token()
-    db.add(ApiToken(token_hash=token_hash(token), user_id=user.id, name=name))
+    expires = utcnow() + dt.timedelta(days=days) if days is not None else None
+    db.add(ApiToken(token_hash=token_hash(token), user_id=user.id, name=name, expires_at=expires))
+    return token
+
+
+def known_device(db: Session, request: Request, user: User) -> LoginDevice | None:
+    """The LoginDevice of this browser's device cookie, if it is `user`'s and still valid."""
+    cookie = request.cookies.get(DEVICE_COOKIE)
+    if not cookie:
+        return None
+    device = db.scalar(select(LoginDevice).where(LoginDevice.token_hash == token_hash(cookie)))
+    return device if device is not None and device.user_id == user.id and device.expires_at > utcnow() else None
+
+
+def create_device(db: Session, user: User) -> str:
+    """Remember this browser for `user`; returns the cookie value."""
+    db.execute(delete(LoginDevice).where(LoginDevice.user_id == user.id, LoginDevice.expires_at <= utcnow()))
+    token = new_token()
+    db.add(LoginDevice(token_hash=token_hash(token), user_id=user.id, expires_at=utcnow() + DEVICE_LIFETIME))
     return token
 
 
@@ -118,17 +190,31 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+def _token_principal(db: Session, token: str) -> Principal | None:
+    now = utcnow()
+    api_token = db.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(token)))
+    if api_token is None or not api_token.usable(now) or not api_token.user.active:
+        return None
+    if api_token.last_used_at is None or api_token.last_used_at < now - TOKEN_USE_RECORDED_EVERY:
+        db.execute(update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now))
+        db.commit()
+    return Principal(api_token.user, None)
+
+
+def current_session(db: Session, request: Request) -> AuthSession | None:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    session = db.scalar(select(AuthSession).where(AuthSession.token_hash == token_hash(cookie)))
+    return session if session is not None and session.expires_at > utcnow() and session.user.active else None
+
+
 def optional_principal(request: Request, db: Session = Depends(get_db)) -> Principal | None:
     token = _bearer(request)
     if token is not None:
-        api_token = db.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(token)))
-        return Principal(api_token.user, None) if api_token else None
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        session = db.scalar(select(AuthSession).where(AuthSession.token_hash == token_hash(cookie)))
-        if session is not None and session.expires_at > utcnow():
-            return Principal(session.user, session)
-    return None
+        return _token_principal(db, token)
+    session = current_session(db, request)
+    return Principal(session.user, session) if session is not None else None
 
 
 def require_user(principal: Principal | None = Depends(optional_principal)) -> Principal:
@@ -147,41 +233,73 @@ async def verify_csrf(request: Request, db: Session = Depends(get_db)) -> None:
     """App-wide dependency: every state-changing request carries the right CSRF token (or is a token request)."""
     if request.method not in STATE_CHANGING or _bearer(request) is not None:
         return
-    expected = None
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        session = db.scalar(select(AuthSession).where(AuthSession.token_hash == token_hash(cookie)))
-        expected = session.csrf_token if session is not None else None
-    if expected is None:
-        expected = request.cookies.get(LOGIN_CSRF_COOKIE)
+    session = current_session(db, request)
+    expected = session.csrf_token if session is not None else request.cookies.get(LOGIN_CSRF_COOKIE)
     sent = request.headers.get("x-csrf-token")
     if sent is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         sent = (await request.form()).get("csrf_token")
-    if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent, expected):
-        raise HTTPException(403, "CSRF token missing or wrong; reload the page and try again")
+    if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent.encode("utf-8", "replace"),
+                                                                               expected.encode()):
+        raise HTTPException(403, "CSRF token missing or wrong (the session may have ended); reload the page and try again")
 
 
 class LoginRateLimiter:
-    """At most `limit` failed logins per `window` seconds per key (a username, a client address)."""
+    """At most `limit` failed logins per `window` seconds per key (an account, a known browser, a client address).
 
-    def __init__(self, limit: int = 5, window: float = 300.0):
-        self.limit, self.window = limit, window
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+    `reserve` counts an attempt as failed *before* the password is checked, under a lock, so parallel guesses
+    cannot all pass the check; a successful login releases its reservation. Keys whose failures have all aged out
+    are forgotten (swept once per window), so the memory held is bounded by the failures of one window.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self._last_sweep = clock()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        failures = self._failures[key]
-        while failures and failures[0] < now - self.window:
-            failures.popleft()
-        return failures
+    def __len__(self) -> int:
+        """How many keys are remembered."""
+        return len(self._failures)
 
-    def blocked(self, key: str) -> bool:
+    def reserve(self, key: str) -> Reservation | None:
+        """A reservation of one failure for `key`, or None when `key` is at its limit."""
+        now = self.clock()
         with self._lock:
-            return len(self._recent(key, time.monotonic())) >= self.limit
+            self._sweep(now)
+            failures = self._failures.setdefault(key, deque())
+            while failures and failures[0] <= now - self.window:
+                failures.popleft()
+            if len(failures) >= self.limit:
+                return None
+            failures.append(now)
+            return Reservation(self, key, now)
 
-    def failed(self, key: str) -> None:
-        now = time.monotonic()
+    def _release(self, key: str, at: float) -> None:
         with self._lock:
-            self._recent(key, now).append(now)
+            failures = self._failures.get(key)
+            if failures is not None and at in failures:
+                failures.remove(at)
+                if not failures:
+                    del self._failures[key]
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < self.window:
+            return
+        self._last_sweep = now
+        for key in [k for k, failures in self._failures.items() if not failures or failures[-1] <= now - self.window]:
+            del self._failures[key]
+
+
+@dataclass
+class Reservation:
+    """One attempt counted as failed until released."""
+
+    limiter: LoginRateLimiter
+    key: str
+    at: float
+
+    def release(self) -> None:
+        """The attempt succeeded (or was refused elsewhere): it does not count."""
+        self.limiter._release(self.key, self.at)

@@ -38,7 +38,15 @@ def _sessions(database_url: str):
 
 
 @feedback_app.command()
-def serve(database_url: DatabaseUrl = DEFAULT_DATABASE, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    database_url: DatabaseUrl = DEFAULT_DATABASE,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_dir: Annotated[Path, typer.Option(help="sampling jobs load local models only from under this directory")] = Path("."),
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        help="address of a reverse proxy whose X-Forwarded-For to believe (repeat for several); without it the "
+             "header is ignored, so clients cannot choose the address the login limit counts")] = None,
+) -> None:
     """Start the web app (the database schema is created or upgraded first)."""
     import uvicorn
     from sqlalchemy import make_url
@@ -46,10 +54,11 @@ def serve(database_url: DatabaseUrl = DEFAULT_DATABASE, host: str = "127.0.0.1",
     from rlhfkit.feedback.app import create_app
 
     _quiet_migrations()
-    app = create_app(database_url)
+    app = create_app(database_url, model_dir=model_dir)
     shown = make_url(database_url).render_as_string(hide_password=True)
     typer.echo(f"rlhfkit feedback on http://{host}:{port} (database {shown}); Ctrl-C stops it")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxy),
+                forwarded_allow_ips=",".join(trusted_proxy) if trusted_proxy else None)
 
 
 @feedback_app.command("create-admin")
@@ -80,6 +89,9 @@ def export(
     kind: Annotated[ExportKind, typer.Option(help="rankings (per annotator), pairs (consensus), or sft (ideal responses)")],
     output: Annotated[Path, typer.Option(help="JSONL file to write")],
     database_url: DatabaseUrl = DEFAULT_DATABASE,
+    min_accuracy: Annotated[float | None, typer.Option(
+        min=0, max=1, help="leave out annotators whose accuracy on the control items is below this (and those who "
+                           "answered none)")] = None,
 ) -> None:
     """Write a project's rankings, consensus pairs or SFT examples as JSONL (the same files as the admin page)."""
     from sqlalchemy import select
@@ -95,6 +107,6 @@ def export(
         if found is None:
             names = ", ".join(db.scalars(select(Project.name))) or "none"
             raise ConfigError(f"no project named {project!r} (projects: {names})")
-        records = EXPORTS[kind.value](db, found)
+        records = EXPORTS[kind.value](db, found, min_accuracy=min_accuracy)
     write_jsonl(output, records)
     typer.echo(f"{len(records)} {kind.value} records written to {output}")

@@ -6,7 +6,9 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, Float, ForeignKey, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import (
+    JSON, DateTime, Engine, Float, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event, or_, select, text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 ROLES = ("admin", "annotator")
@@ -14,6 +16,8 @@ ROLES = ("admin", "annotator")
 QUESTIONS = ("ranking", "pairwise", "ratings", "flags", "ideal")
 RATING_ASPECTS = ("helpful", "honest", "harmless")
 HARM_FLAGS = ("violence", "hate", "sexual", "self_harm", "illegal", "privacy", "misinformation")
+ACTIVE_JOB = ("queued", "running")
+MAX_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL; a larger one names nothing
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -31,8 +35,10 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
+    username_key: Mapped[str] = mapped_column(String(64), unique=True)  # lower case: one account per name, any case
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(default=True)  # a deactivated user cannot log in; their tokens stop working
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -50,7 +56,8 @@ class AuthSession(Base):
 
 
 class ApiToken(Base):
-    """A bearer token for scripts; shown once at creation, stored as SHA-256."""
+    """A bearer token for scripts; shown once at creation, stored as SHA-256. It works until it expires or is
+    revoked (revoked tokens are kept, so the list shows what existed and when it was stopped)."""
 
     __tablename__ = "api_tokens"
 
@@ -59,7 +66,25 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # None: never
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     user: Mapped[User] = relationship()
+
+    def usable(self, now: dt.datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class LoginDevice(Base):
+    """A browser that has logged in as this user before (its cookie holds a random token; the SHA-256 is here).
+    Failed logins from elsewhere cannot lock such a browser out (OWASP's "device cookies")."""
+
+    __tablename__ = "login_devices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
 
 
 class Project(Base):
@@ -71,11 +96,26 @@ class Project(Base):
     k: Mapped[int]  # completions per prompt
     annotators_per_item: Mapped[int]
     questions: Mapped[list[Any]]  # names from QUESTIONS
+    control_share: Mapped[float] = mapped_column(Float, default=0.1)  # of the items handed out, the control items
+    archived_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # archived: closed to annotators, kept for export
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ProjectMember(Base):
+    """An annotator added to a project: annotators see and annotate only their projects' items (admins see all)."""
+
+    __tablename__ = "project_members"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
 class Item(Base):
-    """One prompt of a project and its completions."""
+    """One prompt of a project and its completions.
+
+    A control item has a known answer (`control_ranks`: 1 = best, equal = tie, per completion position); it is
+    handed to every member, mixed in with the others, and measures each annotator's accuracy.
+    """
 
     __tablename__ = "items"
     __table_args__ = (UniqueConstraint("project_id", "external_id"),)
@@ -85,6 +125,8 @@ class Item(Base):
     external_id: Mapped[str] = mapped_column(String(200))
     prompt: Mapped[str] = mapped_column(Text)
     position: Mapped[int]
+    import_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)  # the import that added it
+    control_ranks: Mapped[list[Any] | None]
     completions: Mapped[list[Completion]] = relationship(order_by="Completion.position", cascade="all, delete-orphan")
 
 
@@ -97,6 +139,7 @@ class Completion(Base):
     position: Mapped[int]
     text: Mapped[str] = mapped_column(Text)
     source: Mapped[str | None] = mapped_column(String(300))  # the model that sampled it, or "import"
+    import_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
 
 
 class Annotation(Base):
@@ -113,8 +156,11 @@ class Annotation(Base):
     ratings: Mapped[list[Any] | None]  # per completion {aspect: 1..5}
     flags: Mapped[list[Any] | None]  # per completion [flag, ...]
     ideal_response: Mapped[str | None] = mapped_column(Text)
-    seconds_spent: Mapped[float] = mapped_column(Float)
+    seconds_spent: Mapped[float] = mapped_column(Float)  # from handing out to the first answer, measured here
+    order_changed: Mapped[bool | None]  # did the annotator's ranking differ from the order shown? (None: API)
+    revisions: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # the last revision
     item: Mapped[Item] = relationship()
     user: Mapped[User] = relationship()
 
@@ -134,9 +180,15 @@ class Assignment(Base):
 
 
 class Job(Base):
-    """A background job (sampling completions); its progress lives here so any page or process can show it."""
+    """A job that fills a project (sampling completions, or an import); its progress lives here so any page or
+    process can show it. At most one job of each kind is active per project (a unique partial index)."""
 
     __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_one_active_per_kind", "project_id", "kind", unique=True,
+              sqlite_where=text("status IN ('queued', 'running')"),
+              postgresql_where=text("status IN ('queued', 'running')")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
@@ -150,6 +202,16 @@ class Job(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+def pending_imports():
+    """Imports not finished: the items and completions they wrote so far stay invisible (an import is all or nothing)."""
+    return select(Job.id).where(Job.kind == "import", Job.status != "done")
+
+
+def visible(import_job_id) -> Any:
+    """The condition that a row (an item or a completion) is not part of an unfinished import."""
+    return or_(import_job_id.is_(None), import_job_id.not_in(pending_imports()))
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here (SQLAlchemy's default driver for it, psycopg2, is not installed)."""
     for prefix in ("postgresql://", "postgres://"):
@@ -158,12 +220,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, lock_timeout: float = 15.0) -> Engine:
+    """An engine for `url`. A request that waits longer than `lock_timeout` seconds for a lock gives up (the app
+    answers 503 with Retry-After) rather than holding its client until the client's own timeout."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         # One file shared by the server's worker threads; WAL lets readers run beside the single writer,
         # and the busy timeout makes concurrent writers wait instead of failing.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": lock_timeout})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -174,7 +238,8 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # uvicorn runs sync endpoints on up to 40 threads; a pool that size keeps them from queueing on connections.
-    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True)
+    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=lock_timeout,
+                         connect_args={"options": f"-c lock_timeout={int(lock_timeout * 1000)}"})
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
@@ -188,6 +253,17 @@ def migrate(engine: Engine) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if sqlite:
+            # Batch migrations rebuild SQLite tables (copy, drop, rename); with foreign keys on, dropping the old
+            # table would cascade deletes into every table that references it. The pragma only works outside a
+            # transaction.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        with connection.begin():
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()

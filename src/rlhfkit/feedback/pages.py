@@ -19,6 +19,7 @@ _env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
 _env.filters["markdown"] = lambda text: Markup(_markdown.render(text or ""))  # noqa: S704 - html is off above
 _env.filters["pct"] = lambda x: "–" if x is None else f"{100 * x:.1f}%"
 _env.filters["num"] = lambda x, digits=3: "–" if x is None else f"{x:.{digits}f}"
+_env.filters["when"] = lambda t, default="–": default if t is None else f"{t:%Y-%m-%d %H:%M} UTC"
 
 
 def render(request: Request, template: str, principal: Principal | None, status_code: int = 200,

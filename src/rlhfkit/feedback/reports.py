@@ -1,17 +1,19 @@
-"""What the admin sees of a project: progress, per-annotator statistics and agreement per question."""
+"""What the admin sees of a project: progress, per-annotator statistics (with accuracy on control items beside
+agreement with the consensus) and agreement per question."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback.agreement import consensus_agreement, krippendorff_alpha, pairwise_agreement
-from rlhfkit.feedback.annotations import MIN_COMPLETIONS
-from rlhfkit.feedback.db import HARM_FLAGS, RATING_ASPECTS, Annotation, Completion, Item, Project, User
-from rlhfkit.feedback.export import ranking_record, submitted_annotations
+from rlhfkit.feedback.annotations import ready_items, submitted_counts
+from rlhfkit.feedback.db import HARM_FLAGS, RATING_ASPECTS, Annotation, Item, Project, User, visible
+from rlhfkit.feedback.export import data_annotations, ranking_records, submitted_annotations
+from rlhfkit.feedback.quality import control_item_count, control_scores
 
 
 @dataclass
@@ -21,6 +23,9 @@ class AnnotatorStats:
     skipped: int
     mean_seconds: float | None
     consensus_agreement: float | None
+    control_answers: int = 0
+    control_accuracy: float | None = None
+    kept_shown_order: float | None = None  # of their rankings made on the page, the share left in the order shown
 
 
 @dataclass
@@ -35,8 +40,10 @@ class AgreementRow:
 class ProjectReport:
     items: int
     ready: int  # items with completions
-    complete: int  # items with all their annotators
+    complete: int  # regular items with all their annotators
+    controls: int  # control items
     submitted: int
+    misfits: int  # stored answers that do not fit their item, left out of everything
     pairwise_agreement: float | None
     agreement: list[AgreementRow]
     annotators: list[AnnotatorStats]
@@ -47,11 +54,9 @@ def _alpha_row(question: str, metric: str, units: dict) -> AgreementRow:
     return AgreementRow(question, metric, krippendorff_alpha(values, metric), sum(len(v) >= 2 for v in values))
 
 
-def project_report(db: Session, project: Project) -> ProjectReport:
-    annotations = submitted_annotations(db, project)
-    records = [ranking_record(a) for a in annotations if a.ranks is not None]
-
-    # Units of analysis: one per (item, completion) for ranks and ratings, per (item, completion, flag) for flags.
+def _agreement(project: Project, annotations: list[Annotation]) -> list[AgreementRow]:
+    """Krippendorff's alpha per question. Units of analysis: one per (item, completion) for ranks and ratings,
+    per (item, completion, flag) for flags."""
     rank_units, flag_units = defaultdict(list), defaultdict(list)
     rating_units: dict[str, defaultdict] = {aspect: defaultdict(list) for aspect in RATING_ASPECTS}
     for a in annotations:
@@ -72,31 +77,52 @@ def project_report(db: Session, project: Project) -> ProjectReport:
         agreement += [_alpha_row(f"{aspect} (1-5)", "ordinal", rating_units[aspect]) for aspect in RATING_ASPECTS]
     if "flags" in project.questions:
         agreement.append(_alpha_row("harm flags", "nominal", flag_units))
+    return agreement
 
+
+def _annotator_stats(db: Session, project: Project, answers: list[Annotation], data: list[Annotation]) -> list[AnnotatorStats]:
     per_user = db.execute(
         select(User.username, Annotation.status, func.count(), func.avg(Annotation.seconds_spent))
         .join(Annotation.user).join(Annotation.item).where(Item.project_id == project.id)
         .group_by(User.username, Annotation.status)).all()
-    with_consensus = consensus_agreement(records)
+    with_consensus = consensus_agreement(ranking_records(data))
+    controls = control_scores(answers)
+    shown: Counter = Counter()
+    kept: Counter = Counter()
+    for a in answers:
+        if a.order_changed is not None:
+            shown[a.user.username] += 1
+            kept[a.user.username] += not a.order_changed
     stats: dict[str, AnnotatorStats] = {}
     for username, status, count, mean_seconds in per_user:
-        s = stats.setdefault(username, AnnotatorStats(username, 0, 0, None, with_consensus.get(username)))
+        score = controls.get(username)
+        s = stats.setdefault(username, AnnotatorStats(
+            username, 0, 0, None, with_consensus.get(username), score.answers if score else 0,
+            score.accuracy if score else None, kept[username] / shown[username] if shown[username] else None))
         if status == "submitted":
             s.submitted, s.mean_seconds = count, mean_seconds
         else:
             s.skipped = count
+    return sorted(stats.values(), key=lambda s: s.username)
 
-    counts = (select(Annotation.item_id, func.count().label("n")).where(Annotation.status == "submitted")
-              .group_by(Annotation.item_id).subquery())
-    ready = select(Completion.item_id).group_by(Completion.item_id).having(func.count() >= MIN_COMPLETIONS)
-    in_project = Item.project_id == project.id
+
+def project_report(db: Session, project: Project) -> ProjectReport:
+    answers = submitted_annotations(db, project)
+    data = data_annotations(answers)
+    records = ranking_records(data)
+    counts = submitted_counts()
+    in_project = (Item.project_id == project.id, visible(Item.import_job_id))
+    stored = db.scalar(select(func.count()).select_from(Annotation).join(Item)
+                       .where(Item.project_id == project.id, Annotation.status == "submitted"))
     return ProjectReport(
-        items=db.scalar(select(func.count()).select_from(Item).where(in_project)),
-        ready=db.scalar(select(func.count()).select_from(Item).where(in_project, Item.id.in_(ready))),
+        items=db.scalar(select(func.count()).select_from(Item).where(*in_project)),
+        ready=db.scalar(select(func.count()).select_from(Item).where(*in_project, Item.id.in_(ready_items()))),
         complete=db.scalar(select(func.count()).select_from(Item).join(counts, counts.c.item_id == Item.id)
-                           .where(in_project, counts.c.n >= project.annotators_per_item)),
-        submitted=len(annotations),
+                           .where(*in_project, Item.control_ranks.is_(None), counts.c.n >= project.annotators_per_item)),
+        controls=control_item_count(db, project),
+        submitted=len(answers),
+        misfits=stored - len(answers),
         pairwise_agreement=pairwise_agreement(records),
-        agreement=agreement,
-        annotators=sorted(stats.values(), key=lambda s: s.username),
+        agreement=_agreement(project, data),
+        annotators=_annotator_stats(db, project, answers, data),
     )
