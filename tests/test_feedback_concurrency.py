@@ -68,11 +68,11 @@ def fake_sampler(monkeypatch):
 
     gate = {"started": threading.Event(), "go": threading.Event(), "count": 0}
 
-    def generate_responses(model, tokenizer, prompts, **kwargs):
+    def generate_responses(model, tokenizer, prompts, num_samples=1, **kwargs):
         gate["started"].set()
         assert gate["go"].wait(30), "the test never released the sampler"
         gate["count"] += 1
-        return [f"sample {gate['count']}.{i} of {p}" for i, p in enumerate(prompts)]
+        return [f"sample {gate['count']}.{i} of {p}" for i, p in enumerate(p for p in prompts for _ in range(num_samples))]
 
     monkeypatch.setattr(jobs, "load_generator", lambda model: (None, None))
     monkeypatch.setattr(rollout, "generate_responses", generate_responses)

@@ -141,17 +141,16 @@ def run_generation(sessions: sessionmaker, job_id: int) -> None:
             for start in range(0, len(items), per_batch):
                 batch = items[start:start + per_batch]
                 samples: list[list[str]] = [[] for _ in batch]
-                for _ in range(RESAMPLE_ROUNDS):
-                    wanted = [(i, project.k - len(s)) for i, s in enumerate(samples) if len(s) < project.k]
+                for _ in range(RESAMPLE_ROUNDS):  # K samples of each prompt still short of K distinct answers
+                    wanted = [i for i, s in enumerate(samples) if len(s) < project.k]
                     if not wanted:
                         break
-                    prompts = [batch[i].prompt for i, n in wanted for _ in range(n)]
-                    answers = iter(generate_responses(
-                        model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, do_sample=True,
-                        temperature=params.temperature, top_p=params.top_p, batch_size=params.batch_size,
-                        system_prompt=params.system_prompt))
-                    for i, n in wanted:
-                        for text in (next(answers) for _ in range(n)):
+                    answers = generate_responses(
+                        model, tokenizer, [batch[i].prompt for i in wanted], max_new_tokens=params.max_new_tokens,
+                        do_sample=True, temperature=params.temperature, top_p=params.top_p, num_samples=project.k,
+                        batch_size=params.batch_size, system_prompt=params.system_prompt)
+                    for j, i in enumerate(wanted):
+                        for text in answers[j * project.k:(j + 1) * project.k]:
                             if text.strip() and text not in samples[i] and len(samples[i]) < project.k:
                                 samples[i].append(text)
                 # An item that still has fewer than K distinct answers keeps what it has (at least 2 to be served).
