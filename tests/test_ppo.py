@@ -106,10 +106,16 @@ def test_the_reference_is_the_policy_with_its_adapter_disabled(tiny_model, tmp_p
 def test_critic_starts_from_a_compatible_reward_model_else_from_the_policy(tiny_model, tmp_path):
     tokenizer = load_tokenizer(tiny_model)
     same_vocab = tmp_path / "rm"
-    RewardModel.from_base(tiny_model).save_pretrained(same_vocab)
+    rm = RewardModel.from_base(tiny_model)
+    rm.set_normalization(torch.tensor([3.0, 7.0, 5.0]))  # as training ends: gain 1/2, shift -5/2
+    rm.save_pretrained(same_vocab)
     critic = build_critic(ppo_config(tiny_model, tmp_path), tokenizer, str(same_vocab))
-    torch.testing.assert_close(critic.head.weight, load_file(same_vocab / "reward_head.safetensors")["weight"])
     assert any("lora_A" in n for n, _ in critic.named_parameters())  # the critic trains adapters too
+    # at the last token the critic's first values are the reward model's normalised scores, the scale of the returns
+    enc = rm.tokenize(PROMPTS, ["Hello.", "Instruments.", "The assistant."])
+    with torch.no_grad():
+        hidden = critic.backbone(**enc).last_hidden_state[torch.arange(3), enc["attention_mask"].sum(-1) - 1]
+        torch.testing.assert_close(critic.head(hidden).squeeze(-1), rm.score(PROMPTS, ["Hello.", "Instruments.", "The assistant."]))
 
     other = build_tiny_model(tmp_path / "other-vocab", vocab_size=300)
     RewardModel.from_base(str(other)).save_pretrained(tmp_path / "rm-other")

@@ -19,6 +19,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ReportTo = str | list[str]  # checked against the trackers installed when a run starts (rlhfkit.runs.trackers)
+
+
 class LoraSettings(Strict):
     enabled: bool = True
     r: int = Field(16, gt=0)
@@ -61,8 +64,10 @@ class SFTConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
     gradient_checkpointing: bool = False
+    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
     seed: int = 42
 
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
     log_every: int = Field(5, gt=0)
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
@@ -160,6 +165,7 @@ class RewardConfig(Strict):
     eval_file: Path | None = None
     output_dir: Path
     overwrite: bool = False
+    resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
     keep_ties: bool = False  # ties as pairs with label 1/2
     max_length: int = Field(384, gt=0)
@@ -175,8 +181,13 @@ class RewardConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
     seed: int = 42
+
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
     log_every: int = Field(5, gt=0)
+    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
 
 
 class SamplingConfig(Strict):
@@ -255,6 +266,7 @@ class PPOConfig(Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 42
 
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
     log_every: int = Field(1, gt=0)
     save_every: int | None = Field(None, gt=0)  # iterations; None: only at the end
     save_total_limit: int | None = Field(2, gt=0)

@@ -102,22 +102,37 @@ def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
     return policy, reference
 
 
+def value_head_from_reward_model(rm) -> nn.Linear | None:
+    """The reward model's scalar head as a value head on the same scale as its rewards (the logit plus the stored
+    offset, so a critic starts out predicting normalised scores); None for a head that is not one linear layer on a
+    causal transformer's hidden states (an encoder's classifier)."""
+    score = getattr(rm.classifier, "score", None)
+    if not isinstance(score, nn.Linear):
+        return None
+    head = nn.Linear(score.in_features, 1)
+    with torch.no_grad():
+        head.weight.copy_(score.weight)
+        head.bias.fill_(rm.offset + (score.bias.item() if score.bias is not None else 0.0))
+    return head
+
+
 def build_critic(cfg: PPOConfig, policy_tokenizer, reward_model_path: str | None) -> ValueModel:
     """A separate critic, initialised from the reward model (when it reads text the way the policy writes it:
-    the same vocabulary and a scalar head) or else from the starting policy with a zero head."""
+    the same vocabulary and a scalar head on a causal transformer) or else from the starting policy with a zero
+    head."""
     from rlhfkit.reward.model import RewardModel
 
     source = cfg.critic_init
     if source in ("auto", "reward_model") and reward_model_path is not None:
         rm = RewardModel.from_pretrained(reward_model_path)
-        compatible = rm.head is not None and rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-        if compatible:
-            critic = ValueModel(rm.backbone, rm.head)
+        head = value_head_from_reward_model(rm)
+        if head is not None and rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+            critic = ValueModel(rm.body, head)
             source = "reward_model"
         elif source == "reward_model":
             raise ConfigError(
                 f"critic_init: reward_model, but the reward model {reward_model_path} "
-                + ("has a different vocabulary from the policy" if rm.head is not None else "is a sequence classifier")
+                + ("has a different vocabulary from the policy" if head is not None else "is an encoder classifier")
                 + "; use critic_init: policy (or auto)"
             )
         else:
