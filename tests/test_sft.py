@@ -35,7 +35,7 @@ def test_sft_lowers_train_and_held_out_loss_and_writes_a_run_directory(tiny_mode
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0 and "eval/loss" in metrics[0]
     assert sum("train/loss" in m for m in metrics) == 24 and sum("eval/loss" in m for m in metrics) == 7
-    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-24"]
     assert not list(out.glob(".*tmp"))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -57,25 +57,26 @@ def test_existing_output_is_refused_untouched_unless_overwrite(tiny_model, sft_f
 
 
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_model, sft_files, tmp_path, monkeypatch):
+    """With LoRA dropout on, killed in the middle of an epoch (step 3 of 4), resumed from checkpoint-2: the dropout
+    masks and the data order of steps 3 to 7 must be those of the uninterrupted run."""
     settings = ["max_steps=7", "save_every=2", "gradient_accumulation_steps=2", "batch_size=2", "lora.dropout=0.1"]
     train_sft(config(tiny_model, sft_files, tmp_path / "whole", *settings))
 
     calls = {"n": 0}
     real = sft_module.token_loss_sum
 
-    def dies_in_step_6(model, batch):
+    def dies_in_step_3(model, batch):
         calls["n"] += 1
-        # Loss computations: 1 eval batch before training, 2 micro-batches per step for steps 1-4, 1 eval batch
-        # at the end of epoch 1 (4 steps), 2 for step 5: the 13th is step 6's first.
-        if calls["n"] == 13:
+        # Loss computations: 1 eval batch before training, 2 micro-batches per step: the 6th is step 3's first.
+        if calls["n"] == 6:
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_6)
+    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings))
     monkeypatch.setattr(sft_module, "token_loss_sum", real)
-    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
 
     result = train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings, "resume_from=latest"))
@@ -84,6 +85,25 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_m
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == {r["step"]: r["train/loss"] for r in whole_rows if "train/loss" in r}
+    times = [r["time"] for r in rows]
+    assert times == sorted(times) and times[-1] > max(r["time"] for r in rows if r["step"] <= 2)  # time goes on
+
+
+def test_a_run_refused_for_bad_input_leaves_nothing_behind(tiny_model, sft_files, tmp_path):
+    from rlhfkit.errors import DataError, ModelNotFoundError
+
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="no such file"):
+        train_sft(config(tiny_model, sft_files, out, "max_steps=1", f"eval_file={tmp_path / 'missing.jsonl'}"))
+    with pytest.raises(ModelNotFoundError):
+        train_sft(config(tiny_model, sft_files, out, "max_steps=1", f"model={tmp_path / 'no-model'}"))
+    assert not out.exists()
+    train_sft(config(tiny_model, sft_files, out, "max_steps=1"))  # the corrected rerun is not refused
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_gradient_accumulation_gives_the_same_update_as_a_bigger_batch(tiny_model, sft_files, tmp_path):

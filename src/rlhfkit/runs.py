@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from rlhfkit.errors import ConfigError, NonFiniteError, OutputError, OutputExistsError
 from rlhfkit.models.loading import bf16_supported
@@ -25,7 +25,7 @@ STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presenc
 
 def make_accelerator(mixed_precision: str, output_dir: Path, report_to: list[str] | str = "tensorboard") -> Accelerator:
     """The Accelerator every trainer runs on, logging to the trackers in `report_to` (any that accelerate supports;
-    local ones such as TensorBoard write under `output_dir`).
+    local ones such as TensorBoard write under `output_dir/logs`).
 
     `mixed_precision="auto"` means bf16 where the GPU supports it, none elsewhere. On a machine without a GPU,
     processes started by `torchrun --nproc_per_node N` form a multi-CPU (gloo) group.
@@ -36,7 +36,7 @@ def make_accelerator(mixed_precision: str, output_dir: Path, report_to: list[str
         cpu=not torch.accelerator.is_available(),
         mixed_precision=mixed_precision,
         log_with=trackers(report_to),
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
 
@@ -60,7 +60,7 @@ def trackers(report_to: list[str] | str) -> list[str]:
 
 
 def start_tracking(accelerator: Accelerator, config) -> None:
-    """Open the trackers (project `rlhfkit`; TensorBoard writes to output_dir/rlhfkit) with the run's settings."""
+    """Open the trackers (project `rlhfkit`; TensorBoard writes to output_dir/logs/rlhfkit) with the run's settings."""
     accelerator.init_trackers("rlhfkit", config=flat_settings(config.model_dump(mode="json")))
 
 

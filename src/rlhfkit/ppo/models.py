@@ -3,22 +3,23 @@ frozen reference.
 
 Reference: with LoRA the reference is the policy with its adapter disabled (the same base weights, no second
 copy); without LoRA it is a frozen copy of the starting model. A starting model that is itself an adapter
-(an SFT run) is merged into its base first, so the reference is exactly the SFT model.
+(an SFT run) is merged into its base first, so the reference is exactly the SFT model; a PPO adapter trained on
+it records that merged model as its base, written to output_dir/base, so that peft loads the PPO output alone.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.loading import apply_lora, disable_dropout, load_causal_lm
+from rlhfkit.models.loading import apply_lora, disable_dropout, is_adapter, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ class ValueModel(nn.Module):
         return self.head(hidden[:, -(response_width + 1):-1]).squeeze(-1).float()
 
 
+START_MODEL_DIR = "base"  # in a PPO run started from an adapter: the merged start, the PPO adapter's base
+
+
 def load_start_model(cfg: PPOConfig) -> nn.Module:
-    """The starting policy as one plain model: an SFT adapter is merged into its base (which keeps the SFT
-    directory as the name a PPO adapter records as its base)."""
+    """The starting policy as one plain model: an SFT adapter is merged into its base."""
     lm = load_causal_lm(cfg.model, dtype="auto" if cfg.load_in_4bit else "float32", load_in_4bit=cfg.load_in_4bit)
     if hasattr(lm, "merge_and_unload"):
         if cfg.load_in_4bit:
@@ -78,9 +81,22 @@ def load_start_model(cfg: PPOConfig) -> nn.Module:
                 "exactly. Train the SFT stage with merge_adapter: true, or turn load_in_4bit off."
             )
         lm = lm.merge_and_unload()
-    portable = str(Path(cfg.model).resolve()) if Path(cfg.model).expanduser().exists() else cfg.model
-    lm.name_or_path = lm.config.name_or_path = portable
     return lm
+
+
+def write_start_model(lm: nn.Module, cfg: PPOConfig) -> None:
+    """Save the merged starting model (and its tokenizer) to output_dir/base, once, and make it the name a PPO
+    adapter records as its base: plain peft then loads the PPO output on its own, and the SFT run may move."""
+    from accelerate import PartialState
+
+    target = (cfg.output_dir / START_MODEL_DIR).resolve()
+    if PartialState().is_main_process and not (target / "config.json").is_file():
+        tmp = target.with_name(f".{START_MODEL_DIR}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+        lm.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(cfg.model).save_pretrained(tmp)
+        tmp.replace(target)
+    lm.name_or_path = lm.config.name_or_path = str(target)
 
 
 def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
@@ -89,6 +105,8 @@ def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
     lm.config.use_cache = True  # generation; training forwards pass use_cache=False
     reference = None
     if cfg.lora.enabled:
+        if is_adapter(cfg.model) and not cfg.merge_adapter:
+            write_start_model(lm, cfg)
         lm = apply_lora(lm, cfg.lora, quantized=cfg.load_in_4bit)
     else:
         reference = copy.deepcopy(lm).requires_grad_(False).eval()

@@ -30,7 +30,7 @@ from transformers import get_scheduler
 from rlhfkit.config import PPOConfig, dump_config
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import NonFiniteError, RlhfkitError
 from rlhfkit.generation import generate_responses
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
@@ -48,13 +48,10 @@ from rlhfkit.runs import (
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
+    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteError(RlhfkitError):
-    """Too many updates had NaN or Inf in the loss or the gradients."""
 
 
 @dataclass
@@ -98,14 +95,12 @@ def batch_prompt_indices(n: int, seed: int, step: int, batch_size: int, rank: in
 
 def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
     """Run PPO as configured. `rewards` (e.g. a `FunctionReward`) replaces `cfg.rewards` for library use."""
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
     set_seed(cfg.seed)
     device = accelerator.device
 
+    # Inputs first: a run refused for bad data, rewards or model name leaves no output directory behind.
     tokenizer = load_tokenizer(cfg.model)
     prompts = [r.prompt for r in load_prompts(cfg.prompts_file)]
     preview_prompts = []
@@ -116,6 +111,9 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
         reward, reward_model_path = build_reward(cfg, device)
     else:
         reward, reward_model_path = (rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])), None
+    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
+    if accelerator.is_main_process:
+        dump_config(cfg, cfg.output_dir / "config.yaml")
 
     policy, reference = build_policy(cfg)
     critic = build_critic(cfg, tokenizer, reward_model_path) if cfg.critic == "separate" else None
@@ -163,7 +161,7 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
         moments.load_state_dict(state["reward_moments"])
         logger.info("resumed from %s at step %d", checkpoint, step)
 
-    accelerator.init_trackers("tensorboard")
+    start_tracking(accelerator, cfg)
     metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                             resumed_at=step if checkpoint is not None else None)
     result = PPOResult(output_dir=cfg.output_dir, steps=step)
