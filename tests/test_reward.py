@@ -272,3 +272,58 @@ def test_a_reward_model_in_the_earlier_format_still_loads_with_its_scores(tiny_m
     enc = loaded.tokenize(*TEXTS)
     hidden = backbone(**enc).last_hidden_state[torch.arange(3), last_token_index(enc["attention_mask"])]
     torch.testing.assert_close(loaded.score(*TEXTS), (2.5 * head(hidden).squeeze(-1) - 0.3).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_reward_training_resumes_to_the_same_model_as_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    """LoRA with dropout on, checkpoints every 2 steps, killed in step 3 (mid-epoch), resumed: same weights, same
+    logged losses, and `time` going on from where the killed run was."""
+    data = rankings_file(tmp_path, n_items=8)
+    settings = [f"model={tiny_model}", f"train_file={data}", "batch_size=2", "max_steps=5", "save_every=2",
+                "learning_rate=1e-2", "lora.enabled=true", "lora.r=4", "lora.dropout=0.2", "log_every=1"]
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={tmp_path / 'whole'}"]))
+
+    calls, real = {"n": 0}, train_module.bradley_terry_loss
+
+    def dies_in_step_3(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "bradley_terry_loss", dies_in_step_3)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}"]))
+    monkeypatch.undo()
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"] and not (killed / "config.json").exists()
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}", "resume_from=latest"]))
+
+    from safetensors.torch import load_file
+
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(r["step"], r["train/loss"]) for r in whole_rows]
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+
+
+def test_rankings_that_are_all_ties_are_refused_before_anything_is_written(tiny_model, tmp_path):
+    from rlhfkit.errors import DataError
+
+    data = tmp_path / "ties.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [1, 1], "annotator": "x"}) + "\n")
+    out = tmp_path / "rm"
+    with pytest.raises(DataError, match=r"ties.jsonl: no comparisons: every ranking ties .* keep_ties: true"):
+        train_reward_model(load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={data}",
+                                                            f"output_dir={out}"]))
+    assert not out.exists()
+    good = rankings_file(tmp_path, n_items=2)
+    with pytest.raises(DataError, match="no such file"):
+        train_reward_model(load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={good}",
+                                                            f"eval_file={tmp_path / 'typo.jsonl'}", f"output_dir={out}"]))
+    assert not out.exists()
+    train_reward_model(load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={good}",
+                                                        f"output_dir={out}", "max_steps=1"]))  # the corrected rerun
+    assert (out / "model.safetensors").is_file()

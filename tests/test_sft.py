@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -127,3 +128,53 @@ def test_merged_adapter_is_saved_as_full_weights(tiny_model, sft_files, tmp_path
     assert type(merged).__name__ == "LlamaForCausalLM"
     ids = torch.tensor([[5, 6, 7]])
     assert not torch.allclose(merged(ids).logits, load_causal_lm(tiny_model)(ids).logits)
+
+
+def test_a_nan_loss_skips_its_update_and_the_run_goes_on(tiny_model, sft_files, tmp_path, monkeypatch):
+    import warnings
+
+    calls, real = {"n": 0}, sft_module.token_loss_sum
+
+    def nan_in_step_2(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), n  # 1 eval batch, then one batch per step
+
+    monkeypatch.setattr(sft_module, "token_loss_sum", nan_in_step_2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=3", "lora.enabled=false"))
+    assert result.steps == 3 and sum("step 2: NaN or Inf" in str(w.message) for w in caught) == 1
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "run" / "model.safetensors").values())
+    from rlhfkit.errors import NonFiniteError
+
+    calls["n"] = 0
+    with pytest.raises(NonFiniteError, match="stopped at step 2"):
+        train_sft(config(tiny_model, sft_files, tmp_path / "strict", "max_steps=3", "max_nonfinite_updates=0"))
+
+
+def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_model, sft_files, tmp_path, monkeypatch):
+    """accelerate gives a GradScaler only on GPUs; here one on CPU, with a scale that overflows the first steps."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    scalers = []
+
+    def fp16_on_cpu(mixed_precision, output_dir, report_to):
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(sft_module, "make_accelerator", fp16_on_cpu)
+    try:
+        result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=8", "max_nonfinite_updates=0",
+                                  "eval_file="))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert result.steps == 8 and scalers[0].get_scale() < 2.0**20  # some updates overflowed and were skipped
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["train/grad_norm"] != r["train/grad_norm"] or r["train/grad_norm"] == float("inf") for r in rows)
+    assert math.isfinite(rows[-1]["train/grad_norm"])  # and later ones were applied
+    assert all(torch.isfinite(w).all() for w in adapter_weights(tmp_path / "run").values())
