@@ -140,12 +140,9 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, resuming: bool) -> None:
-    """Create `path`; refuse to reuse a non-empty one unless resuming it or told to overwrite it.
-
-    Call it once the inputs have been read and checked, so that a run refused for bad input leaves nothing behind.
-    Every process checks (so that a refusal stops them all, not just the main one) before the main process acts.
-    """
+def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> bool:
+    """Refuse an output_dir that cannot be used, before any work: a file, a path through a file, or a non-empty
+    directory that is neither resumed nor to be overwritten. Returns whether an existing run will be replaced."""
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output_dir {path} exists and is a file")
     blocker = next((p for p in path.parents if p.exists()), None)
@@ -158,6 +155,16 @@ def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, re
             f"output_dir {path} already holds results ({held}); pass overwrite=true to replace it, "
             "resume_from=latest to continue its last checkpoint, or choose another output_dir"
         )
+    return replace
+
+
+def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, resuming: bool) -> None:
+    """Create `path` (after `check_output_dir`'s checks), replacing an earlier run if told to overwrite it.
+
+    Call it once the inputs have been read and checked, so that a run refused for bad input leaves nothing behind.
+    Every process checks (so that a refusal stops them all, not just the main one) before the main process acts.
+    """
+    replace = check_output_dir(path, overwrite, resuming)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:

@@ -20,7 +20,11 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open("rb") as f:  # decoded line by line, so that a bad byte is reported on its own line
+    try:
+        f = path.open("rb")  # decoded line by line, so that a bad byte is reported on its own line
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    with f:
         yield from parse_jsonl(str(path), _decoded_lines(str(path), f))
 
 

@@ -29,6 +29,7 @@ from rlhfkit.runs import (
     MetricsWriter,
     NonFiniteGuard,
     adamw,
+    check_output_dir,
     checkpoint_tmp_path,
     commit_checkpoint,
     install_files,
@@ -133,6 +134,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     uninterrupted run."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
     set_seed(cfg.seed)
 
     # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
