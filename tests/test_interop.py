@@ -113,3 +113,41 @@ def test_every_output_loads_in_plain_transformers_peft_and_trl(bundled_alias_is_
     assert plain["reward_config"]["architectures"] == ["LlamaForSequenceClassification"]
     assert len(plain["reward_config"]["id2label"]) == 1
     torch.testing.assert_close(torch.tensor(plain["reward"]) + offset, expected_reward, rtol=1e-4, atol=1e-4)
+
+
+def test_data_in_trl_formats_trains_sft_and_a_reward_model(tiny_model, tmp_path):
+    """SFT on prompt/completion, conversational prompt/completion and `messages` with system and tool turns; a
+    reward model on conversational pairs with an implicit prompt, read from a directory saved by `datasets`."""
+    import datasets
+
+    from rlhfkit.data.chat import IGNORE_INDEX
+    from rlhfkit.models.loading import load_tokenizer
+    from rlhfkit.sft import tokenize_examples
+
+    user = {"role": "user", "content": "How many holiday days do I get?"}
+    sft_rows = [
+        {"prompt": "Where is HQ?", "completion": "Edinburgh."},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Parking?"}],
+         "completion": [{"role": "assistant", "content": "Level -1."}]},
+        {"messages": [user, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "hr"}}]},
+                      {"role": "tool", "name": "hr", "content": "28"}, {"role": "assistant", "content": "28 days."}]},
+    ]
+    sft_file = tmp_path / "sft.jsonl"
+    sft_file.write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
+    tokenizer = load_tokenizer(tiny_model)
+    tool_example = tokenize_examples(sft_file, tokenizer, 256, None)[2]
+    learned = tokenizer.decode([t for t, label in zip(tool_example.input_ids, tool_example.labels) if label != IGNORE_INDEX])
+    assert "28 days." in learned and "tool" not in learned and "holiday" not in learned  # the answers only
+    result = train_sft(load_config(SFTConfig, None, [f"model={tiny_model}", f"train_file={sft_file}", "max_steps=2",
+                                                     "batch_size=3", f"output_dir={tmp_path / 'sft'}", "preview.num_prompts=0"]))
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.train_loss_last))
+
+    def turn(text):
+        return [user, {"role": "assistant", "content": text}]
+
+    pairs = [{"chosen": turn(f"You get 28 days ({i})."), "rejected": turn(f"No idea ({i}).")} for i in range(4)]
+    datasets.Dataset.from_list(pairs).save_to_disk(tmp_path / "prefs")
+    metrics = train_reward_model(load_config(RewardConfig, None, [
+        f"model={tiny_model}", f"train_file={tmp_path / 'prefs'}", f"eval_file={tmp_path / 'prefs'}",
+        f"output_dir={tmp_path / 'rm'}", "max_steps=2", "learning_rate=1e-2"]))
+    assert metrics["pairs"] == 4.0  # all four read, the shared user turn as their prompt

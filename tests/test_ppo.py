@@ -265,3 +265,20 @@ def test_cli_ppo_with_the_shipped_config_and_overrides(tiny_model, tmp_path):
     bad = runner.invoke(app, ["ppo", "--config", "configs/ppo.yaml", "batch_size=3", "mini_batch_size=2"])
     assert isinstance(bad.exception, ConfigError) and "multiple of mini_batch_size" in str(bad.exception)
     assert not math.isnan(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["kl/ref"])
+
+
+def test_a_run_refused_for_bad_input_leaves_nothing_behind(tiny_model, tmp_path):
+    from rlhfkit.errors import DataError
+
+    out = tmp_path / "run"
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "Hi"}\n{"prompt": ""}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt: the prompt is empty"):
+        train_ppo(ppo_config(tiny_model, out, prompts_file=str(bad)))
+    with pytest.raises(ConfigError, match="hf:.*needs a label"):
+        train_ppo(ppo_config(tiny_model, out, rewards=[{"scorer": f"hf:{tiny_model}"}]))
+    assert not out.exists()
+    bad.write_text('{"prompt": "Hi"}\n{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]}\n')
+    result = train_ppo(ppo_config(tiny_model, out, prompts_file=str(bad), steps=1, batch_size=2, mini_batch_size=2),
+                       FunctionReward(lambda p, r: float(isinstance(p, list)), name="conversation"))
+    assert result.history[0]["reward/conversation"] == 0.5  # one of the two prompts came as a conversation

@@ -40,6 +40,7 @@ from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_
 from rlhfkit.runs import (
     adamw,
     MetricsWriter,
+    check_output_dir,
     checkpoint_tmp_path,
     commit_checkpoint,
     make_accelerator,
@@ -97,6 +98,7 @@ def train_ppo(cfg: PPOConfig, rewards: Reward | None = None) -> PPOResult:
     """Run PPO as configured. `rewards` (e.g. a `FunctionReward`) replaces `cfg.rewards` for library use."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
     set_seed(cfg.seed)
     device = accelerator.device
 
