@@ -68,6 +68,24 @@ def output_layer(classifier: PreTrainedModel) -> nn.Linear:
     return linears[-1]
 
 
+def _classifier_around(lm: PreTrainedModel) -> PreTrainedModel:
+    """The one-output `*ForSequenceClassification` of a causal LM's architecture, around the LM's own transformer,
+    with a new head: `score` = Linear(d, 1), N(0, 1/sqrt(d+1)), no bias (as transformers builds it)."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    with torch.device("meta"):  # the transformer is the LM's and the head is made below: nothing to initialise
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    setattr(classifier, classifier.base_model_prefix, lm.base_model)
+    if not isinstance(getattr(classifier, "score", None), nn.Linear):
+        raise ConfigError(f"{type(classifier).__name__} has no `score` layer; train the reward model on another model")
+    classifier.score = nn.Linear(classifier.score.in_features, 1, bias=False)
+    nn.init.normal_(classifier.score.weight, std=1 / math.sqrt(classifier.score.in_features + 1))
+    if any(t.is_meta for t in [*classifier.parameters(), *classifier.buffers()]):
+        raise ConfigError(f"{type(classifier).__name__} has parts beyond its transformer and score layer; "
+                          "train the reward model on another model")
+    return classifier
+
+
 class RewardModel(nn.Module):
     def __init__(self, classifier: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
                  offset: float = 0.0, max_length: int = 512):
@@ -96,12 +114,7 @@ class RewardModel(nn.Module):
             lm = load_causal_lm(name, dtype="float32")
             if hasattr(lm, "merge_and_unload"):  # an SFT adapter: fold it into the weights
                 lm = lm.merge_and_unload()
-            config = copy.deepcopy(lm.config)
-            config.num_labels = 1
-            classifier = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-            setattr(classifier, classifier.base_model_prefix, lm.base_model)  # the trained transformer, without the LM head
-            score = output_layer(classifier)
-            nn.init.normal_(score.weight, std=1 / math.sqrt(score.in_features + 1))
+            classifier = _classifier_around(lm)
         else:
             classifier = AutoModelForSequenceClassification.from_pretrained(
                 resolve_model(name), num_labels=1, ignore_mismatched_sizes=True  # a new 1-output head
