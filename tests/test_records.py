@@ -128,3 +128,24 @@ def test_a_saved_dataset_directory_reads_like_a_file(tmp_path):
     (tmp_path / "plain-dir").mkdir()
     with pytest.raises(DataError, match="not a dataset saved with `datasets`"):
         load_sft_examples(tmp_path / "plain-dir")
+
+
+def test_a_hub_dataset_id_is_loaded_through_datasets_with_its_split(tmp_path, monkeypatch):
+    """No hub here: datasets.load_dataset stands in, and the test checks what rlhfkit asks of it."""
+    datasets = pytest.importorskip("datasets")
+    from rlhfkit.data.records import load_prompts
+
+    asked = []
+
+    def load_dataset(name, split=None):
+        asked.append((name, split))
+        rows = datasets.Dataset.from_list([{"prompt": f"{name} {split}"}])
+        return rows if split else datasets.DatasetDict({"test": rows, "train": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert [p.prompt for p in load_prompts("org/prompts")] == ["org/prompts None"]  # the train split of the dict
+    assert [p.prompt for p in load_prompts("org/prompts:test[:10]")] == ["org/prompts test[:10]"]
+    assert asked == [("org/prompts", None), ("org/prompts", "test[:10]")]
+    with pytest.raises(DataError, match="no such file"):
+        load_prompts(tmp_path / "typo.jsonl")  # a missing file is never sent to the hub
+    assert len(asked) == 2

@@ -304,22 +304,23 @@ def reward_train(
 
 @reward_app.command("score")
 def reward_score(
-    data: Annotated[Path, typer.Option(help="JSONL with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
-    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL; repeat for several")],
+    data: Annotated[Path, typer.Option(help="JSONL (or a saved dataset) with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
+    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL[:logit|prob]; repeat for several")],
     output: Annotated[Optional[Path], typer.Option(help="write the scored records here (JSONL); default: print a summary only")] = None,
     batch_size: int = 16,
 ) -> None:
     """Score responses with reward models and classifiers; adds each score to the records' "scores"."""
-    from rlhfkit.data.jsonl import read_jsonl, write_jsonl
+    from rlhfkit.data.jsonl import write_jsonl
+    from rlhfkit.data.sources import read_records
     from rlhfkit.errors import DataError, OutputExistsError
     from rlhfkit.reward.scorers import load_scorer
 
     if output is not None and output.exists():
         raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
     records = []
-    for lineno, r in read_jsonl(data):
+    for where, r in read_records(data):
         if "prompt" not in r or not ({"response"} <= r.keys() or {"chosen", "rejected"} <= r.keys()):
-            raise DataError(f"{data}:{lineno}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
+            raise DataError(f"{where}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
         records.append(r)
     scorers = [load_scorer(m) for m in model]
     table = Table(title=f"Scores of {data}")

@@ -22,6 +22,7 @@ from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.errors import ConfigError, DataError
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+SPLIT_SUFFIX = re.compile(r"^(.+?):([\w.-]+(?:\[[^\]]*\])?)$")
 DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
@@ -46,11 +47,12 @@ def read_records(source: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any
 
 
 def split_source(source: str) -> tuple[str, str | None]:
-    """`NAME:SPLIT` -> (NAME, SPLIT); a name that exists as a path is never split (it may hold a colon)."""
-    if Path(source).expanduser().exists() or ":" not in source:
+    """`NAME:SPLIT` -> (NAME, SPLIT), SPLIT a name with an optional slice (`test`, `train[:100]`); a name that
+    exists as a path is never split (it may hold a colon)."""
+    match = SPLIT_SUFFIX.match(source)
+    if Path(source).expanduser().exists() or match is None:
         return source, None
-    name, _, split = source.rpartition(":")
-    return name, split or None
+    return match.group(1), match.group(2)
 
 
 def _datasets():

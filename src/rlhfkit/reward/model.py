@@ -41,12 +41,6 @@ LEGACY_CONFIG_FILE, LEGACY_HEAD_FILE = "reward_model.json", "reward_head.safeten
 logger = logging.getLogger(__name__)
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position whose mask is 1, per row; correct for left and right padding."""
-    width = attention_mask.shape[-1]
-    return width - 1 - attention_mask.flip(-1).argmax(-1)
-
-
 def is_causal_lm(name: str) -> bool:
     path = resolve_model(name)
     if (Path(path) / "adapter_config.json").is_file():
@@ -87,6 +81,8 @@ def _classifier_around(lm: PreTrainedModel) -> PreTrainedModel:
 
 
 class RewardModel(nn.Module):
+    """A sequence classifier with one output and its tokenizer: scores (prompt, response) pairs, higher is better."""
+
     def __init__(self, classifier: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
                  offset: float = 0.0, max_length: int = 512):
         super().__init__()
