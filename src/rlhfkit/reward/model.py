@@ -72,8 +72,13 @@ def _classifier_around(lm: PreTrainedModel) -> PreTrainedModel:
     setattr(classifier, classifier.base_model_prefix, lm.base_model)
     if not isinstance(getattr(classifier, "score", None), nn.Linear):
         raise ConfigError(f"{type(classifier).__name__} has no `score` layer; train the reward model on another model")
-    classifier.score = nn.Linear(classifier.score.in_features, 1, bias=False)
-    nn.init.normal_(classifier.score.weight, std=1 / math.sqrt(classifier.score.in_features + 1))
+    d = classifier.score.in_features
+    # Drawn as rlhfkit 0.1 drew its head (a Linear with a bias, then the weight re-drawn), so that one seed gives the
+    # same reward model as before; transformers' score layer keeps the weight (Bradley-Terry never moves a bias).
+    drawn = nn.Linear(d, 1)
+    nn.init.normal_(drawn.weight, std=1 / math.sqrt(d + 1))
+    classifier.score = nn.Linear(d, 1, bias=False)
+    classifier.score.weight = drawn.weight
     if any(t.is_meta for t in [*classifier.parameters(), *classifier.buffers()]):
         raise ConfigError(f"{type(classifier).__name__} has parts beyond its transformer and score layer; "
                           "train the reward model on another model")
