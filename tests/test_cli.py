@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
@@ -63,3 +64,67 @@ def test_data_pairs_and_reward_score_with_the_toxicity_scorer(tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in scored.read_text().splitlines()]
     assert all(r["scores"]["toxicity_rejected"] > r["scores"]["toxicity_chosen"] for r in rows)
+
+
+def run_main(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """`rlhfkit ARGS` through the console script's own entry point, in this process: (exit status, stderr)."""
+    from rlhfkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["rlhfkit", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    return stopped.value.code, capsys.readouterr().err
+
+
+def assert_one_error_line(result, *fragments):
+    status, stderr = result
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("error: "), stderr[-2000:]
+    assert stderr.rstrip().endswith(errors[0]) and all(f in errors[0] for f in fragments), errors[0]
+
+
+def test_bad_input_is_one_error_line_with_status_2_and_leaves_nothing(tiny_model, sft_files, tmp_path, capsys, monkeypatch):
+    cli = lambda *args: run_main(capsys, monkeypatch, *args)  # noqa: E731
+    train, _ = sft_files
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"prompt": "café", "response": "oui"}\n'.encode("latin-1"))
+    out = tmp_path / "out"
+    assert_one_error_line(cli("sft", f"model={tiny_model}", f"train_file={latin1}", f"output_dir={out}"),
+                          "latin1.jsonl:1: not UTF-8 text")
+    assert not out.exists()
+    (tmp_path / "a-file").write_text("x")
+    assert_one_error_line(cli("sft", f"model={tiny_model}", f"train_file={train}", f"output_dir={tmp_path / 'a-file' / 'run'}"),
+                          "cannot create output_dir", "a-file is a file")
+    rankings = tmp_path / "r.jsonl"
+    rankings.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [1, 1], "annotator": "x"}) + "\n")
+    assert_one_error_line(cli("data", "pairs", "--rankings", rankings, "--output", tmp_path / "a-file" / "p.jsonl"),
+                          "cannot write", "p.jsonl")
+    assert_one_error_line(cli("reward", "train", f"model={tiny_model}", f"train_file={rankings}", f"output_dir={out}"),
+                          "no comparisons: every ranking ties")
+    assert not out.exists()
+
+
+def test_version_and_every_command_prints_its_full_config_and_lists_its_settings(tmp_path):
+    from importlib.metadata import version
+
+    import yaml
+
+    from rlhfkit.config import PPOConfig, load_config
+
+    assert runner.invoke(app, ["--version"]).output.strip() == f"rlhfkit {version('rlhfkit')}"
+    printed = runner.invoke(app, ["ppo", "--print-config"])
+    assert printed.exit_code == 0 and "kl_coef: 0.05" in printed.output and "# beta;" in printed.output
+    # the printed file, once the required settings are filled in, is a valid config with every default
+    raw = yaml.safe_load(printed.output)
+    raw.update(model="m", prompts_file="p.jsonl", output_dir="o", rewards=[{"scorer": "toxicity"}])
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(raw))
+    filled = load_config(PPOConfig, tmp_path / "ppo.yaml")
+    assert filled == PPOConfig(model="m", prompts_file="p.jsonl", output_dir="o", rewards=[{"scorer": "toxicity"}])
+    assert filled.lora.dropout == 0.0  # a block's own default (PPO's LoRA has no dropout), not the class's
+    for command in (["sft"], ["reward", "train"], ["ppo"], ["eval"], ["simulate"], ["pipeline", "run"]):
+        assert runner.invoke(app, [*command, "--print-config"]).exit_code == 0, command
+        help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+        assert "Settings (in the --config YAML or as key=value" in help_text, command
+    help_text = runner.invoke(app, ["sft", "--help"], env={"COLUMNS": "200"}).output
+    assert "lora.dropout = 0.05" in help_text and "report_to = tensorboard" in help_text

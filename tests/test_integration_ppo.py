@@ -46,8 +46,8 @@ def test_ppo_on_the_bundled_model_from_an_sft_adapter_with_a_reward_model_and_to
     critic = load_file(out / "checkpoint-2" / "model_1.safetensors")
     assert any("lora_A" in k for k in critic) and any("head" in k for k in critic)
 
-    # The PPO adapter names the SFT directory as its base and loads with the SFT adapter merged in.
+    # The PPO adapter names the merged SFT model it wrote as its base, so that peft loads it alone.
     policy = load_causal_lm(str(out), dtype="float32")
-    assert policy.peft_config["default"].base_model_name_or_path == str((tmp_path / "sft").resolve())
+    assert policy.peft_config["default"].base_model_name_or_path == str((out / "base").resolve())
     answer = generate_responses(policy, load_tokenizer(str(out)), ["Who is Wren?"], max_new_tokens=8)
     assert isinstance(answer[0], str)

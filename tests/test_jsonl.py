@@ -45,3 +45,18 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     write_jsonl(path, [{"x": "é"}, {"y": [1]}])
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"x": "é"}, {"y": [1]}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_text_that_is_not_utf8_is_a_data_error_on_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "a"}\n{"prompt": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        list(read_jsonl(path))
+
+
+def test_an_unwritable_output_is_an_output_error(tmp_path):
+    from rlhfkit.errors import OutputError
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write .*a-file/out.jsonl"):
+        write_jsonl(tmp_path / "a-file" / "out.jsonl", [{"a": 1}])

@@ -49,3 +49,28 @@ def test_adapter_directory_loads_its_base_and_the_adapter(tiny_model, tmp_path):
 def test_qlora_without_cuda_says_why(tiny_model):
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         load_causal_lm(tiny_model, load_in_4bit=True)
+
+
+def test_an_adapter_finds_its_base_again_after_the_bundled_cache_or_its_run_directory_moved(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    old_cache, new_cache = tmp_path / "old-cache", tmp_path / "new-cache"
+    shutil.copytree(tiny_model, old_cache / "models" / "smollm2-135m-instruct")
+    monkeypatch.setenv("RLHFKIT_CACHE", str(old_cache))
+    model = apply_lora(load_causal_lm("smollm2-135m-instruct"), LoraSettings(r=2, alpha=4))
+    model.save_pretrained(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((old_cache / "models" / "smollm2-135m-instruct").resolve())  # loadable by peft alone
+    shutil.move(old_cache, new_cache)  # another machine, or another $RLHFKIT_CACHE
+    monkeypatch.setenv("RLHFKIT_CACHE", str(new_cache))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(load_causal_lm(str(tmp_path / "adapter"))(ids).logits, model.eval()(ids).logits)
+
+    # a run directory that carries its base (PPO's base/) moves as a whole
+    run = tmp_path / "run"
+    load_causal_lm(tiny_model).save_pretrained(run / "base")
+    load_tokenizer(tiny_model).save_pretrained(run / "base")
+    on_base = apply_lora(load_causal_lm(str(run / "base")), LoraSettings(r=2, alpha=4))
+    on_base.save_pretrained(run)
+    shutil.move(run, tmp_path / "moved")
+    assert type(load_causal_lm(str(tmp_path / "moved"))).__name__ == "PeftModelForCausalLM"

@@ -73,10 +73,16 @@ def test_the_reference_is_the_policy_with_its_adapter_disabled(tiny_model, tmp_p
 def test_critic_starts_from_a_compatible_reward_model_else_from_the_policy(tiny_model, tmp_path):
     tokenizer = load_tokenizer(tiny_model)
     same_vocab = tmp_path / "rm"
-    RewardModel.from_base(tiny_model).save_pretrained(same_vocab)
+    rm = RewardModel.from_base(tiny_model)
+    rm.set_normalization(torch.tensor([3.0, 7.0, 5.0]))  # as training ends: gain 1/2, shift -5/2
+    rm.save_pretrained(same_vocab)
     critic = build_critic(ppo_config(tiny_model, tmp_path), tokenizer, str(same_vocab))
-    torch.testing.assert_close(critic.head.weight, load_file(same_vocab / "reward_head.safetensors")["weight"])
     assert any("lora_A" in n for n, _ in critic.named_parameters())  # the critic trains adapters too
+    # at the last token the critic's first values are the reward model's normalised scores, the scale of the returns
+    enc = rm.tokenize(PROMPTS, ["Hello.", "Instruments.", "The assistant."])
+    with torch.no_grad():
+        hidden = critic.backbone(**enc).last_hidden_state[torch.arange(3), enc["attention_mask"].sum(-1) - 1]
+        torch.testing.assert_close(critic.head(hidden).squeeze(-1), rm.score(PROMPTS, ["Hello.", "Instruments.", "The assistant."]))
 
     other = build_tiny_model(tmp_path / "other-vocab", vocab_size=300)
     RewardModel.from_base(str(other)).save_pretrained(tmp_path / "rm-other")
@@ -182,6 +188,28 @@ def test_nan_rewards_skip_updates_then_stop_the_run_leaving_checkpoints_whole(ti
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_model, tmp_path, monkeypatch):
+    """A GradScaler whose first scale overflows the gradients: the scaler skips those updates and lowers its scale,
+    which is loss scaling at work, not a NaN; with no NaN tolerated the run must still finish."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import rlhfkit.ppo.trainer as trainer_module
+
+    def fp16_on_cpu(mixed_precision, output_dir, report_to):
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
+        return accelerator
+
+    monkeypatch.setattr(trainer_module, "make_accelerator", fp16_on_cpu)
+    try:
+        result = train_ppo(ppo_config(tiny_model, tmp_path, steps=3, max_nonfinite_updates=0), FunctionReward(frac_e))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert result.steps == 3
+
+
 def test_stop_tokens_end_responses_and_missing_eos_is_penalised(tiny_model, tmp_path):
     result = train_ppo(ppo_config(tiny_model, tmp_path, steps=1, missing_eos_penalty=2.0, sampling={"max_new_tokens": 3}),
                        FunctionReward(lambda p, r: 0.0, name="zero"))
@@ -244,3 +272,20 @@ def test_cli_ppo_with_the_shipped_config_and_overrides(tiny_model, tmp_path):
     bad = runner.invoke(app, ["ppo", "--config", "configs/ppo.yaml", "batch_size=3", "mini_batch_size=2"])
     assert isinstance(bad.exception, ConfigError) and "multiple of mini_batch_size" in str(bad.exception)
     assert not math.isnan(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["kl/ref"])
+
+
+def test_a_run_refused_for_bad_input_leaves_nothing_behind(tiny_model, tmp_path):
+    from rlhfkit.errors import DataError
+
+    out = tmp_path / "run"
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "Hi"}\n{"prompt": ""}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt: the prompt is empty"):
+        train_ppo(ppo_config(tiny_model, out, prompts_file=str(bad)))
+    with pytest.raises(ConfigError, match="hf:.*needs a label"):
+        train_ppo(ppo_config(tiny_model, out, rewards=[{"scorer": f"hf:{tiny_model}"}]))
+    assert not out.exists()
+    bad.write_text('{"prompt": "Hi"}\n{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]}\n')
+    result = train_ppo(ppo_config(tiny_model, out, prompts_file=str(bad), steps=1, batch_size=2, mini_batch_size=2),
+                       FunctionReward(lambda p, r: float(isinstance(p, list)), name="conversation"))
+    assert result.history[0]["reward/conversation"] == 0.5  # one of the two prompts came as a conversation

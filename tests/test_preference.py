@@ -120,3 +120,41 @@ def test_bundled_rankings_have_several_annotators_who_sometimes_disagree():
     assert len(by_item) >= 120 and min(by_item.values()) >= 2
     items = consolidate_rankings(records, keep_ties=True)
     assert sum(len(i.ties) for i in items) > 0  # genuine disagreement (or shared ties) exists
+
+
+def test_trl_preference_forms_give_the_same_pairs_as_ours(tmp_path):
+    from rlhfkit.data.preference import load_pairs
+
+    user = [{"role": "user", "content": "Where is HQ?"}]
+    good, bad = [{"role": "assistant", "content": "Edinburgh."}], [{"role": "assistant", "content": "Paris."}]
+    rows = [
+        {"prompt": "Where is HQ?", "chosen": "Edinburgh.", "rejected": "Paris."},  # ours = TRL standard, explicit
+        {"chosen": "Where is HQ? Edinburgh.", "rejected": "Where is HQ? Paris."},  # standard, implicit prompt
+        {"prompt": user, "chosen": good, "rejected": bad},  # conversational, explicit
+        {"chosen": user + good, "rejected": user + bad},  # conversational, implicit
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(path)
+    assert {(p.prompt, p.chosen, p.rejected) for p in pairs} == {("Where is HQ?", "Edinburgh.", "Paris.")}
+    [item] = load_preference_items(path)
+    assert item.completions == ["Edinburgh.", "Paris."] and item.pairs == [(0, 1)] * 4
+
+
+def test_implicit_prompts_split_at_a_word_and_conversations_keep_their_turns(tmp_path):
+    from rlhfkit.data.preference import split_shared_prompt
+
+    assert split_shared_prompt("Human: hi. Assistant: Hello there", "Human: hi. Assistant: Help yourself") == (
+        "Human: hi. Assistant:", "Hello there", "Help yourself")
+    system = {"role": "system", "content": "Be brief."}
+    turns = [system, {"role": "user", "content": "a"}]
+    prompt, chosen, rejected = split_shared_prompt(turns + [{"role": "assistant", "content": "b"}],
+                                                   turns + [{"role": "assistant", "content": "c"}])
+    assert prompt == turns and chosen == [{"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match="share no prompt"):
+        split_shared_prompt("yes", "no")
+    path = tmp_path / "conv.jsonl"
+    path.write_text(json.dumps({"chosen": turns + [{"role": "assistant", "content": "b"}],
+                                "rejected": turns + [{"role": "assistant", "content": "c"}]}) + "\n")
+    [item] = load_preference_items(path)
+    assert item.prompt == turns and item.completions == ["b", "c"]

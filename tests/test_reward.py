@@ -14,17 +14,9 @@ from rlhfkit.reward import (
     RewardModel,
     ToxicityScorer,
     WeightedSum,
-    last_token_index,
 )
 from rlhfkit.reward import train as train_module
 from rlhfkit.reward.train import PreferenceBatch, bradley_terry_loss, preference_metrics, train_reward_model
-
-
-def test_last_token_index_under_left_and_right_padding():
-    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-    assert last_token_index(right).tolist() == [2, 4, 0]
-    assert last_token_index(left).tolist() == [4, 4, 4]
 
 
 def test_score_is_the_same_unpadded_left_padded_and_right_padded(tiny_model):
@@ -51,9 +43,10 @@ def test_head_initialisation_and_no_dropout(tiny_model, tmp_path):
         if src.exists():
             (tiny_model_with_dropout / f).write_bytes(src.read_bytes())
     model = RewardModel.from_base(str(tiny_model_with_dropout))
-    d = model.backbone.config.hidden_size
-    assert model.head.bias.item() == 0
-    assert 0.5 < model.head.weight.std().item() * math.sqrt(d + 1) < 1.5
+    assert type(model.classifier).__name__ == "LlamaForSequenceClassification"
+    d = model.classifier.config.hidden_size
+    assert model.classifier.score.bias is None  # Bradley-Terry cannot move a bias: transformers' bias-free head
+    assert 0.5 < model.classifier.score.weight.std().item() * math.sqrt(d + 1) < 1.5
     model.train()
     enc = model.tokenize(["q"], ["a fairly long answer"])
     assert model(**enc).item() == model(**enc).item()  # dropout is off even in training mode
@@ -128,7 +121,11 @@ def test_lora_reward_model_trains_and_saves_merged(tiny_model, tmp_path):
                                            "lora.enabled=true", "lora.r=4", "max_steps=2"])
     train_reward_model(cfg)
     assert not (tmp_path / "rm" / "adapter_config.json").exists()
-    assert RewardModel.from_pretrained(tmp_path / "rm").score(["q"], ["a"]).shape == (1,)
+    trained = RewardModel.from_pretrained(tmp_path / "rm")
+    assert trained.score(["q"], ["a"]).shape == (1,)
+    base = RewardModel.from_base(tiny_model)
+    moved = [n for n, p in trained.classifier.model.named_parameters() if not torch.equal(p, base.classifier.model.get_parameter(n))]
+    assert any("q_proj" in n for n in moved)  # the adapters trained and were merged into the saved weights
 
 
 def classifier_dir(tmp_path, tiny_model, name, id2label):
@@ -165,7 +162,7 @@ def test_sequence_classification_backbone_is_a_reward_model(tiny_model, tmp_path
     model.save_pretrained(path)
     tok.save_pretrained(path)
     rm = RewardModel.from_base(str(path))
-    assert rm.head is None and rm.backbone.config.num_labels == 1
+    assert rm.classifier.config.num_labels == 1
     rm.save_pretrained(tmp_path / "saved")
     torch.testing.assert_close(RewardModel.from_pretrained(tmp_path / "saved").score(["q"], ["a"]), rm.score(["q"], ["a"]))
 
@@ -178,3 +175,147 @@ def test_toxicity_function_and_weighted_sum():
     total = WeightedSum([(-2.0, ToxicityScorer()), (0.1, length)])
     torch.testing.assert_close(total.score(texts, texts), -2.0 * tox + 0.1 * torch.tensor([9.0, 8.0]))
     assert set(total.components(texts, texts)) == {"toxicity", "words"}
+
+
+def trained_reward_model(tiny_model, tmp_path, *overrides):
+    data = rankings_file(tmp_path, n_items=4)
+    cfg = load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={data}", f"output_dir={tmp_path / 'rm'}",
+                                           "batch_size=2", "max_steps=2", "learning_rate=1e-2", *overrides])
+    train_reward_model(cfg)
+    return tmp_path / "rm"
+
+
+TEXTS = (["Where is HQ?", "Parking?", "Holidays?"], ["Edinburgh, at 14 Example Street.", "Level -1.", "28 days a year."])
+
+
+def test_a_saved_reward_model_loads_in_transformers_with_its_head_and_scores(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    path = trained_reward_model(tiny_model, tmp_path)
+    ours = RewardModel.from_pretrained(path)
+    enc = ours.tokenize(*TEXTS)
+    logits = [AutoModelForSequenceClassification.from_pretrained(path)(**enc).logits[:, 0] for _ in range(2)]
+    torch.testing.assert_close(logits[0], logits[1])  # the trained head is in the file, not drawn at random
+    offset = json.loads((path / "config.json").read_text())["rlhfkit_reward"]["offset"]
+    torch.testing.assert_close(logits[0].detach() + offset, ours.score(*TEXTS), rtol=1e-5, atol=1e-5)
+
+
+def tiny_classifier(tmp_path, tiny_model, name, id2label, problem_type=None):
+    """A Llama sequence classifier saved with its tokenizer (what TRL's RewardTrainer writes, with one label)."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_labels, config.id2label, config.problem_type = len(id2label), id2label, problem_type
+    config.label2id = {v: k for k, v in id2label.items()}
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / name)
+    return model.eval(), tmp_path / name
+
+
+def test_a_trl_trained_reward_model_scores_as_a_reward_model_and_as_a_classifier(tiny_model, tmp_path):
+    from rlhfkit.reward.scorers import RewardModelReward, load_scorer
+
+    model, path = tiny_classifier(tmp_path, tiny_model, "trl-rm", {0: "LABEL_0"})
+    rm = load_scorer(str(path))
+    assert isinstance(rm, RewardModelReward)
+    texts = [rm.model.tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                                   tokenize=False) for p, r in zip(*TEXTS)]
+    expected = torch.stack([model(**rm.model.tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+                            for t in texts]).detach()
+    torch.testing.assert_close(rm.score(*TEXTS), expected, rtol=1e-5, atol=1e-5)
+    # named as a classifier, its one label gives the logit, or with :prob its sigmoid (never a constant softmax of 1)
+    torch.testing.assert_close(load_scorer(f"hf:{path}:LABEL_0").score(TEXTS[1], TEXTS[1]),
+                               model(**rm.model.tokenizer(TEXTS[1], return_tensors="pt", padding=True)).logits[:, 0].detach())
+    prob = load_scorer(f"hf:{path}:LABEL_0:prob").score(TEXTS[1], TEXTS[1])
+    assert prob.min() > 0 and prob.max() < 1 and len(set(prob.tolist())) == 3
+
+
+def test_classifier_probabilities_follow_the_head_and_run_on_the_given_device(tiny_model, tmp_path):
+    from rlhfkit.reward.scorers import load_scorer
+
+    labels = {0: "toxic", 1: "insult"}
+    multi, multi_path = tiny_classifier(tmp_path, tiny_model, "multi", labels, "multi_label_classification")
+    single, single_path = tiny_classifier(tmp_path, tiny_model, "single", labels)
+    scorer = ClassifierReward(str(multi_path), "toxic")
+    logits = multi(**scorer.tokenizer(TEXTS[1], return_tensors="pt", padding=True)).logits.detach()
+    torch.testing.assert_close(scorer.score(TEXTS[1], TEXTS[1]), logits[:, 0].sigmoid())
+    torch.testing.assert_close(ClassifierReward(str(single_path), "toxic").score(TEXTS[1], TEXTS[1]),
+                               single(**scorer.tokenizer(TEXTS[1], return_tensors="pt", padding=True)).logits.detach().softmax(-1)[:, 0])
+    assert load_scorer(f"hf:{multi_path}:toxic:logit", device="meta").model.device.type == "meta"
+
+
+def test_a_reward_model_in_the_earlier_format_still_loads_with_its_scores(tiny_model, tmp_path):
+    """rlhfkit 0.1 wrote the transformer, reward_head.safetensors and reward_model.json (gain, bias)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    path = tmp_path / "old"
+    backbone = AutoModel.from_pretrained(tiny_model)
+    backbone.save_pretrained(path)
+    RewardModel.from_base(tiny_model).tokenizer.save_pretrained(path)
+    torch.manual_seed(1)
+    head = torch.nn.Linear(backbone.config.hidden_size, 1)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, path / "reward_head.safetensors")
+    (path / "reward_model.json").write_text(json.dumps({"kind": "scalar-head", "base_model": tiny_model, "gain": 2.5,
+                                                        "bias": -0.3, "max_length": 512}))
+    loaded = RewardModel.from_pretrained(path)
+    enc = loaded.tokenize(*TEXTS)
+    hidden = backbone(**enc).last_hidden_state[torch.arange(3), enc["attention_mask"].sum(-1) - 1]  # right-padded
+    torch.testing.assert_close(loaded.score(*TEXTS), (2.5 * head(hidden).squeeze(-1) - 0.3).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_reward_training_resumes_to_the_same_model_as_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    """LoRA with dropout on, checkpoints every 2 steps, killed in step 3 (mid-epoch), resumed: same weights, same
+    logged losses, and `time` going on from where the killed run was."""
+    data = rankings_file(tmp_path, n_items=8)
+    settings = [f"model={tiny_model}", f"train_file={data}", "batch_size=2", "max_steps=5", "save_every=2",
+                "learning_rate=1e-2", "lora.enabled=true", "lora.r=4", "lora.dropout=0.2", "log_every=1"]
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={tmp_path / 'whole'}"]))
+
+    calls, real = {"n": 0}, train_module.bradley_terry_loss
+
+    def dies_in_step_3(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "bradley_terry_loss", dies_in_step_3)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}"]))
+    monkeypatch.undo()
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"] and not (killed / "config.json").exists()
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}", "resume_from=latest"]))
+
+    from safetensors.torch import load_file
+
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(r["step"], r["train/loss"]) for r in whole_rows]
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+
+
+def test_rankings_that_are_all_ties_are_refused_before_anything_is_written(tiny_model, tmp_path):
+    from rlhfkit.errors import DataError
+
+    data = tmp_path / "ties.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [1, 1], "annotator": "x"}) + "\n")
+    out = tmp_path / "rm"
+    with pytest.raises(DataError, match=r"ties.jsonl: no comparisons: every ranking ties .* keep_ties: true"):
+        train_reward_model(load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={data}",
+                                                            f"output_dir={out}"]))
+    assert not out.exists()
+    good = rankings_file(tmp_path, n_items=2)
+    with pytest.raises(DataError, match="no such file"):
+        train_reward_model(load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={good}",
+                                                            f"eval_file={tmp_path / 'typo.jsonl'}", f"output_dir={out}"]))
+    assert not out.exists()
+    train_reward_model(load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={good}",
+                                                        f"output_dir={out}", "max_steps=1"]))  # the corrected rerun
+    assert (out / "model.safetensors").is_file()

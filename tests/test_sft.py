@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_sft_lowers_train_and_held_out_loss_and_writes_a_run_directory(tiny_mode
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0 and "eval/loss" in metrics[0]
     assert sum("train/loss" in m for m in metrics) == 24 and sum("eval/loss" in m for m in metrics) == 7
-    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-24"]
     assert not list(out.glob(".*tmp"))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -57,25 +58,26 @@ def test_existing_output_is_refused_untouched_unless_overwrite(tiny_model, sft_f
 
 
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_model, sft_files, tmp_path, monkeypatch):
+    """With LoRA dropout on, killed in the middle of an epoch (step 3 of 4), resumed from checkpoint-2: the dropout
+    masks and the data order of steps 3 to 7 must be those of the uninterrupted run."""
     settings = ["max_steps=7", "save_every=2", "gradient_accumulation_steps=2", "batch_size=2", "lora.dropout=0.1"]
     train_sft(config(tiny_model, sft_files, tmp_path / "whole", *settings))
 
     calls = {"n": 0}
     real = sft_module.token_loss_sum
 
-    def dies_in_step_6(model, batch):
+    def dies_in_step_3(model, batch):
         calls["n"] += 1
-        # Loss computations: 1 eval batch before training, 2 micro-batches per step for steps 1-4, 1 eval batch
-        # at the end of epoch 1 (4 steps), 2 for step 5: the 13th is step 6's first.
-        if calls["n"] == 13:
+        # Loss computations: 1 eval batch before training, 2 micro-batches per step: the 6th is step 3's first.
+        if calls["n"] == 6:
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_6)
+    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings))
     monkeypatch.setattr(sft_module, "token_loss_sum", real)
-    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
 
     result = train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings, "resume_from=latest"))
@@ -84,6 +86,25 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_m
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == {r["step"]: r["train/loss"] for r in whole_rows if "train/loss" in r}
+    times = [r["time"] for r in rows]
+    assert times == sorted(times) and times[-1] > max(r["time"] for r in rows if r["step"] <= 2)  # time goes on
+
+
+def test_a_run_refused_for_bad_input_leaves_nothing_behind(tiny_model, sft_files, tmp_path):
+    from rlhfkit.errors import DataError, ModelNotFoundError
+
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="no such file"):
+        train_sft(config(tiny_model, sft_files, out, "max_steps=1", f"eval_file={tmp_path / 'missing.jsonl'}"))
+    with pytest.raises(ModelNotFoundError):
+        train_sft(config(tiny_model, sft_files, out, "max_steps=1", f"model={tmp_path / 'no-model'}"))
+    assert not out.exists()
+    train_sft(config(tiny_model, sft_files, out, "max_steps=1"))  # the corrected rerun is not refused
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_gradient_accumulation_gives_the_same_update_as_a_bigger_batch(tiny_model, sft_files, tmp_path):
@@ -107,3 +128,53 @@ def test_merged_adapter_is_saved_as_full_weights(tiny_model, sft_files, tmp_path
     assert type(merged).__name__ == "LlamaForCausalLM"
     ids = torch.tensor([[5, 6, 7]])
     assert not torch.allclose(merged(ids).logits, load_causal_lm(tiny_model)(ids).logits)
+
+
+def test_a_nan_loss_skips_its_update_and_the_run_goes_on(tiny_model, sft_files, tmp_path, monkeypatch):
+    import warnings
+
+    calls, real = {"n": 0}, sft_module.token_loss_sum
+
+    def nan_in_step_2(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), n  # 1 eval batch, then one batch per step
+
+    monkeypatch.setattr(sft_module, "token_loss_sum", nan_in_step_2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=3", "lora.enabled=false"))
+    assert result.steps == 3 and sum("step 2: NaN or Inf" in str(w.message) for w in caught) == 1
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "run" / "model.safetensors").values())
+    from rlhfkit.errors import NonFiniteError
+
+    calls["n"] = 0
+    with pytest.raises(NonFiniteError, match="stopped at step 2"):
+        train_sft(config(tiny_model, sft_files, tmp_path / "strict", "max_steps=3", "max_nonfinite_updates=0"))
+
+
+def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_model, sft_files, tmp_path, monkeypatch):
+    """accelerate gives a GradScaler only on GPUs; here one on CPU, with a scale that overflows the first steps."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    scalers = []
+
+    def fp16_on_cpu(mixed_precision, output_dir, report_to):
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(sft_module, "make_accelerator", fp16_on_cpu)
+    try:
+        result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=8", "max_nonfinite_updates=0",
+                                  "eval_file="))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert result.steps == 8 and scalers[0].get_scale() < 2.0**20  # some updates overflowed and were skipped
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["train/grad_norm"] != r["train/grad_norm"] or r["train/grad_norm"] == float("inf") for r in rows)
+    assert math.isfinite(rows[-1]["train/grad_norm"])  # and later ones were applied
+    assert all(torch.isfinite(w).all() for w in adapter_weights(tmp_path / "run").values())

@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from rlhfkit import config as configs
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback.cli import feedback_app
+from rlhfkit.pipeline import RUN_SETTINGS, STAGES, PipelineConfig
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Reinforcement Learning from Human Feedback, end to end.")
@@ -29,20 +33,54 @@ app.add_typer(feedback_app, name="feedback")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value settings over the config (e.g. epochs=1 lora.r=8)", show_default=False)]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of settings (see --print-config); key=value overrides go over it")]
 
 
-@app.command()
-def sft(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/sft.yaml")],
-    overrides: Overrides = None,
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"rlhfkit {version('rlhfkit')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version, help="print the version and exit")] = False,
 ) -> None:
-    """Supervised fine-tuning on prompt/response or chat JSONL (LoRA or full)."""
-    from rlhfkit.config import SFTConfig, load_config
-    from rlhfkit.sft import train_sft
+    """Reinforcement Learning from Human Feedback, end to end."""
 
+
+def _config_help(cls: type[BaseModel], **kwargs) -> str:
+    """A command's epilog: its settings with their defaults."""
+    return ("Settings (in the --config YAML or as key=value; --print-config shows them as a commented YAML "
+            "file):\n\n" + escape(configs.settings_help(cls, **kwargs)))
+
+
+def _print_config(cls: type[BaseModel], command: str, **kwargs):
+    """An eager --print-config option: print the full default config of `cls` and exit, before anything else."""
+    def show(value: bool) -> None:
+        if value:
+            title = f"rlhfkit {command}: every setting. Save it, fill in the required ones, and give it to rlhfkit {command}"
+            typer.echo(configs.config_template(cls, title, **kwargs), nl=False)
+            raise typer.Exit()
+
+    return typer.Option("--print-config", is_eager=True, callback=show,
+                        help="print every setting with its default and meaning (YAML) and exit")
+
+
+@app.command(epilog=_config_help(configs.SFTConfig))
+def sft(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    print_config: Annotated[bool, _print_config(configs.SFTConfig, "sft")] = False,
+) -> None:
+    """Supervised fine-tuning on prompt/response or chat data (LoRA or full), e.g. -c configs/sft.yaml."""
     from accelerate import PartialState
 
-    cfg = load_config(SFTConfig, config, overrides or [])
+    from rlhfkit.sft import train_sft
+
+    cfg = configs.load_config(configs.SFTConfig, config, overrides or [])
     result = train_sft(cfg)
     if not PartialState().is_main_process:  # under torchrun / accelerate launch, one process reports
         return
@@ -92,18 +130,19 @@ def generate(
             console.print(a, markup=False, highlight=False)
 
 
-@app.command()
+@app.command(epilog=_config_help(configs.PPOConfig))
 def ppo(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/ppo.yaml")],
+    config: ConfigFile = None,
     overrides: Overrides = None,
+    print_config: Annotated[bool, _print_config(configs.PPOConfig, "ppo")] = False,
 ) -> None:
-    """PPO against rewards (reward models, classifiers) with a KL penalty against the starting model."""
+    """PPO against rewards (reward models, classifiers) with a KL penalty against the starting model, e.g.
+    -c configs/ppo.yaml."""
     from accelerate import PartialState
 
-    from rlhfkit.config import PPOConfig, load_config
     from rlhfkit.ppo import train_ppo
 
-    cfg = load_config(PPOConfig, config, overrides or [])
+    cfg = configs.load_config(configs.PPOConfig, config, overrides or [])
     result = train_ppo(cfg)
     if not PartialState().is_main_process:
         return
@@ -139,7 +178,7 @@ def _parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-@app.command("eval")
+@app.command("eval", epilog=_config_help(configs.EvalConfig))
 def eval_(
     models: Annotated[Optional[list[str]], typer.Option("--models", "-m", help="NAME=MODEL,... in order; the first is the baseline (e.g. base=smollm2-135m-instruct,sft=runs/demo/sft,ppo=runs/demo/ppo)")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="prompts JSONL, or a Hugging Face dataset id (with `datasets`, online)")] = None,
@@ -148,16 +187,17 @@ def eval_(
     reference: Annotated[Optional[str], typer.Option(help="model name for KL, perplexity and win rate (default: the first)")] = None,
     limit: Annotated[Optional[int], typer.Option(help="only the first N prompts")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with EvalConfig settings")] = None,
+    config: ConfigFile = None,
     overrides: Overrides = None,
+    print_config: Annotated[bool, _print_config(configs.EvalConfig, "eval")] = False,
 ) -> None:
     """Sample every model's answers to the same prompts; toxicity, reward, KL, perplexity, diversity, with CIs."""
-    from rlhfkit.config import EvalConfig, load_config
     from rlhfkit.evaluation.evaluate import evaluate
 
     flags = {"models": _parse_models(models) if models else None, "prompts": prompts, "output_dir": output_dir,
              "reward_model": reward_model, "reference": reference, "limit": limit, "overwrite": overwrite or None}
-    cfg = load_config(EvalConfig, config, overrides or [], settings={k: v for k, v in flags.items() if v is not None})
+    cfg = configs.load_config(configs.EvalConfig, config, overrides or [],
+                              settings={k: v for k, v in flags.items() if v is not None})
     result = evaluate(cfg)
     _print_eval(result.models, result.reference, f"{result.num_prompts} prompts, answers sampled at temperature "
                 f"{cfg.sampling.temperature}; {round(100 * cfg.confidence)}% bootstrap intervals")
@@ -176,12 +216,16 @@ def _print_eval(metrics: dict, reference: str, title: str) -> None:
     console.print(table)
 
 
-@pipeline_app.command("run")
+PIPELINE_STAGES = {"nested": STAGES, "omit": RUN_SETTINGS}  # a pipeline's stage blocks hold their commands' settings
+
+
+@pipeline_app.command("run", epilog=_config_help(PipelineConfig, **PIPELINE_STAGES))
 def pipeline_run(
     config: Annotated[Path, typer.Argument(help="pipeline YAML, e.g. configs/company_assistant.yaml")],
     overrides: Overrides = None,
     quick: Annotated[bool, typer.Option(help="the config's `quick:` profile: small sizes, a smoke run in minutes")] = False,
     restart_from: Annotated[Optional[str], typer.Option(help="run this stage and every later one again")] = None,
+    print_config: Annotated[bool, _print_config(PipelineConfig, "pipeline run", **PIPELINE_STAGES)] = False,
 ) -> None:
     """SFT -> reward model -> PPO -> evaluation -> report, each stage in its own directory; finished stages are
     skipped on a rerun and an interrupted one resumes."""
@@ -202,16 +246,17 @@ def pipeline_run(
     console.print(f"report: {result.report}")
 
 
-@app.command()
+@app.command(epilog=_config_help(configs.SimulateConfig))
 def simulate(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/simulate.yaml")],
+    config: ConfigFile = None,
     overrides: Overrides = None,
+    print_config: Annotated[bool, _print_config(configs.SimulateConfig, "simulate")] = False,
 ) -> None:
-    """Simulated annotators: rank K completions by a gold utility plus noise, in the rankings format."""
-    from rlhfkit.config import SimulateConfig, load_config
+    """Simulated annotators: rank K completions by a gold utility plus noise, in the rankings format (e.g.
+    -c configs/simulate.yaml)."""
     from rlhfkit.evaluation.simulate import simulate as run_simulation
 
-    cfg = load_config(SimulateConfig, config, overrides or [])
+    cfg = configs.load_config(configs.SimulateConfig, config, overrides or [])
     records = run_simulation(cfg)
     items = len({r["id"] for r in records})
     console.print(f"{len(records)} rankings ({items} items x {cfg.annotators} annotators) in {cfg.output_file}")
@@ -236,18 +281,19 @@ def _answer(text: str, scores: dict[str, float]) -> Text:
     return Text(text) + Text("\n" + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), style="dim")
 
 
-@reward_app.command("train")
+@reward_app.command("train", epilog=_config_help(configs.RewardConfig))
 def reward_train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/reward.yaml")],
+    config: ConfigFile = None,
     overrides: Overrides = None,
+    print_config: Annotated[bool, _print_config(configs.RewardConfig, "reward train")] = False,
 ) -> None:
-    """Train a reward model on rankings or pairs JSONL (Bradley-Terry), normalise it and save it."""
+    """Train a reward model on rankings or pairs (Bradley-Terry), normalise it and save it (e.g.
+    -c configs/reward.yaml)."""
     from accelerate import PartialState
 
-    from rlhfkit.config import RewardConfig, load_config
     from rlhfkit.reward.train import train_reward_model
 
-    cfg = load_config(RewardConfig, config, overrides or [])
+    cfg = configs.load_config(configs.RewardConfig, config, overrides or [])
     result = train_reward_model(cfg)
     if not PartialState().is_main_process:
         return
@@ -262,22 +308,23 @@ def reward_train(
 
 @reward_app.command("score")
 def reward_score(
-    data: Annotated[Path, typer.Option(help="JSONL with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
-    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL; repeat for several")],
+    data: Annotated[Path, typer.Option(help="JSONL (or a saved dataset) with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
+    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL[:logit|prob]; repeat for several")],
     output: Annotated[Optional[Path], typer.Option(help="write the scored records here (JSONL); default: print a summary only")] = None,
     batch_size: int = 16,
 ) -> None:
     """Score responses with reward models and classifiers; adds each score to the records' "scores"."""
-    from rlhfkit.data.jsonl import read_jsonl, write_jsonl
+    from rlhfkit.data.jsonl import write_jsonl
+    from rlhfkit.data.sources import read_records
     from rlhfkit.errors import DataError, OutputExistsError
     from rlhfkit.reward.scorers import load_scorer
 
     if output is not None and output.exists():
         raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
     records = []
-    for lineno, r in read_jsonl(data):
+    for where, r in read_records(data):
         if "prompt" not in r or not ({"response"} <= r.keys() or {"chosen", "rejected"} <= r.keys()):
-            raise DataError(f"{data}:{lineno}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
+            raise DataError(f"{where}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
         records.append(r)
     scorers = [load_scorer(m) for m in model]
     table = Table(title=f"Scores of {data}")
@@ -347,7 +394,9 @@ def main() -> None:
     try:
         app()
     except RlhfkitError as e:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False)
+        # soft_wrap: the message stays one line however narrow the terminal (a config error lists its problems below)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(str(e))}", markup=True,
+                                                   highlight=False)
         sys.exit(2)
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import io
 import os
+import textwrap
+import tokenize
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,12 +25,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ReportTo = str | list[str]  # checked against the trackers installed when a run starts (rlhfkit.runs.trackers)
+
+
 class LoraSettings(Strict):
-    enabled: bool = True
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
+    """LoRA adapters (peft) on the frozen base weights."""
+
+    enabled: bool = True  # false: train every weight
+    r: int = Field(16, gt=0)  # adapter rank
+    alpha: int = Field(32, gt=0)  # scale: alpha / r
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str = "all-linear"  # module names, or all-linear
 
 
 class PreviewSettings(Strict):
@@ -35,21 +46,23 @@ class PreviewSettings(Strict):
 
 
 class SFTConfig(Strict):
-    model: str = DEFAULT_MODEL
-    train_file: Path
-    eval_file: Path | None = None
+    """Supervised fine-tuning (`rlhfkit sft`): the loss on the assistant turns only."""
+
+    model: str = DEFAULT_MODEL  # alias, local directory (full weights or adapter) or hub id
+    train_file: Path  # SFT records: JSONL, or a datasets directory / hub id (NAME:SPLIT)
+    eval_file: Path | None = None  # held-out records: loss before, during and after training
     output_dir: Path
     overwrite: bool = False  # replace an existing output_dir
     resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
-    system_prompt: str | None = None
-    max_length: int = Field(512, gt=0)
+    system_prompt: str | None = None  # put before conversations that have no system turn
+    max_length: int = Field(512, gt=0)  # tokens per example; longer ones are cut on the right
 
     lora: LoraSettings = LoraSettings()
     load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
     merge_adapter: bool = False  # save merged full weights instead of the adapter
 
-    epochs: float = Field(3, gt=0)
+    epochs: float = Field(3, gt=0)  # passes over the training data (fractions allowed)
     max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     eval_batch_size: int = Field(16, gt=0)
@@ -61,8 +74,10 @@ class SFTConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
     gradient_checkpointing: bool = False
+    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
     seed: int = 42
 
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
     log_every: int = Field(5, gt=0)
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
@@ -121,6 +136,8 @@ def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[st
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -156,13 +173,14 @@ class RewardConfig(Strict):
     """Reward-model training from rankings (consolidated by majority) or pairs; Bradley-Terry loss."""
 
     model: str = DEFAULT_MODEL  # backbone: alias, directory (e.g. an SFT run), or hub id
-    train_file: Path  # rankings or pairs JSONL (detected from the keys)
-    eval_file: Path | None = None
+    train_file: Path  # rankings or pairs (ours or TRL's, detected from the keys): JSONL, or a datasets directory / hub id (NAME:SPLIT)
+    eval_file: Path | None = None  # held-out rankings or pairs: accuracy, margin, calibration
     output_dir: Path
     overwrite: bool = False
+    resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
     keep_ties: bool = False  # ties as pairs with label 1/2
-    max_length: int = Field(384, gt=0)
+    max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
     lora: LoraSettings = LoraSettings(enabled=False)
 
     epochs: float = Field(1, gt=0)
@@ -174,9 +192,14 @@ class RewardConfig(Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
+    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
     seed: int = 42
+
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
     log_every: int = Field(5, gt=0)
+    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
 
 
 class SamplingConfig(Strict):
@@ -208,7 +231,8 @@ class RewardTerm(Strict):
     """One reward in the weighted sum PPO maximises.
 
     `scorer`: `toxicity` (offline P(toxic); give it a negative weight), a reward-model directory, or
-    `hf:MODEL:LABEL` (a sequence classifier's label probability).
+    `hf:MODEL:LABEL[:logit|prob]` (one label of a sequence classifier; by default a one-label head's logit, else the
+    label's probability).
     """
 
     scorer: str
@@ -220,7 +244,7 @@ class PPOConfig(Strict):
     """PPO with a KL penalty against the frozen starting model. Defaults follow Ziegler et al. 2019 / TRL."""
 
     model: str  # the starting policy (usually an SFT run directory); also the KL reference
-    prompts_file: Path  # JSONL with a "prompt" key per line
+    prompts_file: Path  # prompts (text or conversations): JSONL, or a datasets directory / hub id (NAME:SPLIT)
     eval_prompts_file: Path | None = None  # held-out prompts for the before/after preview
     output_dir: Path
     overwrite: bool = False
@@ -230,7 +254,7 @@ class PPOConfig(Strict):
     max_prompt_length: int = Field(256, gt=0)  # tokens; longer prompts keep their end
     sampling: SamplingConfig = SamplingConfig()
 
-    rewards: list[RewardTerm] = Field(min_length=1)
+    rewards: list[RewardTerm] = Field(min_length=1)  # [{scorer, weight, name}]: scorer toxicity, a reward-model directory or hf:MODEL:LABEL[:logit|prob]
     missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of a response that never stops
     reward_clip: float | None = Field(None, gt=0)  # clip the (normalised) score to [-c, c]
     normalize_reward: bool = False  # divide scores by a running std (and subtract the running mean)
@@ -271,9 +295,10 @@ class PPOConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     max_nonfinite_updates: int = Field(3, ge=0)  # skipped NaN/Inf updates tolerated before the run stops
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
     seed: int = 42
 
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
     log_every: int = Field(1, gt=0)
     save_every: int | None = Field(None, gt=0)  # iterations; None: only at the end
     save_total_limit: int | None = Field(2, gt=0)
@@ -355,3 +380,98 @@ class SimulateConfig(Strict):
         if (self.completions_file is not None) == any(sampling) or (any(sampling) and not all(sampling)):
             raise ValueError("give either completions_file, or model and prompts_file to sample k completions per prompt")
         return self
+
+
+# --- Describing the settings: `rlhfkit COMMAND --print-config` and the settings list in each command's help ---
+
+REQUIRED = object()  # the default of a setting that has none
+
+
+@dataclass
+class Setting:
+    key: str  # dotted for nested settings (lora.r)
+    default: Any  # REQUIRED where there is none; ignored for a group
+    comment: str  # the comment on the setting's line in this file
+    depth: int = 0
+    group: bool = False  # a block of nested settings (lora:), listed after it
+
+
+def _line_comments(cls: type) -> dict[str, str]:
+    """The comment on each field's line(s) in the class's source: its description, kept where a reader of this
+    file sees it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, node.end_lineno + 1)
+            found[node.target.id] = " ".join(comments[i] for i in lines if i in comments)
+    return found
+
+
+def describe_settings(cls: type[BaseModel], nested: dict[str, type[BaseModel]] | None = None,
+                      omit: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
+                      prefix: str = "", depth: int = 0) -> list[Setting]:
+    """Every setting of `cls` with its default and comment, nested blocks expanded. `nested` expands dict-typed
+    fields as the given classes (a pipeline's stages), without their `omit` settings; `defaults` overrides the
+    class defaults (a nested block's own default, such as PPO's LoRA dropout 0)."""
+    comments = _line_comments(cls)
+    out = []
+    for name, field in cls.model_fields.items():
+        if depth and name in omit:
+            continue
+        default = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
+        if defaults is not None and name in defaults:
+            default = defaults[name]
+        block = (nested or {}).get(name) or _model_class(field.annotation)
+        if block is None:
+            out.append(Setting(prefix + name, default, comments.get(name, ""), depth))
+            continue
+        out.append(Setting(prefix + name, None, comments.get(name, "") or _first_line(block.__doc__), depth, group=True))
+        values = default.model_dump(mode="json") if isinstance(default, BaseModel) else None
+        out += describe_settings(block, None, omit, values, f"{prefix}{name}.", depth + 1)
+    return out
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it is written in a YAML config (flow style for lists and mappings)."""
+    if isinstance(value, Path):
+        value = str(value)
+    return yaml.safe_dump([value], default_flow_style=True, sort_keys=False, width=10_000)[1:-2]
+
+
+def config_template(cls: type[BaseModel], title: str, **kwargs) -> str:
+    """The full default configuration as commented YAML (`--print-config`): required settings left empty, every
+    other one at its default, each with its comment. A starting point to edit."""
+    lines = [f"# {title}", *(f"# {part}" for part in textwrap.wrap(" ".join((cls.__doc__ or "").split()), 110)),
+             "# Required settings are left empty; every other line holds the default."]
+    for s in describe_settings(cls, **kwargs):
+        text = "  " * s.depth + s.key.rpartition(".")[2] + ":"
+        if not s.group and s.default is not REQUIRED:
+            text += " " + yaml_value(s.default)
+        note = "required" + (f"; {s.comment}" if s.comment else "") if s.default is REQUIRED else s.comment
+        lines.append(f"{text:<40}  # {note}" if note else text)
+    return "\n".join(lines) + "\n"
+
+
+def settings_help(cls: type[BaseModel], **kwargs) -> str:
+    """The settings as `key = default  comment` lines, for a command's help."""
+    rows = []
+    for s in describe_settings(cls, **kwargs):
+        if s.group:
+            continue
+        value = "(required)" if s.default is REQUIRED else yaml_value(s.default)
+        rows.append((f"{s.key} = {value}", s.comment))
+    width = min(44, max(len(left) for left, _ in rows))
+    return "\n".join(f"  {left:<{width}}  {note}".rstrip() for left, note in rows)

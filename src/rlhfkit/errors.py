@@ -6,7 +6,7 @@ class RlhfkitError(Exception):
 
 
 class DataError(RlhfkitError, ValueError):
-    """A data file is malformed. The message starts with `file:line:`."""
+    """A data file is malformed. The message starts with `file:line:` (or `dataset row N:`)."""
 
 
 class ConfigError(RlhfkitError, ValueError):
@@ -17,5 +17,13 @@ class ModelNotFoundError(RlhfkitError, LookupError):
     """A model name resolved to nothing. The message lists what was tried."""
 
 
-class OutputExistsError(RlhfkitError, FileExistsError):
+class OutputError(RlhfkitError, OSError):
+    """An output cannot be written where it was asked for (a file in the way, no permission, a full disk)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """An output directory already holds results and overwriting was not asked for."""
+
+
+class NonFiniteError(RlhfkitError):
+    """Too many updates had a NaN or Inf loss (or, without fp16 loss scaling, NaN or Inf gradients)."""

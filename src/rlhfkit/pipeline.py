@@ -11,7 +11,7 @@ name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{rewa
 left out (or null) is skipped, and nothing may refer to it.
 
 A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
-interrupted midway resumes from its last checkpoint (SFT, PPO) or starts again (reward, eval: no checkpoints).
+interrupted midway resumes from its last checkpoint (SFT, reward, PPO) or starts again (eval: no checkpoints).
 Changing a finished stage's settings is an error that names the changed keys, unless `--restart-from STAGE`
 says to run that stage and every later one again.
 """

@@ -1,4 +1,5 @@
-"""Run directories: guarded creation, resolved config, metrics.jsonl, and whole-or-nothing checkpoints."""
+"""What every trainer shares: the Accelerator and its trackers, run directories (guarded creation, resolved config,
+metrics.jsonl, whole-or-nothing checkpoints), the optimizer step with its NaN/Inf guard, and per-step seeding."""
 
 from __future__ import annotations
 
@@ -7,21 +8,24 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 
-from rlhfkit.errors import ConfigError, OutputExistsError
+from rlhfkit.errors import ConfigError, NonFiniteError, OutputError, OutputExistsError
 from rlhfkit.models.loading import bf16_supported
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
 
-def make_accelerator(mixed_precision: str, output_dir: Path) -> Accelerator:
-    """The Accelerator every trainer runs on, logging to TensorBoard under `output_dir`.
+def make_accelerator(mixed_precision: str, output_dir: Path, report_to: list[str] | str = "tensorboard") -> Accelerator:
+    """The Accelerator every trainer runs on, logging to the trackers in `report_to` (any that accelerate supports;
+    local ones such as TensorBoard write under `output_dir/logs`).
 
     `mixed_precision="auto"` means bf16 where the GPU supports it, none elsewhere. On a machine without a GPU,
     processes started by `torchrun --nproc_per_node N` form a multi-CPU (gloo) group.
@@ -31,10 +35,99 @@ def make_accelerator(mixed_precision: str, output_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=not torch.accelerator.is_available(),
         mixed_precision=mixed_precision,
-        log_with="tensorboard",
-        project_dir=str(output_dir),
+        log_with=trackers(report_to),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def trackers(report_to: list[str] | str) -> list[str]:
+    """`report_to` checked against what this machine has: a tracker whose package is missing is an error here,
+    where accelerate would only skip it silently."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if names in (["none"], []):
+        return []
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LoggerType.list():
+            raise ConfigError(f"report_to: unknown tracker {name!r}; choose from none, {', '.join(LoggerType.list())}")
+        if name != "all" and name not in available:
+            raise ConfigError(f"report_to: {name} is not installed here (pip install {name}), or drop it from report_to")
+    return names
+
+
+def start_tracking(accelerator: Accelerator, config) -> None:
+    """Open the trackers (project `rlhfkit`; TensorBoard writes to output_dir/logs/rlhfkit) with the run's settings."""
+    accelerator.init_trackers("rlhfkit", config=flat_settings(config.model_dump(mode="json")))
+
+
+def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as `a.b: value` with scalar values, the form trackers' hyperparameter tables take."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Seed every random generator (Python, numpy, torch on every device) from (seed, step), at the start of an
+    optimizer step.
+
+    Dropout then draws the same masks in step N however the run got there: an uninterrupted run, or one resumed
+    from a checkpoint, whose data-loader start-up, evaluation and previews consumed random numbers at other times.
+    """
+    set_seed((seed * 1_000_003 + step) % 2**32)
+
+
+class StepOutcome(NamedTuple):
+    ok: bool  # False: the loss was NaN/Inf (or, without fp16 loss scaling, the gradients were); nothing was applied
+    grad_norm: float  # of the unscaled gradients, before clipping (inf/nan when they overflowed)
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, scheduler, params, max_grad_norm: float,
+                   loss: torch.Tensor) -> StepOutcome:
+    """One optimizer update after the backward passes of a step: clip, step, advance the LR schedule, zero grads.
+
+    `loss` is this process's loss of the step; it counts as finite only if it is on every process. A non-finite loss
+    skips the update and returns ok=False, for the caller to count (see `NonFiniteGuard`). Under fp16 the update
+    goes through accelerate's GradScaler in every other case: when the gradients overflow, the scaler skips the
+    update and lowers its scale (`accelerator.optimizer_step_was_skipped`); that is routine loss scaling, and ok.
+    Without a scaler, non-finite gradients skip the update and return ok=False. The schedule advances either way,
+    so the learning rate stays a function of the step.
+    """
+    loss_finite = bool(torch.isfinite(accelerator.reduce(loss.detach().float().sum().reshape(1), "sum")).all())
+    scaled = accelerator.scaler is not None
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))  # unscales the gradients under fp16
+    ok = loss_finite and (scaled or torch.isfinite(torch.tensor(grad_norm)).item())
+    if ok or scaled:  # fp16 with a NaN loss: the gradients are NaN too, and the scaler skips the update
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(ok, grad_norm)
+
+
+class NonFiniteGuard:
+    """Counts updates skipped by `optimizer_step` (ok=False): a warning for each, and past `tolerated` the run stops
+    with NonFiniteError (checkpoints already written stay as they are)."""
+
+    def __init__(self, tolerated: int, count: int = 0):
+        self.tolerated, self.count = tolerated, count
+
+    def failed(self, step: int) -> None:
+        self.count += 1
+        warnings.warn(f"step {step}: NaN or Inf in the loss or gradients; this update is skipped "
+                      f"({self.count} so far, {self.tolerated} tolerated)", stacklevel=2)
+        if self.count > self.tolerated:
+            raise NonFiniteError(
+                f"stopped at step {step}: {self.count} updates had NaN or Inf in the loss or gradients. Saved "
+                "checkpoints are untouched. Common causes: data that gives a NaN loss, too high a learning_rate, or "
+                "fp16 overflow (try mixed_precision=bf16 or no).")
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
@@ -47,13 +140,14 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, resuming: bool) -> None:
-    """Create `path`; refuse to reuse a non-empty one unless resuming it or told to overwrite it.
-
-    Every process checks (so that a refusal stops them all, not just the main one) before the main process acts.
-    """
+def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> bool:
+    """Refuse an output_dir that cannot be used, before any work: a file, a path through a file, or a non-empty
+    directory that is neither resumed nor to be overwritten. Returns whether an existing run will be replaced."""
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output_dir {path} exists and is a file")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(f"cannot create output_dir {path}: {blocker} is a file")
     replace = path.is_dir() and any(path.iterdir()) and not resuming
     if replace and not overwrite:
         held = ", ".join(sorted(p.name for p in path.iterdir())[:5])
@@ -61,11 +155,24 @@ def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, re
             f"output_dir {path} already holds results ({held}); pass overwrite=true to replace it, "
             "resume_from=latest to continue its last checkpoint, or choose another output_dir"
         )
+    return replace
+
+
+def prepare_output_dir(accelerator: Accelerator, path: Path, overwrite: bool, resuming: bool) -> None:
+    """Create `path` (after `check_output_dir`'s checks), replacing an earlier run if told to overwrite it.
+
+    Call it once the inputs have been read and checked, so that a run refused for bad input leaves nothing behind.
+    Every process checks (so that a refusal stops them all, not just the main one) before the main process acts.
+    """
+    replace = check_output_dir(path, overwrite, resuming)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if replace:
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            if replace:
+                shutil.rmtree(path)
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create output_dir {path}: {e.strerror or e}") from None
     accelerator.wait_for_everyone()
 
 
@@ -134,20 +241,26 @@ def install_files(src: Path, dst: Path, last: tuple[str, ...]) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logging step to metrics.jsonl (flushed, so a crash loses nothing logged)."""
+    """Appends one JSON object per logging step to metrics.jsonl (flushed, so a crash loses nothing logged).
+
+    Each row has `step` and `time`: seconds of training since the run started, summed over its resumptions.
+    """
 
     def __init__(self, path: Path, enabled: bool = True, resumed_at: int | None = None):
         """`resumed_at`: the step a run resumes from; rows logged after it (by the run that was killed, and that
-        the resumed run will log again) are dropped, so every step appears once."""
+        the resumed run will log again) are dropped, so every step appears once, and `time` goes on from the last
+        row kept."""
         self.enabled = enabled
+        elapsed = 0.0
         if enabled and resumed_at is not None and path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_at]
+            elapsed = max((json.loads(line).get("time", 0.0) for line in kept), default=0.0)
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             os.replace(tmp, path)
         self._file = path.open("a", encoding="utf-8") if enabled else None
-        self._start = time.time()
+        self._start = time.time() - elapsed
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self._file is None:

@@ -29,17 +29,21 @@ from rlhfkit.errors import DataError
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.rollout import generate_responses
 from rlhfkit.runs import (
-    adamw,
     MetricsWriter,
+    NonFiniteGuard,
+    adamw,
+    check_output_dir,
     checkpoint_tmp_path,
     commit_checkpoint,
-    install_files,
     make_accelerator,
+    optimizer_step,
     prepare_output_dir,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
+    seed_step,
+    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,7 +67,10 @@ def tokenize_examples(path: Path, tokenizer, max_length: int, system_prompt: str
         messages = ex.messages
         if system_prompt is not None and messages[0].role != "system":
             messages = [type(messages[0])(role="system", content=system_prompt), *messages]
-        tokenized = tokenize_conversation(tokenizer, messages, max_length)
+        try:
+            tokenized = tokenize_conversation(tokenizer, messages, max_length)
+        except Exception as e:  # jinja raises its own types (a template that refuses a role, a missing key)
+            raise DataError(f"{ex.where}: the model's chat template cannot render this conversation ({e})") from None
         if tokenized.num_target_tokens > 0:
             out.append(tokenized)
     if not out:
@@ -112,21 +119,23 @@ def evaluate_loss(model, dataloader, accelerator: Accelerator) -> float:
 
 
 def train_sft(cfg: SFTConfig) -> SFTResult:
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
     checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
+    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
     set_seed(cfg.seed)
 
+    # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
     tokenizer = load_tokenizer(cfg.model)
     train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt)
     eval_set = tokenize_examples(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt) if cfg.eval_file else []
     preview_source = cfg.eval_file or cfg.train_file
     candidates = load_sft_examples(preview_source)  # spread over the file, which is often grouped by topic
     preview_examples: list[SFTExample] = candidates[:: max(1, len(candidates) // max(1, cfg.preview.num_prompts))][: cfg.preview.num_prompts]
-
     model = load_causal_lm(cfg.model, dtype="float32" if not cfg.load_in_4bit else "auto", load_in_4bit=cfg.load_in_4bit)
+    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
+    if accelerator.is_main_process:
+        dump_config(cfg, cfg.output_dir / "config.yaml")
+
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -154,9 +163,11 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     accelerator.register_for_checkpointing(scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
-    accelerator.init_trackers("tensorboard")
-    resumed_at = read_checkpoint_state(checkpoint)["global_step"] if checkpoint is not None else None
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process, resumed_at=resumed_at)
+    start_tracking(accelerator, cfg)
+    state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
+    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                            resumed_at=state.get("global_step"))
+    guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
 
     def log(step: int, values: dict[str, float]) -> None:
         metrics.write(step, values)
@@ -168,7 +179,6 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     global_step = 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint), strict=False)
-        state = read_checkpoint_state(checkpoint)
         global_step = state["global_step"]
         result.train_loss_first = state.get("train_loss_first")
         logger.info("resumed from %s at step %d", checkpoint, global_step)
@@ -180,7 +190,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"global_step": step, "train_loss_first": result.train_loss_first}
+            state = {"global_step": step, "train_loss_first": result.train_loss_first, "nonfinite_updates": guard.count}
             commit_checkpoint(cfg.output_dir, step, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
 
@@ -197,6 +207,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
             group = [b for _, b in zip(range(ga), iterator)]
             if not group:
                 break
+            seed_step(cfg.seed, global_step)
             # Normaliser: response tokens in the whole optimizer step, over all processes. DDP averages gradients
             # across processes, hence the factor num_processes.
             n_tokens = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in group), "sum")
@@ -207,22 +218,21 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
                     loss_sum, _ = token_loss_sum(model, batch)
                     accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
                 step_loss += loss_sum.detach()
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            outcome = optimizer_step(accelerator, optimizer, scheduler, params, cfg.max_grad_norm, step_loss)
             global_step += 1
             progress.update(1)
-
-            window_loss += accelerator.reduce(step_loss, "sum").item()
-            window_tokens += int(n_tokens.item())
+            if outcome.ok:
+                window_loss += accelerator.reduce(step_loss, "sum").item()
+                window_tokens += int(n_tokens.item())
+            else:
+                guard.failed(global_step)
             end_of_epoch = global_step % steps_per_epoch == 0 or global_step == total_steps
             if global_step % cfg.log_every == 0 or end_of_epoch:
                 train_loss = window_loss / max(window_tokens, 1)
                 result.train_loss_first = result.train_loss_first or train_loss
                 result.train_loss_last = train_loss
                 window_loss, window_tokens = 0.0, 0
-                values = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), "train/epoch": global_step / steps_per_epoch}
+                values = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": outcome.grad_norm, "train/epoch": global_step / steps_per_epoch}
                 log(global_step, values)
                 progress.set_postfix(loss=f"{train_loss:.4f}")
             if eval_dl is not None and (global_step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):

@@ -40,12 +40,28 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_genera
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message], system: str | None = None) -> str:
-    """The text a model continues to answer `prompt` (a user message or a conversation so far)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [m.model_dump() for m in prompt]
+def as_messages(prompt: str | list, system: str | None = None) -> list[dict]:
+    """A prompt (a user message's text, or a conversation so far as Message objects or dicts) as message dicts,
+    with `system` in front unless the conversation has its own system turn."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [m if isinstance(m, dict) else m.model_dump() for m in prompt]
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    return _render(tokenizer, messages, add_generation_prompt=True)
+    return messages
+
+
+def prompt_text(prompt: str | list) -> str:
+    """A prompt as plain text: its own text, or a conversation's turns as `role: content` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in as_messages(prompt))
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list, system: str | None = None) -> str:
+    """The text a model continues to answer `prompt` (a user message or a conversation so far)."""
+    return _render(tokenizer, as_messages(prompt, system), add_generation_prompt=True)
 
 
 def tokenize_conversation(

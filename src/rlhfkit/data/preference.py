@@ -8,19 +8,26 @@ Consolidation of several annotators' rankings of the same item, pair by pair (ma
   annotators who tied them count for neither side. The side with more votes wins the pair; equal votes
   (including every annotator tying them) make the pair a tie.
 The same rule builds the feedback app's consensus export.
+
+Pairs are read in TRL's preference formats too: a conversational prompt (`"prompt": [messages]`, chosen and
+rejected as one assistant message each), and an implicit prompt (only `chosen` and `rejected`, each the whole
+text or conversation; the prompt is the part they share).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from rlhfkit.data.jsonl import read_jsonl
-from rlhfkit.data.records import load_records
+from rlhfkit.data.records import Prompt, Record, load_records
+from rlhfkit.data.sources import read_records
 from rlhfkit.errors import DataError
 
 
@@ -59,44 +66,95 @@ class RankingRecord(BaseModel):
         return self
 
 
-class PairRecord(BaseModel):
-    """`{"prompt", "chosen", "rejected", "margin"?, "tie"?}`: the pair format TRL and most tools read."""
+class PairRecord(Record):
+    """`{"prompt", "chosen", "rejected", "margin"?, "tie"?}`: the pair format TRL and most tools read; also TRL's
+    conversational and implicit-prompt forms (see the module docstring)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str
+    prompt: Prompt
     chosen: str
     rejected: str
     margin: float = 0.0  # required reward gap, as in Llama 2's margin loss
     tie: bool = False  # neither is better (kept only when asked)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_forms(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not {"chosen", "rejected"} <= data.keys():
+            return data
+        data = dict(data)
+        if "prompt" not in data:
+            data["prompt"], data["chosen"], data["rejected"] = split_shared_prompt(data["chosen"], data["rejected"])
+        for key in ("chosen", "rejected"):
+            data[key] = _completion_text(data[key], key)
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> PairRecord:
         for name in ("prompt", "chosen", "rejected"):
-            if not getattr(self, name).strip():
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{name}: must not be empty")
         if self.chosen == self.rejected:
             raise ValueError("chosen and rejected are the same text")
         return self
 
 
-def load_rankings(path: str | os.PathLike) -> list[RankingRecord]:
-    return load_records(path, RankingRecord)
+def _completion_text(value: Any, key: str) -> Any:
+    """A conversational completion (one assistant message) as its text; text as it is."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+        raise ValueError(f"{key}: a conversational completion must be one assistant message")
+    return value[0].get("content")
 
 
-def load_pairs(path: str | os.PathLike) -> list[PairRecord]:
-    return load_records(path, PairRecord)
+def split_shared_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """An implicit-prompt pair -> (prompt, chosen, rejected): the prompt is what the two share from the start.
+
+    Conversations share their first messages. Texts share a prefix, cut back to a word boundary so that no word is
+    split between prompt and answer; surrounding whitespace is dropped.
+    """
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise ValueError("chosen and rejected share no prompt: give a 'prompt' field")
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        while n > 0 and not chosen[n - 1].isspace():  # a word they start alike goes to both answers whole
+            n -= 1
+        if not chosen[:n].strip():
+            raise ValueError("chosen and rejected share no prompt: give a 'prompt' field")
+        return chosen[:n].strip(), chosen[n:].strip(), rejected[n:].strip()
+    raise ValueError("chosen and rejected must both be strings or both be lists of messages")
 
 
-def detect_format(path: str | os.PathLike) -> str:
+def prompt_key(prompt: str | list) -> str:
+    """A hashable key for a prompt that may be a conversation."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def load_rankings(source: str | os.PathLike) -> list[RankingRecord]:
+    return load_records(source, RankingRecord)
+
+
+def load_pairs(source: str | os.PathLike) -> list[PairRecord]:
+    return load_records(source, PairRecord)
+
+
+def detect_format(source: str | os.PathLike) -> str:
     """'rankings' or 'pairs', from the keys of the first record."""
-    for lineno, record in read_jsonl(path):
+    for where, record in read_records(source):
         if "completions" in record:
             return "rankings"
         if "chosen" in record:
             return "pairs"
-        raise DataError(f"{path}:{lineno}: neither a ranking (completions, ranks) nor a pair (chosen, rejected)")
-    raise DataError(f"{path}: the file holds no records")
+        raise DataError(f"{where}: neither a ranking (completions, ranks) nor a pair (chosen, rejected)")
+    raise DataError(f"{source}: the file holds no records")
 
 
 def ranking_to_pairs(record: RankingRecord, keep_ties: bool = False) -> list[PairRecord]:
@@ -119,7 +177,7 @@ class PreferenceItem:
     The reward model scores each completion once and forms every pair from those scores.
     """
 
-    prompt: str
+    prompt: str | list  # text, or a conversation so far (message dicts)
     completions: list[str]
     pairs: list[tuple[int, int]] = field(default_factory=list)  # (better, worse)
     ties: list[tuple[int, int]] = field(default_factory=list)
@@ -179,13 +237,14 @@ def pairs_to_items(pairs: list[PairRecord], keep_ties: bool = False) -> list[Pre
     for p in pairs:
         if p.tie and not keep_ties:
             continue
-        item = by_prompt.setdefault(p.prompt, PreferenceItem(prompt=p.prompt, completions=[]))
+        key = prompt_key(p.prompt)
+        item = by_prompt.setdefault(key, PreferenceItem(prompt=p.prompt, completions=[]))
         ids = []
         for text in (p.chosen, p.rejected):
-            if text not in index[p.prompt]:
-                index[p.prompt][text] = len(item.completions)
+            if text not in index[key]:
+                index[key][text] = len(item.completions)
                 item.completions.append(text)
-            ids.append(index[p.prompt][text])
+            ids.append(index[key][text])
         if p.tie:
             item.ties.append((ids[0], ids[1]))
         else:

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
+from rlhfkit.data.chat import prompt_text  # noqa: E402
 from rlhfkit.data.jsonl import read_jsonl  # noqa: E402
 from rlhfkit.errors import DataError, OutputExistsError  # noqa: E402
 from rlhfkit.evaluation.evaluate import EVAL_FILE, SAMPLES_FILE, metric_table  # noqa: E402
@@ -136,7 +137,7 @@ def side_by_side(path: Path, limit: int) -> tuple[list[dict[str, Any]], list[str
     for lineno, r in read_jsonl(path):
         if not {"prompt", "response", "model"} <= r.keys():
             raise DataError(f"{path}:{lineno}: a sample needs prompt, response and model")
-        by_prompt.setdefault(r["prompt"], []).append(r)
+        by_prompt.setdefault(prompt_text(r["prompt"]), []).append(r)  # a prompt may be a conversation
         if r["model"] not in models:
             models.append(r["model"])
     groups = []

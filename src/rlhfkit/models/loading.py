@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from rlhfkit.data.chat import DEFAULT_CHAT_TEMPLATE
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.registry import not_found, resolve_model
+from rlhfkit.models.registry import BUNDLED_MODELS, not_found, resolve_model
 
 if TYPE_CHECKING:
     from rlhfkit.config import LoraSettings
@@ -33,11 +33,36 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _adapter_base(path: Path) -> str | None:
-    """The base model an adapter directory was trained on, or None for a full model directory."""
+def adapter_base(path: Path) -> str | None:
+    """The base model an adapter directory was trained on, or None for a full model directory.
+
+    The base is recorded as a hub id or an absolute directory. Where that directory is gone, two moves are
+    followed: a run directory moved with its own `base/` inside (PPO's), and the bundled model's cache moved
+    (another machine, another $RLHFKIT_CACHE), which the alias finds again.
+    """
     if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
         return None
-    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    recorded = Path(base)
+    if recorded.is_absolute() and not recorded.exists():
+        if (path / recorded.name / "config.json").is_file():
+            return str(path / recorded.name)
+        if recorded.name in BUNDLED_MODELS:
+            return recorded.name
+    return base
+
+
+def is_adapter(name: str) -> bool:
+    """Whether `name` is a PEFT adapter directory (rather than full weights or a hub id)."""
+    return adapter_base(Path(resolve_model(name))) is not None
+
+
+def portable_name(name: str) -> str:
+    """What an adapter trained on `name` records as its base, for transformers and peft to load from anywhere on
+    this machine: a local directory made absolute, the bundled alias's converted directory, or the hub id."""
+    if name in BUNDLED_MODELS or Path(name).expanduser().exists():
+        return str(Path(resolve_model(name)).resolve())
+    return name
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -64,7 +89,7 @@ def load_causal_lm(
     `load_in_4bit` quantizes the base weights with bitsandbytes (QLoRA); it needs a CUDA GPU.
     """
     resolved = resolve_model(name)
-    base_name = _adapter_base(Path(resolved))
+    base_name = adapter_base(Path(resolved))
     if base_name is not None:
         from peft import PeftModel
 
@@ -81,10 +106,8 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except OSError as e:
         raise not_found(name, e) from e
-    # Adapters trained on this model record its name: the alias or hub id as given (portable, unlike the cache
-    # path), or a local directory made absolute.
-    portable = str(Path(resolved).resolve()) if Path(name).expanduser().exists() else name
-    model.name_or_path = model.config.name_or_path = portable
+    # What adapters trained on this model record as their base (peft reads it from here).
+    model.name_or_path = model.config.name_or_path = portable_name(name)
     return model
 
 

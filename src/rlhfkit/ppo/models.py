@@ -3,22 +3,23 @@ frozen reference.
 
 Reference: with LoRA the reference is the policy with its adapter disabled (the same base weights, no second
 copy); without LoRA it is a frozen copy of the starting model. A starting model that is itself an adapter
-(an SFT run) is merged into its base first, so the reference is exactly the SFT model.
+(an SFT run) is merged into its base first, so the reference is exactly the SFT model; a PPO adapter trained on
+it records that merged model as its base, written to output_dir/base, so that peft loads the PPO output alone.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.loading import apply_lora, disable_dropout, load_causal_lm
+from rlhfkit.models.loading import apply_lora, disable_dropout, is_adapter, load_causal_lm, load_tokenizer
 from rlhfkit.rollout.prefix import forward_responses
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,11 @@ class ValueModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
+START_MODEL_DIR = "base"  # in a PPO run started from an adapter: the merged start, the PPO adapter's base
+
+
 def load_start_model(cfg: PPOConfig) -> nn.Module:
-    """The starting policy as one plain model: an SFT adapter is merged into its base (which keeps the SFT
-    directory as the name a PPO adapter records as its base)."""
+    """The starting policy as one plain model: an SFT adapter is merged into its base."""
     lm = load_causal_lm(cfg.model, dtype="auto" if cfg.load_in_4bit else "float32", load_in_4bit=cfg.load_in_4bit)
     if hasattr(lm, "merge_and_unload"):
         if cfg.load_in_4bit:
@@ -81,9 +84,22 @@ def load_start_model(cfg: PPOConfig) -> nn.Module:
                 "exactly. Train the SFT stage with merge_adapter: true, or turn load_in_4bit off."
             )
         lm = lm.merge_and_unload()
-    portable = str(Path(cfg.model).resolve()) if Path(cfg.model).expanduser().exists() else cfg.model
-    lm.name_or_path = lm.config.name_or_path = portable
     return lm
+
+
+def write_start_model(lm: nn.Module, cfg: PPOConfig) -> None:
+    """Save the merged starting model (and its tokenizer) to output_dir/base, once, and make it the name a PPO
+    adapter records as its base: plain peft then loads the PPO output on its own, and the SFT run may move."""
+    from accelerate import PartialState
+
+    target = (cfg.output_dir / START_MODEL_DIR).resolve()
+    if PartialState().is_main_process and not (target / "config.json").is_file():
+        tmp = target.with_name(f".{START_MODEL_DIR}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+        lm.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(cfg.model).save_pretrained(tmp)
+        tmp.replace(target)
+    lm.name_or_path = lm.config.name_or_path = str(target)
 
 
 def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
@@ -92,6 +108,8 @@ def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
     lm.config.use_cache = True  # generation; training forwards pass use_cache=False
     reference = None
     if cfg.lora.enabled:
+        if is_adapter(cfg.model) and not cfg.merge_adapter:
+            write_start_model(lm, cfg)
         lm = apply_lora(lm, cfg.lora, quantized=cfg.load_in_4bit)
     else:
         reference = copy.deepcopy(lm).requires_grad_(False).eval()
@@ -105,22 +123,37 @@ def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
     return policy, reference
 
 
+def value_head_from_reward_model(rm) -> nn.Linear | None:
+    """The reward model's scalar head as a value head on the same scale as its rewards (the logit plus the stored
+    offset, so a critic starts out predicting normalised scores); None for a head that is not one linear layer on a
+    causal transformer's hidden states (an encoder's classifier)."""
+    score = getattr(rm.classifier, "score", None)
+    if not isinstance(score, nn.Linear):
+        return None
+    head = nn.Linear(score.in_features, 1)
+    with torch.no_grad():
+        head.weight.copy_(score.weight)
+        head.bias.fill_(rm.offset + (score.bias.item() if score.bias is not None else 0.0))
+    return head
+
+
 def build_critic(cfg: PPOConfig, policy_tokenizer, reward_model_path: str | None) -> ValueModel:
     """A separate critic, initialised from the reward model (when it reads text the way the policy writes it:
-    the same vocabulary and a scalar head) or else from the starting policy with a zero head."""
+    the same vocabulary and a scalar head on a causal transformer) or else from the starting policy with a zero
+    head."""
     from rlhfkit.reward.model import RewardModel
 
     source = cfg.critic_init
     if source in ("auto", "reward_model") and reward_model_path is not None:
         rm = RewardModel.from_pretrained(reward_model_path)
-        compatible = rm.head is not None and rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-        if compatible:
-            critic = ValueModel(rm.backbone, rm.head)
+        head = value_head_from_reward_model(rm)
+        if head is not None and rm.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+            critic = ValueModel(rm.body, head)
             source = "reward_model"
         elif source == "reward_model":
             raise ConfigError(
                 f"critic_init: reward_model, but the reward model {reward_model_path} "
-                + ("has a different vocabulary from the policy" if rm.head is not None else "is a sequence classifier")
+                + ("has a different vocabulary from the policy" if head is not None else "is an encoder classifier")
                 + "; use critic_init: policy (or auto)"
             )
         else:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from transformers import get_scheduler
 from rlhfkit.config import PPOConfig, dump_config
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import NonFiniteError, RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
 from rlhfkit.ppo.models import build_critic, build_policy
@@ -44,15 +43,19 @@ from rlhfkit.rollout import Rollout, encode_prompts, generate_responses, sample,
 from rlhfkit.rollout.prefix import forward_responses
 from rlhfkit.runs import (
     MetricsWriter,
+    NonFiniteGuard,
     adamw,
+    check_output_dir,
     checkpoint_tmp_path,
     commit_checkpoint,
     make_accelerator,
+    optimizer_step,
     prepare_output_dir,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
+    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,9 +63,7 @@ logger = logging.getLogger(__name__)
 
 STAT_NAMES = ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl", "outside_support", "tokens")
 
-
-class NonFiniteError(RlhfkitError):
-    """Too many updates had NaN or Inf in the loss or the gradients."""
+__all__ = ["NonFiniteError", "OnlineTrainer", "PPOResult", "train_ppo"]
 
 
 @dataclass
@@ -134,13 +135,12 @@ class OnlineTrainer:
 
     def __init__(self, cfg: PPOConfig, rewards: Reward | None = None):
         self.cfg = cfg
-        self.accelerator = accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
+        self.accelerator = accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
         self.checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)
-        if accelerator.is_main_process:
-            dump_config(cfg, cfg.output_dir / "config.yaml")
+        check_output_dir(cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)  # fail fast
         set_seed(cfg.seed)
         self.device = accelerator.device
+        # Inputs first: a run refused for bad data, rewards or model name leaves no output directory behind.
         self.tokenizer = load_tokenizer(cfg.model)
         self.prompts = [r.prompt for r in load_prompts(cfg.prompts_file)]
         self.preview_prompts = self._preview_prompts()
@@ -149,12 +149,15 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
+        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)
+        if accelerator.is_main_process:
+            dump_config(cfg, cfg.output_dir / "config.yaml")
         self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                        if cfg.kl_controller == "adaptive" else core.FixedKLController(cfg.kl_coef))
         self.moments = core.RunningMoments()
-        self.nonfinite = 0
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_updates)
         self.step_count = 0
         if self.checkpoint is not None:
             self._resume(self.checkpoint)
@@ -202,7 +205,7 @@ class OnlineTrainer:
     def _resume(self, checkpoint: Path) -> None:
         self.accelerator.load_state(str(checkpoint), strict=False)
         state = read_checkpoint_state(checkpoint)
-        self.step_count, self.nonfinite = state["step"], state["nonfinite_updates"]
+        self.step_count, self.guard.count = state["step"], state["nonfinite_updates"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["reward_moments"])
         logger.info("resumed from %s at step %d", checkpoint, self.step_count)
@@ -213,7 +216,7 @@ class OnlineTrainer:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": at, "nonfinite_updates": self.nonfinite, "kl_controller": self.kl_ctl.state_dict(),
+            state = {"step": at, "nonfinite_updates": self.guard.count, "kl_controller": self.kl_ctl.state_dict(),
                      "reward_moments": self.moments.state_dict()}
             commit_checkpoint(self.cfg.output_dir, at, state, self.cfg.save_total_limit)
         accelerator.wait_for_everyone()
@@ -395,25 +398,13 @@ class OnlineTrainer:
                 "rollout/logprob_gap_mean": (totals[0] / totals[1].clamp(min=1)).item()}
 
     def _optimizer_step(self, stats: dict[str, torch.Tensor]) -> bool:
-        """Clip, step (unless the loss or the gradients are not finite), zero, schedule; the NaN guard."""
-        cfg = self.cfg
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        finite = bool(torch.isfinite(stats["pg"] + stats["vf"])) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if finite:
-            self.optimizer.step()
-        else:
-            self.nonfinite += 1
-            warnings.warn(f"step {self.step_count}: NaN or Inf in the loss or gradients; this update is skipped "
-                          f"({self.nonfinite} so far, {cfg.max_nonfinite_updates} tolerated)", stacklevel=1)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.nonfinite > cfg.max_nonfinite_updates:
-            raise NonFiniteError(
-                f"PPO stopped at step {self.step_count}: {self.nonfinite} updates had NaN or Inf in the loss or "
-                "gradients. Saved checkpoints are untouched. Common causes: a reward that returns NaN/Inf, too high "
-                "a learning_rate, or fp16 overflow (try mixed_precision=bf16 or no)."
-            )
-        return finite
+        """Clip, step, schedule (rlhfkit.runs.optimizer_step: fp16 overflow goes through the GradScaler); a NaN/Inf
+        loss skips the update and counts against `max_nonfinite_updates`."""
+        outcome = optimizer_step(self.accelerator, self.optimizer, self.scheduler, self.params, self.cfg.max_grad_norm,
+                                 stats["pg"] + stats["vf"])
+        if not outcome.ok:
+            self.guard.failed(self.step_count)
+        return outcome.ok
 
     # --- one iteration, and the run ------------------------------------------------------------------------------
 
@@ -469,7 +460,7 @@ class OnlineTrainer:
 
     def train(self) -> PPOResult:
         cfg, accelerator = self.cfg, self.accelerator
-        accelerator.init_trackers("tensorboard")
+        start_tracking(accelerator, cfg)
         metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                 resumed_at=self.step_count if self.checkpoint is not None else None)
         result = PPOResult(output_dir=cfg.output_dir, steps=self.step_count)

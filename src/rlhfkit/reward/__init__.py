@@ -1,6 +1,6 @@
 """Reward models trained on human preferences, classifier and function rewards, and their composition."""
 
-from rlhfkit.reward.model import RewardModel, last_token_index
+from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import (
     ClassifierReward,
     FunctionReward,
@@ -17,6 +17,5 @@ __all__ = [
     "RewardModelReward",
     "ToxicityScorer",
     "WeightedSum",
-    "last_token_index",
     "load_scorer",
 ]

@@ -1,36 +1,44 @@
-"""The reward model: a transformer backbone and a scalar head, read at the last real token of prompt + response.
+"""The reward model: a transformers sequence classifier with one output (`AutoModelForSequenceClassification`,
+`num_labels=1`), the form TRL trains and loads, so that a saved rlhfkit reward model loads in plain transformers
+and TRL and gives the same scores there, and a TRL-trained one works here.
 
-Causal-LM backbones (the default, the bundled SmolLM2) get our head: Linear(d, 1), weight ~ N(0, 1/sqrt(d+1)),
-bias 0. Encoder backbones are loaded as AutoModelForSequenceClassification(num_labels=1). The last real token
-is found from the attention mask, never from the pad id (the bundled model pads with its EOS token), so the
-score is the same under left and right padding. After training, `gain` and `bias` map the raw scores of the
-training completions to mean 0 and std 1; `score()` applies them.
+A causal-LM backbone (the default, the bundled SmolLM2) becomes its `*ForSequenceClassification` class: the
+transformer plus a bias-free `score` layer, Linear(d, 1) initialised N(0, 1/sqrt(d+1)), read at the last token that
+is not padding (transformers' rule). Encoder backbones get their own classification head with one output. The text
+scored is prompt + response in the model's chat template.
+
+After training, the scores of the training completions are normalised to mean 0 and std 1: the scale is folded
+into the last linear layer of the head, and so is the shift where that layer has a bias. Decoder heads have none,
+so the shift is stored in config.json (`rlhfkit_reward.offset`) and added by `score()`; a model's logit is then
+`score() - offset` (shifting every reward by a constant changes no preference, no ranking and no GRPO/RLOO
+advantage).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.errors import ModelNotFoundError
+from rlhfkit.data.chat import as_messages
+from rlhfkit.errors import ConfigError, ModelNotFoundError
 from rlhfkit.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
 
-CONFIG_FILE = "reward_model.json"
-HEAD_FILE = "reward_head.safetensors"
+CONFIG_KEY = "rlhfkit_reward"  # in config.json: {"offset", "max_length", "base_model"}
+DEFAULT_MAX_LENGTH = 1024  # for reward models trained elsewhere (TRL's RewardConfig default)
+LEGACY_CONFIG_FILE, LEGACY_HEAD_FILE = "reward_model.json", "reward_head.safetensors"  # rlhfkit 0.1's format
 
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position whose mask is 1, per row; correct for left and right padding."""
-    width = attention_mask.shape[-1]
-    return width - 1 - attention_mask.flip(-1).argmax(-1)
+logger = logging.getLogger(__name__)
 
 
 def is_causal_lm(name: str) -> bool:
@@ -44,16 +52,60 @@ def is_causal_lm(name: str) -> bool:
     return any(a.endswith("ForCausalLM") for a in architectures)
 
 
+def output_layer(classifier: PreTrainedModel) -> nn.Linear:
+    """The last linear layer of a sequence classifier's head (`score`, `classifier`, `classifier.out_proj`, ...)."""
+    head = getattr(classifier, "score", None) or getattr(classifier, "classifier", None)
+    linears = [head] if isinstance(head, nn.Linear) else [m for m in (head.modules() if head is not None else [])
+                                                          if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(classifier).__name__} has no linear classification head (score or classifier)")
+    return linears[-1]
+
+
+def _classifier_around(lm: PreTrainedModel) -> PreTrainedModel:
+    """The one-output `*ForSequenceClassification` of a causal LM's architecture, around the LM's own transformer,
+    with a new head: `score` = Linear(d, 1), N(0, 1/sqrt(d+1)), no bias (as transformers builds it)."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    with torch.device("meta"):  # the transformer is the LM's and the head is made below: nothing to initialise
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    setattr(classifier, classifier.base_model_prefix, lm.base_model)
+    if not isinstance(getattr(classifier, "score", None), nn.Linear):
+        raise ConfigError(f"{type(classifier).__name__} has no `score` layer; train the reward model on another model")
+    d = classifier.score.in_features
+    # Drawn as rlhfkit 0.1 drew its head (a Linear with a bias, then the weight re-drawn), so that one seed gives the
+    # same reward model as before; transformers' score layer keeps the weight (Bradley-Terry never moves a bias).
+    drawn = nn.Linear(d, 1)
+    nn.init.normal_(drawn.weight, std=1 / math.sqrt(d + 1))
+    classifier.score = nn.Linear(d, 1, bias=False)
+    classifier.score.weight = drawn.weight
+    if any(t.is_meta for t in [*classifier.parameters(), *classifier.buffers()]):
+        raise ConfigError(f"{type(classifier).__name__} has parts beyond its transformer and score layer; "
+                          "train the reward model on another model")
+    return classifier
+
+
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Linear | None, tokenizer: PreTrainedTokenizerBase,
-                 base_model: str, gain: float = 1.0, bias: float = 0.0, max_length: int = 512):
+    """A sequence classifier with one output and its tokenizer: scores (prompt, response) pairs, higher is better."""
+
+    def __init__(self, classifier: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
+                 offset: float = 0.0, max_length: int = 512):
         super().__init__()
-        self.backbone = backbone
-        self.head = head  # None: the backbone is a sequence classifier with its own head
+        self.classifier = classifier
         self.tokenizer = tokenizer
         self.base_model = base_model
-        self.gain, self.bias = gain, bias
+        self.offset = offset
         self.max_length = max_length
+        self._takes_positions = "position_ids" in inspect.signature(classifier.forward).parameters
+
+    @property
+    def body(self) -> nn.Module:
+        """The transformer without its classification head (where LoRA adapters go)."""
+        return getattr(self.classifier, self.classifier.base_model_prefix)
+
+    def set_body(self, module: nn.Module) -> None:
+        """Put `module` in the body's place (a LoRA-wrapped body, then the merged one)."""
+        setattr(self.classifier, self.classifier.base_model_prefix, module)
 
     @classmethod
     def from_base(cls, name: str, max_length: int = 512) -> RewardModel:
@@ -63,37 +115,33 @@ class RewardModel(nn.Module):
             lm = load_causal_lm(name, dtype="float32")
             if hasattr(lm, "merge_and_unload"):  # an SFT adapter: fold it into the weights
                 lm = lm.merge_and_unload()
-            backbone = lm.base_model  # the transformer without its LM head
-            d = backbone.config.hidden_size
-            head = nn.Linear(d, 1)
-            nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
-            nn.init.zeros_(head.bias)
+            classifier = _classifier_around(lm)
         else:
-            backbone = AutoModelForSequenceClassification.from_pretrained(
+            classifier = AutoModelForSequenceClassification.from_pretrained(
                 resolve_model(name), num_labels=1, ignore_mismatched_sizes=True  # a new 1-output head
             )
-            head = None
-        disable_dropout(backbone)
-        if backbone.config.pad_token_id is None:
-            backbone.config.pad_token_id = tokenizer.pad_token_id
-        return cls(backbone, head, tokenizer, base_model=name, max_length=max_length)
+        return cls._ready(classifier, tokenizer, base_model=name, max_length=max_length)
+
+    @classmethod
+    def _ready(cls, classifier, tokenizer, **kwargs) -> RewardModel:
+        disable_dropout(classifier)  # the same text must always get the same score
+        text_config = classifier.config.get_text_config()
+        if text_config.pad_token_id is None:  # transformers finds the last real token through the pad id
+            text_config.pad_token_id = tokenizer.pad_token_id
+        return cls(classifier, tokenizer, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw (unnormalised) rewards, one per row."""
-        if self.head is None:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        # Position ids from the mask, so a left-padded row sees the same positions as an unpadded one.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        return self.head(last).squeeze(-1)
+        """Logits, one per row: what transformers' `model(**inputs).logits[:, 0]` gives."""
+        extra = {}
+        if self._takes_positions:  # from the mask, so that a left-padded row sees the positions it would alone
+            extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
 
-    def tokenize(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        """Prompt + response in the chat template, right-padded; overlong texts keep their end (where the score is read)."""
+    def tokenize(self, prompts: list, responses: list[str]) -> dict[str, torch.Tensor]:
+        """Prompt + response in the chat template, right-padded; overlong texts keep their end (where the score is
+        read). A prompt is a user message's text or a conversation so far."""
         texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-            )
+            self.tokenizer.apply_chat_template(as_messages(p) + [{"role": "assistant", "content": r}], tokenize=False)
             for p, r in zip(prompts, responses)
         ]
         side = self.tokenizer.truncation_side
@@ -106,7 +154,8 @@ class RewardModel(nn.Module):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     @torch.no_grad()
-    def raw_scores(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> torch.Tensor:
+    def raw_scores(self, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
+        """The classifier's logits (no offset)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -117,43 +166,75 @@ class RewardModel(nn.Module):
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> torch.Tensor:
-        """Normalised rewards: gain * raw + bias."""
-        return self.gain * self.raw_scores(prompts, responses, batch_size) + self.bias
+    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Rewards: the logits plus the stored offset (normalised, after rlhfkit's training)."""
+        return self.raw_scores(prompts, responses, batch_size) + self.offset
 
+    @torch.no_grad()
     def set_normalization(self, raw: torch.Tensor) -> None:
-        """Choose gain and bias so that `raw` (scores of the training completions) gets mean 0 and std 1."""
-        std = raw.float().std().item()
-        self.gain = 1.0 / std if std > 0 else 1.0
-        self.bias = -raw.float().mean().item() * self.gain
+        """Make the rewards of `raw` (logits of the training completions) mean 0 and std 1: the gain goes into the
+        head's last linear layer, the shift into its bias, or into `offset` where it has none."""
+        scores = raw.float() + self.offset
+        std = scores.std().item() if scores.numel() > 1 else 0.0
+        gain = 1.0 / std if std > 0 else 1.0
+        shift = (self.offset - scores.mean().item()) * gain
+        layer = output_layer(self.classifier)
+        layer.weight.mul_(gain)
+        if layer.bias is not None:
+            layer.bias.mul_(gain).add_(shift)
+            self.offset = 0.0
+        else:
+            self.offset = shift
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """transformers' layout (config.json, model.safetensors, tokenizer files), the offset in config.json."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path, safe_serialization=True)
+        setattr(self.classifier.config, CONFIG_KEY, {"offset": self.offset, "max_length": self.max_length,
+                                                      "base_model": self.base_model})
+        self.classifier.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        if self.head is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)
-        meta = {"kind": "scalar-head" if self.head is not None else "sequence-classification",
-                "base_model": self.base_model, "gain": self.gain, "bias": self.bias, "max_length": self.max_length}
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> RewardModel:
+        """A saved reward model: rlhfkit's, any `*ForSequenceClassification` with one label (e.g. TRL's), or the
+        format of rlhfkit 0.1 (a backbone plus reward_head.safetensors)."""
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise ModelNotFoundError(f"{path} is not a saved reward model (no {CONFIG_FILE} in it)")
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        tokenizer = load_tokenizer(str(path))
-        if meta["kind"] == "scalar-head":
-            from transformers import AutoModel
+        if (path / LEGACY_CONFIG_FILE).is_file():
+            return cls._from_legacy(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"{path} is not a model directory ({e})") from None
+        architectures = config.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ModelNotFoundError(
+                f"{path} is not a reward model: a reward model is a sequence classifier with one label "
+                f"(*ForSequenceClassification), and this is {', '.join(architectures) or 'of unknown architecture'}")
+        if config.num_labels != 1:
+            labels = ", ".join(str(v) for v in config.id2label.values())
+            raise ConfigError(f"{path} is a classifier with {config.num_labels} labels ({labels}), not a reward model; "
+                              f"use one label's score as a reward with hf:{path}:LABEL")
+        meta = getattr(config, CONFIG_KEY, None) or {}
+        classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        return cls._ready(classifier, load_tokenizer(str(path)), base_model=meta.get("base_model", str(path)),
+                          offset=meta.get("offset", 0.0), max_length=meta.get("max_length", DEFAULT_MAX_LENGTH))
 
-            backbone = AutoModel.from_pretrained(path)
-            weights = load_file(path / HEAD_FILE)
-            head = nn.Linear(weights["weight"].shape[1], 1)
-            head.load_state_dict(weights)
-        else:
-            backbone, head = AutoModelForSequenceClassification.from_pretrained(path), None
-        disable_dropout(backbone)
-        return cls(backbone, head, tokenizer, base_model=meta["base_model"], gain=meta["gain"], bias=meta["bias"],
-                   max_length=meta["max_length"])
+    @classmethod
+    def _from_legacy(cls, path: Path) -> RewardModel:
+        """rlhfkit 0.1 saved the transformer (or an encoder classifier), a separate scalar head, and gain and bias."""
+        meta = json.loads((path / LEGACY_CONFIG_FILE).read_text())
+        classifier = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        layer = output_layer(classifier)
+        offset = meta["bias"]
+        with torch.no_grad():
+            if meta["kind"] == "scalar-head":
+                head = load_file(path / LEGACY_HEAD_FILE)
+                layer.weight.copy_(head["weight"])
+                offset += meta["gain"] * head["bias"].item()
+            layer.weight.mul_(meta["gain"])
+            if layer.bias is not None:
+                layer.bias.mul_(meta["gain"])
+        model = cls._ready(classifier, load_tokenizer(str(path)), base_model=meta["base_model"], offset=offset,
+                           max_length=meta["max_length"])
+        logger.info("%s is in rlhfkit 0.1's reward-model format; save it again to write the current one", path)
+        return model

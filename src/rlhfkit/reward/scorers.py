@@ -1,9 +1,11 @@
 """Rewards: anything that scores (prompt, response) pairs with one float each.
 
-- `RewardModelReward`: a trained reward model (normalised scores).
+- `RewardModelReward`: a reward model (rlhfkit's, normalised; or any sequence classifier with one label, e.g. TRL's).
 - `ClassifierReward`: any HF sequence classifier; the reward is one label's logit or probability, the label
-  chosen by its NAME in the model config (never by position: label orders differ between models).
-  E.g. facebook/roberta-hate-speech-dynabench-r4-target with label "nothate", where there is internet.
+  chosen by its NAME in the model config (never by position: label orders differ between models). The head
+  decides what a probability is: softmax over the labels of a single-label classifier, sigmoid for a multi-label
+  one (`problem_type: multi_label_classification`) or a one-label one. Spec: `hf:MODEL:LABEL[:logit|prob]`, e.g.
+  hf:facebook/roberta-hate-speech-dynabench-r4-target:nothate, where there is internet.
 - `ToxicityScorer`: the offline default, the trained classifier of the PyPI package alt-profanity-check
   (a linear SVM on bag-of-words, calibrated); `score` is P(toxic), and as a reward it counts negatively.
 - `FunctionReward`: a plain Python function.
@@ -17,13 +19,16 @@ from typing import Protocol
 
 import torch
 
+from rlhfkit.data.chat import prompt_text
 from rlhfkit.errors import ConfigError
+
+OUTPUTS = {"logit": "logit", "prob": "probability", "probability": "probability"}
 
 
 class Reward(Protocol):
     name: str
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+    def score(self, prompts: Sequence, responses: Sequence[str]) -> torch.Tensor: ...
 
 
 class RewardModelReward:
@@ -38,41 +43,50 @@ class RewardModelReward:
 
 
 class ClassifierReward:
-    """One label of a sequence classifier, by name; `output` is "logit" or "probability" (softmax over labels)."""
+    """One label of a sequence classifier, by name. `output`: "logit", "probability" (softmax over the labels, or
+    sigmoid for a multi-label or one-label head), or "auto": the logit of a one-label head (a reward model's score),
+    else the probability."""
 
-    def __init__(self, model: str, label: str, output: str = "probability", name: str | None = None,
-                 batch_size: int = 32, max_length: int = 512, include_prompt: bool = False):
+    def __init__(self, model: str, label: str, output: str = "auto", name: str | None = None,
+                 batch_size: int = 32, max_length: int = 512, include_prompt: bool = False,
+                 device: str | torch.device = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rlhfkit.models.registry import not_found, resolve_model
 
-        if output not in ("logit", "probability"):
-            raise ConfigError(f"classifier output must be 'logit' or 'probability', not {output!r}")
+        if output not in ("auto", "logit", "probability"):
+            raise ConfigError(f"classifier output must be 'logit' or 'probability' (prob), not {output!r}")
         resolved = resolve_model(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved)
-            self.model = AutoModelForSequenceClassification.from_pretrained(resolved).eval()
+            self.model = AutoModelForSequenceClassification.from_pretrained(resolved).to(device).eval()
         except OSError as e:
             raise not_found(model, e) from e
-        labels = {str(v): int(k) for k, v in self.model.config.id2label.items()}
+        config = self.model.config
+        labels = {str(v): int(k) for k, v in config.id2label.items()}
         if label not in labels:
             raise ConfigError(f"{model} has no label {label!r}; its labels are {sorted(labels)}")
+        if self.tokenizer.pad_token is None:  # a one-sequence-at-a-time model (GPT-2 style): pad with EOS
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            config.pad_token_id = self.tokenizer.pad_token_id
         self.index = labels[label]
-        self.output, self.batch_size, self.max_length = output, batch_size, max_length
-        self.include_prompt = include_prompt
-        self.name = name or f"{label}_{output}"
+        self.sigmoid = config.num_labels == 1 or config.problem_type == "multi_label_classification"
+        self.output = ("logit" if config.num_labels == 1 else "probability") if output == "auto" else output
+        self.batch_size, self.max_length, self.include_prompt = batch_size, max_length, include_prompt
+        self.name = name or f"{label}_{self.output}"
 
     @torch.no_grad()
     def score(self, prompts, responses):
         out = []
         for start in range(0, len(responses), self.batch_size):
             texts = list(responses[start : start + self.batch_size])
-            pair = list(prompts[start : start + self.batch_size]) if self.include_prompt else None
-            enc = self.tokenizer(*( [pair, texts] if pair else [texts] ), padding=True, truncation=True,
+            pair = [prompt_text(p) for p in prompts[start : start + self.batch_size]] if self.include_prompt else None
+            enc = self.tokenizer(*([pair, texts] if pair else [texts]), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.model.device)
             logits = self.model(**enc).logits.float()
-            values = logits.softmax(-1) if self.output == "probability" else logits
-            out.append(values[:, self.index].cpu())
+            if self.output == "probability":
+                logits = logits.sigmoid() if self.sigmoid else logits.softmax(-1)
+            out.append(logits[:, self.index].cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -119,13 +133,18 @@ class WeightedSum:
 
 
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """A scorer by name: `toxicity` (offline), a saved reward-model directory, or `hf:MODEL:LABEL` (classifier)."""
+    """A scorer by name: `toxicity` (offline), a reward-model directory, or `hf:MODEL:LABEL[:logit|prob]` (one label
+    of a classifier; without the last part, the logit of a one-label head and the probability otherwise)."""
     if spec == "toxicity":
         return ToxicityScorer()
     if spec.startswith("hf:"):
-        model, _, label = spec[3:].rpartition(":")
+        parts = spec[3:].split(":")
+        output = OUTPUTS.get(parts[-1]) if len(parts) > 2 else None
+        if output is not None:
+            parts = parts[:-1]
+        model, label = ":".join(parts[:-1]), parts[-1] if len(parts) > 1 else ""
         if not model or not label:
-            raise ConfigError(f"classifier spec {spec!r} needs a label: hf:MODEL:LABEL, e.g. "
+            raise ConfigError(f"classifier spec {spec!r} needs a label: hf:MODEL:LABEL[:logit|prob], e.g. "
                               "hf:facebook/roberta-hate-speech-dynabench-r4-target:nothate")
-        return ClassifierReward(model, label)
+        return ClassifierReward(model, label, output=output or "auto", device=device)
     return RewardModelReward(spec, device=device)

@@ -23,8 +23,25 @@ from transformers import get_scheduler
 
 from rlhfkit.config import RewardConfig, dump_config
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
+from rlhfkit.errors import DataError
 from rlhfkit.reward.model import RewardModel
-from rlhfkit.runs import MetricsWriter, adamw, install_files, make_accelerator, prepare_output_dir
+from rlhfkit.runs import (
+    MetricsWriter,
+    NonFiniteGuard,
+    adamw,
+    check_output_dir,
+    checkpoint_tmp_path,
+    commit_checkpoint,
+    install_files,
+    make_accelerator,
+    optimizer_step,
+    prepare_output_dir,
+    read_checkpoint_state,
+    resolve_checkpoint,
+    save_trainable_only,
+    seed_step,
+    start_tracking,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,24 +117,41 @@ def pair_margins(model: RewardModel, items: list[PreferenceItem], batch_size: in
     return torch.stack(margins) if margins else torch.zeros(0)
 
 
+def load_comparisons(path, keep_ties: bool) -> list[PreferenceItem]:
+    """Preference items of `path`, refusing a file that yields no comparison to learn from or measure."""
+    items = load_preference_items(path, keep_ties=keep_ties)
+    if not any(item.pairs or item.ties for item in items):
+        raise DataError(f"{path}: no comparisons: every ranking ties all its completions (or the annotators' "
+                        "majorities do); a reward model learns from completions ranked apart"
+                        + ("" if keep_ties else ", or from ties with keep_ties: true"))
+    return items
+
+
 def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
-    """Train, normalise and save a reward model; returns the final held-out metrics (empty without eval_file)."""
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir)
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=False)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
+    """Train, normalise and save a reward model; returns the final held-out metrics (empty without eval_file).
+
+    A run with checkpoints (`save_every`, or each epoch's end) resumes with `resume_from`, to the same weights as an
+    uninterrupted run."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
+    checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
     set_seed(cfg.seed)
 
-    train_items = load_preference_items(cfg.train_file, keep_ties=cfg.keep_ties)
-    eval_items = load_preference_items(cfg.eval_file) if cfg.eval_file else []
+    # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
+    train_items = load_comparisons(cfg.train_file, cfg.keep_ties)
+    eval_items = load_comparisons(cfg.eval_file, keep_ties=False) if cfg.eval_file else []
     logger.info("%d training prompts with %d comparisons", len(train_items), sum(len(i.pairs) + len(i.ties) for i in train_items))
-
     model = RewardModel.from_base(cfg.model, max_length=cfg.max_length)
+    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
+    if accelerator.is_main_process:
+        dump_config(cfg, cfg.output_dir / "config.yaml")
+
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
-        model.backbone = get_peft_model(model.backbone, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules))
+        model.set_body(get_peft_model(model.body, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)))
+        accelerator.register_save_state_pre_hook(save_trainable_only)
     model.to(accelerator.device)
     model.train()
 
@@ -125,11 +159,16 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(loader))
+    steps_per_epoch = len(loader)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    accelerator.init_trackers("tensorboard")
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
+    start_tracking(accelerator, cfg)
+    state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
+    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                            resumed_at=state.get("step"))
+    guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
 
     def evaluate(step: int) -> dict[str, float]:
         if not eval_items:
@@ -140,27 +179,42 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
         accelerator.log(values, step=step)
         return result
 
-    before = evaluate(0)
-    step, window_loss, window_pairs, window_correct = 0, 0.0, 0, 0
-    progress = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_local_main_process)
+    def save_checkpoint(at: int) -> None:
+        accelerator.save_state(str(checkpoint_tmp_path(cfg.output_dir, at)))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            commit_checkpoint(cfg.output_dir, at, {"step": at, "nonfinite_updates": guard.count, "before": before},
+                              cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint), strict=False)
+        step, before = state["step"], state["before"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    else:
+        before = evaluate(0)
+    window_loss, window_pairs, window_correct = 0.0, 0, 0
+    progress = tqdm(total=total_steps, initial=step, desc="reward", disable=not accelerator.is_local_main_process)
     while step < total_steps:
-        loader.set_epoch(step // len(loader))
-        for batch in loader:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
+            seed_step(cfg.seed, step)
             batch = batch.to(accelerator.device)
             rewards = model(batch.input_ids, batch.attention_mask)
             loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
             # mean over the comparisons of the step, across processes (DDP averages gradients, hence the factor)
             total_pairs = accelerator.reduce(torch.tensor(n_pairs, device=accelerator.device), "sum").clamp(min=1)
             accelerator.backward(loss_sum * accelerator.num_processes / total_pairs)
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            if not optimizer_step(accelerator, optimizer, scheduler, params, cfg.max_grad_norm, loss_sum).ok:
+                guard.failed(step)
+            else:
+                window_loss += loss_sum.item()
+                window_pairs += n_pairs
+                window_correct += (rewards[batch.chosen] > rewards[batch.rejected]).sum().item()
             progress.update(1)
-            window_loss += loss_sum.item()
-            window_pairs += n_pairs
-            window_correct += (rewards[batch.chosen] > rewards[batch.rejected]).sum().item()
             if step % cfg.log_every == 0 or step == total_steps:
                 values = {"train/loss": window_loss / max(window_pairs, 1), "train/accuracy": window_correct / max(window_pairs, 1),
                           "train/lr": scheduler.get_last_lr()[0]}
@@ -168,13 +222,16 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
                 accelerator.log(values, step=step)
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
                 window_loss, window_pairs, window_correct = 0.0, 0, 0
+            end_of_epoch = step % steps_per_epoch == 0
+            if (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and step < total_steps:
+                save_checkpoint(step)
             if step >= total_steps:
                 break
     progress.close()
 
     final = accelerator.unwrap_model(model)
     if cfg.lora.enabled:
-        final.backbone = final.backbone.merge_and_unload()
+        final.set_body(final.body.merge_and_unload())
     # Normalise on the training completions: rewards then have mean 0 and std 1 there.
     final.set_normalization(torch.cat([final.raw_scores([it.prompt] * len(it.completions), it.completions, cfg.eval_batch_size)
                                        for it in train_items]))
@@ -182,7 +239,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     if accelerator.is_main_process:
         tmp = cfg.output_dir / ".final.tmp"
         final.save_pretrained(tmp)
-        install_files(tmp, cfg.output_dir, last=("reward_model.json",))
+        install_files(tmp, cfg.output_dir, last=("config.json",))
     metrics.close()
     accelerator.end_training()
     return {"before_" + k: v for k, v in before.items()} | after
