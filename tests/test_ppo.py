@@ -110,6 +110,74 @@ def test_ppo_raises_a_toy_reward_and_the_kl_penalty_bounds_the_drift(tiny_model,
     assert kl_bound < 0.5 * kl_free and max(h["kl/ref"] for h in bound.history) < 0.6 * kl_free
 
 
+@pytest.mark.parametrize("algorithm", [{"algorithm": "rloo"}, {"algorithm": "grpo"},
+                                       {"algorithm": "grpo", "dr_grpo": True}], ids=["rloo", "grpo", "dr_grpo"])
+def test_critic_free_algorithms_raise_a_toy_reward_and_the_kl_penalty_bounds_the_drift(tiny_model, tmp_path,
+                                                                                       algorithm):
+    """4 samples of each of 4 prompts per step, no critic: without a KL penalty the share of e's rises within 12
+    steps; with one (in the reward for rloo, a loss term for grpo) the policy stays far closer to the start."""
+    settings = dict(steps=12, batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-2,
+                    lora={"enabled": False}, lr_scheduler="constant", missing_eos_penalty=None,
+                    sampling={"max_new_tokens": 8, "num_samples": 4}, **algorithm)
+    free = train_ppo(ppo_config(tiny_model, tmp_path / "free", kl_coef=0.0, **settings), FunctionReward(frac_e))
+    first, last = free.history[0], free.history[-3:]
+    assert sum(h["reward/score"] for h in last) / 3 > first["reward/score"] + 0.05
+    assert "value/mean" not in first and "loss/value" not in first  # no critic
+    bound = train_ppo(ppo_config(tiny_model, tmp_path / "bound", kl_coef=0.5, **settings), FunctionReward(frac_e))
+    kl_free = sum(h["kl/ref"] for h in free.history[-4:]) / 4
+    assert sum(h["kl/ref"] for h in bound.history[-4:]) / 4 < 0.5 * kl_free
+    assert ("loss/kl" in bound.history[0]) == (algorithm["algorithm"] == "grpo")
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_a_killed_critic_free_run_resumes_to_the_same_result(tiny_model, tmp_path, monkeypatch, algorithm):
+    settings = dict(steps=4, save_every=2, algorithm=algorithm, batch_size=6, mini_batch_size=3, learning_rate=1e-3,
+                    sampling={"max_new_tokens": 6, "temperature": 1.0, "num_samples": 3})
+    whole = train_ppo(ppo_config(tiny_model, tmp_path / "whole", **settings), FunctionReward(frac_e))
+
+    import rlhfkit.ppo.core as core_module
+
+    real, calls = core_module.clipped_policy_loss, {"n": 0}
+
+    def dies_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 6:  # two minibatches x one epoch per step: the seventh call is in step 4
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_module, "clipped_policy_loss", dies_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(ppo_config(tiny_model, tmp_path / "killed", **settings), FunctionReward(frac_e))
+    monkeypatch.setattr(core_module, "clipped_policy_loss", real)
+    resumed = train_ppo(ppo_config(tiny_model, tmp_path / "killed", resume_from="latest", **settings),
+                        FunctionReward(frac_e))
+    for key, value in adapter(tmp_path / "whole").items():
+        torch.testing.assert_close(adapter(tmp_path / "killed")[key], value)
+    tail = {h["step"]: h for h in whole.history}
+    for h in resumed.history:
+        for key in ("reward/score", "kl/ref", "loss/policy"):
+            assert h[key] == pytest.approx(tail[h["step"]][key], rel=1e-4, abs=1e-6), key
+
+
+def test_algorithm_settings_are_checked():
+    base = dict(model="m", prompts_file="p.jsonl", output_dir="o", rewards=[{"scorer": "toxicity"}])
+    with pytest.raises(ValueError, match="num_samples to 2 or more"):
+        PPOConfig.model_validate({**base, "algorithm": "rloo"})
+    with pytest.raises(ValueError, match="uses no critic"):
+        PPOConfig.model_validate({**base, "algorithm": "grpo", "critic": "value_head", "sampling": {"num_samples": 4}})
+    with pytest.raises(ValueError, match="multiple of sampling.num_samples"):
+        PPOConfig.model_validate({**base, "algorithm": "grpo", "batch_size": 6, "mini_batch_size": 2,
+                                  "sampling": {"num_samples": 4}})
+    with pytest.raises(ValueError, match="dr_grpo is a variant"):
+        PPOConfig.model_validate({**base, "dr_grpo": True})
+    ppo = PPOConfig.model_validate(base)
+    assert (ppo.critic, ppo.whiten_advantages, ppo.loss_aggregation) == ("separate", True, "token_mean")
+    grpo = PPOConfig.model_validate({**base, "algorithm": "grpo", "sampling": {"num_samples": 4}})
+    assert (grpo.critic, grpo.whiten_advantages, grpo.loss_aggregation) == ("none", False, "sequence_mean")
+    dr = PPOConfig.model_validate({**base, "algorithm": "grpo", "dr_grpo": True, "sampling": {"num_samples": 4}})
+    assert dr.loss_aggregation == "constant"
+
+
 def adapter(path):
     return load_file(path / "adapter_model.safetensors")
 

@@ -118,9 +118,9 @@ def test_clipped_value_loss():
     values = torch.tensor([[1.0, 0.0, 0.9]])
     old = torch.tensor([[0.5, 0.5, 0.5]])
     returns = torch.tensor([[0.0, 1.0, 1.0]])
-    loss_sum, clipped = core.clipped_value_loss(values, old, returns, torch.ones(1, 3), clip_range=0.2)
+    per_token, clipped = core.clipped_value_loss(values, old, returns, torch.ones(1, 3), clip_range=0.2)
     # 1st: max((1-0)^2, (0.7-0)^2) = 1;  2nd: max(1, (0.3-1)^2) = 1;  3rd: max(0.01, (0.7-1)^2) = 0.09
-    assert loss_sum.item() == pytest.approx(0.5 * (1 + 1 + 0.09))
+    assert per_token.sum().item() == pytest.approx(0.5 * (1 + 1 + 0.09))
     torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 1.0]]))
 
 
@@ -129,7 +129,7 @@ def test_masked_positions_do_not_count_in_the_losses():
     pg = core.clipped_policy_loss(torch.tensor([[0.1, 5.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 100.0]]), mask, 0.2)
     assert pg.loss_sum.item() == pytest.approx(-math.exp(0.1))
     vf, _ = core.clipped_value_loss(torch.tensor([[1.0, 50.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), mask, 100.0)
-    assert vf.item() == pytest.approx(0.5)
+    assert vf.sum().item() == pytest.approx(0.5)
 
 
 def test_running_moments_match_the_whole_sample():
@@ -155,3 +155,33 @@ def test_responses_are_cut_after_the_first_stop_token():
     assert cut.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
+
+
+# --- critic-free advantages ---------------------------------------------------------------------------------------
+
+
+def test_rloo_advantages_subtract_the_mean_of_the_other_samples():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0])  # prompt 0: three samples; prompt 1: two, equal
+    group = torch.tensor([0, 0, 0, 1, 1])
+    expected = [1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2, 0.0, 0.0]
+    assert core.rloo_advantages(rewards, group).tolist() == pytest.approx(expected)
+
+
+def test_grpo_advantages_normalise_within_each_prompts_samples():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    mean, std = 3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)  # Bessel: / (K - 1)
+    grpo = core.group_advantages(rewards, group, eps=1e-4)
+    assert grpo[:3].tolist() == pytest.approx([(r - mean) / (std + 1e-4) for r in (1, 2, 6)])
+    assert grpo[3:].tolist() == [0.0, 0.0, 0.0]  # all equal: nothing to learn, and no division by zero
+    assert core.group_advantages(rewards, group, scale=False).tolist() == pytest.approx([-2, -1, 3, 0, 0, 0])
+
+
+def test_loss_aggregations_weigh_tokens_as_defined():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])  # responses of 4 and 1 tokens
+    token = core.token_weights(mask, "token_mean")
+    assert token.sum().item() == pytest.approx(1.0) and token[0, 0].item() == pytest.approx(1 / 5)
+    sequence = core.token_weights(mask, "sequence_mean")
+    assert sequence[0].tolist() == pytest.approx([1 / 8] * 4) and sequence[1].tolist() == pytest.approx([1 / 2, 0, 0, 0])
+    constant = core.token_weights(mask, "constant", max_tokens=10)
+    assert constant[0, 0].item() == pytest.approx(1 / 20) and constant[1, 1].item() == 0.0

@@ -210,6 +210,7 @@ class SamplingConfig(Strict):
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: off
+    num_samples: int = Field(1, ge=1)  # K responses per prompt, sampled together (rloo and grpo compare them)
     # tokens that end a response (kept in it); None: the tokenizer's EOS and the model's end-of-turn tokens;
     # []: none, every response runs to max_new_tokens
     stop_token_ids: list[int] | None = None
@@ -241,7 +242,8 @@ class RewardTerm(Strict):
 
 
 class PPOConfig(Strict):
-    """PPO with a KL penalty against the frozen starting model. Defaults follow Ziegler et al. 2019 / TRL."""
+    """Online policy optimisation against rewards with a KL penalty against the frozen starting model: PPO (the
+    default; defaults follow Ziegler et al. 2019 / TRL), RLOO or GRPO, one trainer with the algorithm a setting."""
 
     model: str  # the starting policy (usually an SFT run directory); also the KL reference
     prompts_file: Path  # prompts (text or conversations): JSONL, or a datasets directory / hub id (NAME:SPLIT)
@@ -259,10 +261,21 @@ class PPOConfig(Strict):
     reward_clip: float | None = Field(None, gt=0)  # clip the (normalised) score to [-c, c]
     normalize_reward: bool = False  # divide scores by a running std (and subtract the running mean)
 
+    # ppo: GAE over a critic's values, KL in the reward; rloo: a response's reward (KL included) minus the mean of
+    # its prompt's other samples; grpo: rewards normalised within each prompt's samples, KL as a loss term (k3)
+    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"
+    dr_grpo: bool = False  # grpo as Liu et al. 2025: no division by the group's std, token sums over max_new_tokens
+    # how per-token losses make a minibatch's loss: token_mean (all tokens alike), sequence_mean (each response's
+    # mean, then their mean), constant (token sums / max_new_tokens, then the mean); None: ppo and rloo
+    # token_mean, grpo sequence_mean, Dr. GRPO constant
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
+
     lora: LoraSettings = LoraSettings(dropout=0.0)
     load_in_4bit: bool = False
     merge_adapter: bool = False  # save merged full weights instead of the adapter
-    critic: Literal["separate", "value_head"] = "separate"  # own network, or a head on the policy's backbone
+    # ppo's critic: its own network, or a head on the policy's backbone; rloo and grpo have none. None: separate
+    # for ppo, none otherwise
+    critic: Literal["separate", "value_head", "none"] | None = None
     critic_init: Literal["auto", "reward_model", "policy"] = "auto"  # separate critic: auto = reward model if compatible
 
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -273,7 +286,7 @@ class PPOConfig(Strict):
 
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool = True
+    whiten_advantages: bool | None = None  # None: True for ppo, False for rloo and grpo (already baselined)
     clip_range: float = Field(0.2, gt=0)
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
@@ -282,8 +295,8 @@ class PPOConfig(Strict):
     # only compared with it: `rollout/logprob_gap_*`)
     recompute_logprobs: bool = False
 
-    steps: int = Field(100, gt=0)  # PPO iterations: rollout a batch, then update
-    batch_size: int = Field(16, gt=0)  # rollouts per iteration, per process
+    steps: int = Field(100, gt=0)  # iterations: rollout a batch, then update
+    batch_size: int = Field(16, gt=0)  # rollouts per iteration, per process: batch_size / sampling.num_samples prompts
     mini_batch_size: int = Field(4, gt=0)  # rollouts per optimizer step, per process
     micro_batch_size: int | None = Field(None, gt=0)  # rollouts per forward (gradient accumulation); None: mini_batch_size
     ppo_epochs: int = Field(4, gt=0)
@@ -315,7 +328,32 @@ class PPOConfig(Strict):
             raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
         if self.merge_adapter and not self.lora.enabled:
             raise ValueError("merge_adapter needs lora.enabled: true")
+        self._resolve_algorithm()
         return self
+
+    def _resolve_algorithm(self) -> None:
+        """Check the algorithm's settings and fill in its defaults (config.yaml records the resolved values)."""
+        k, ppo = self.sampling.num_samples, self.algorithm == "ppo"
+        if self.batch_size % k:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of sampling.num_samples ({k}): "
+                             "each prompt's samples are rolled out together")
+        if not ppo and k < 2:
+            raise ValueError(f"algorithm {self.algorithm} compares several samples of each prompt: set "
+                             "sampling.num_samples to 2 or more (e.g. 4)")
+        if self.dr_grpo and self.algorithm != "grpo":
+            raise ValueError("dr_grpo is a variant of algorithm: grpo")
+        if self.critic is None:
+            self.critic = "separate" if ppo else "none"
+        if ppo and self.critic == "none":
+            raise ValueError("ppo needs a critic: critic: separate or value_head (or use algorithm: rloo or grpo)")
+        if not ppo and self.critic != "none":
+            raise ValueError(f"{self.algorithm} uses no critic (its baseline is the prompt's other samples): "
+                             "leave critic unset or set it to none")
+        if self.whiten_advantages is None:
+            self.whiten_advantages = ppo
+        if self.loss_aggregation is None:
+            self.loss_aggregation = ("constant" if self.dr_grpo else "sequence_mean") if self.algorithm == "grpo" \
+                else "token_mean"
 
 
 class EvalConfig(Strict):

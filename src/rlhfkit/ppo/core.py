@@ -8,6 +8,11 @@ token) and 0 after. Symbols follow the papers:
 - Ziegler et al. 2019: per-token reward -beta * KL_t, plus the score on the last token; adaptive beta.
 - Schulman 2020, "Approximating KL divergence": estimators k1 = -log rho and k3 = (rho - 1) - log rho, with
   rho = pi_ref / pi evaluated at tokens sampled from pi (k3 is unbiased, never negative, lower variance).
+- Ahmadian et al. 2024 (RLOO): K samples per prompt; A_i = R_i - 1/(K-1) sum_{j != i} R_j, the prompt's other
+  samples as the baseline, with R_i = score_i - beta * KL_i for the whole response.
+- Shao et al. 2024 (GRPO): A_i = (r_i - mean(r)) / (std(r) + eps) over the prompt's K samples, and
+  beta * k3(pi || pi_ref) per token as a loss term; Liu et al. 2025 (Dr. GRPO): no division by std(r), and each
+  response's token losses summed and divided by a constant (max_new_tokens) instead of its own length.
 """
 
 from __future__ import annotations
@@ -141,6 +146,47 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+# --- critic-free advantages: K samples per prompt --------------------------------------------------------------
+
+
+def _group_sums(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(int(group.max()) + 1, dtype=x.dtype, device=x.device).index_add(0, group, x)
+
+
+def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """A_i = R_i - 1/(K-1) sum_{j != i} R_j over the samples j of i's prompt (`group` [B] numbers the prompts)."""
+    counts = torch.bincount(group).to(rewards.dtype)
+    return rewards - (_group_sums(rewards, group)[group] - rewards) / (counts[group] - 1)
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: bool = True, eps: float = 1e-4
+                     ) -> torch.Tensor:
+    """A_i = (r_i - mean(r)) / (std(r) + eps) over the samples of i's prompt (std with Bessel's correction); with
+    `scale` False (Dr. GRPO), r_i - mean(r). A prompt whose samples all score the same gives them A = 0."""
+    counts = torch.bincount(group).to(rewards.dtype)
+    centered = rewards - (_group_sums(rewards, group) / counts)[group]
+    if not scale:
+        return centered
+    std = (_group_sums(centered**2, group) / (counts - 1)).sqrt()
+    return centered / (std[group] + eps)
+
+
+def token_weights(mask: torch.Tensor, aggregation: str, reduce: Reduce = _no_reduce, max_tokens: int = 1
+                  ) -> torch.Tensor:
+    """w_t such that a minibatch's loss is sum_t w_t * l_t over the tokens of every process:
+
+    token_mean: 1 / N_tokens; sequence_mean: 1 / (|o_i| * N_responses); constant: 1 / (max_tokens * N_responses).
+    """
+    if aggregation == "token_mean":
+        return mask / reduce(mask.sum()).clamp(min=1)
+    responses = reduce(mask.new_tensor(float(len(mask))))
+    if aggregation == "sequence_mean":
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1) / responses
+    if aggregation == "constant":
+        return mask / (max_tokens * responses)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}")
+
+
 class RunningMoments:
     """Running mean and std of scores over all batches seen (Chan et al.'s parallel update), for normalisation."""
 
@@ -174,27 +220,31 @@ class RunningMoments:
 
 @dataclass
 class PolicyLoss:
-    loss_sum: torch.Tensor  # summed over masked tokens (the caller divides by the token count of the minibatch)
+    per_token: torch.Tensor  # [B, T] -min(r_t A_t, clip(r_t) A_t), 0 where masked (the caller weighs and sums)
     clipped: torch.Tensor  # per token: 1 where the clipped term was the one taken
     log_ratio: torch.Tensor
+
+    @property
+    def loss_sum(self) -> torch.Tensor:
+        return self.per_token.sum()
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_range: float) -> PolicyLoss:
-    """-min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t), i.e. max of the two negated terms, summed over tokens."""
+    """-min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t), i.e. the max of the two negated terms, per token."""
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return PolicyLoss(masked_sum(torch.maximum(unclipped, clipped), mask), (clipped > unclipped).float(), log_ratio)
+    return PolicyLoss(torch.maximum(unclipped, clipped) * mask, (clipped > unclipped).float(), log_ratio)
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps); summed, and which clipped."""
+    """0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps), per token; and which clipped."""
     clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * masked_sum(torch.maximum(unclipped_loss, clipped_loss), mask), (clipped_loss > unclipped_loss).float()
+    return 0.5 * torch.maximum(unclipped_loss, clipped_loss) * mask, (clipped_loss > unclipped_loss).float()
 
 
 def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,25 @@
-"""PPO fine-tuning of a language model against rewards, with a KL penalty against the frozen starting model.
+"""Online policy optimisation of a language model against rewards, with a KL penalty against the frozen starting
+model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.ppo.core).
 
 One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
-  1. rollout     the engine (rlhfkit.rollout) samples a response per prompt, recording log pi_old(a_t), the
-                 entropy and, with a value head, V_old(s_t) while it samples;
+  1. rollout     the engine (rlhfkit.rollout) samples K = sampling.num_samples responses per prompt (1 for PPO),
+                 recording log pi_old(a_t), the entropy and, with a value head, V_old(s_t) while it samples;
   2. score       the decoded text is scored by every reward (so reward models with another tokenizer work too);
                  the EOS penalty, normalisation and clipping give the score s the policy maximises;
   3. reference   no-grad forwards: log pi_ref (the policy with its adapter off, or a frozen copy), a separate
                  critic's V_old, and log pi_old again only when `recompute_logprobs` is set;
-  4. advantages  r_t = -beta * KL_t per token plus s on the last one; GAE gives A_t and the returns;
-  5. update      `ppo_epochs` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss,
-                 token-averaged over the minibatch (all micro-batches and processes), one optimizer step each.
+  4. advantages  the algorithm's: ppo  GAE over r_t = -beta * KL_t (+ s on the last token) and the critic's values;
+                 rloo  R_i = s_i - beta * KL_i minus the mean R of the prompt's other samples;
+                 grpo  (s_i - mean) / std over the prompt's samples (Dr. GRPO: without the std);
+  5. update      `ppo_epochs` passes over shuffled minibatches: clipped ratio loss per token (+ vf_coef * clipped
+                 value loss for ppo, + beta * k3 to the reference for grpo), weighed by `loss_aggregation` over the
+                 minibatch's tokens on every process, one optimizer step each.
 Around them: checkpoints and resume, the NaN/Inf guard, and metrics (`step` returns them). The first minibatch's
 forward also measures how far its log-probs are from those the sampler recorded (`rollout/logprob_gap_*`): the
 same numbers computed twice, 0 up to float error in float32.
 
 Built on accelerate: one process here, `accelerate launch` / torchrun for several. Each process rolls out its
-own `batch_size` prompts; statistics that normalise (advantage whitening, token counts) are global.
+own `batch_size` responses; statistics that normalise (advantage whitening, token counts) are global.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from rlhfkit.runs import (
 logger = logging.getLogger(__name__)
 
 
-STAT_NAMES = ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl", "outside_support", "tokens")
+STAT_NAMES = ("pg", "vf", "kl", "clipfrac", "vf_clipfrac", "approx_kl", "outside_support", "tokens")
 
 __all__ = ["NonFiniteError", "OnlineTrainer", "PPOResult", "train_ppo"]
 
@@ -307,12 +311,23 @@ class OnlineTrainer:
         return torch.cat(ref), old_logprobs, old_values
 
     def advantages(self, rollout: Rollout, scores: Scores) -> Targets:
-        """4. r_t = -beta * KL_t (+ s on the last token), GAE over the values, whitened advantages."""
+        """4. The algorithm's advantages (rlhfkit.ppo.core has the math):
+        ppo   r_t = -beta * KL_t plus s on the last token; GAE over the critic's values;
+        rloo  R = s - beta * sum_t KL_t per response, minus the mean of its prompt's other samples' R;
+        grpo  (s - mean) / std over the prompt's samples (Dr. GRPO: s - mean); the KL is a loss term instead.
+        Then whitened over the batch where `whiten_advantages` (ppo's default)."""
         cfg, mask = self.cfg, rollout.response_mask.float()
         ref_logprobs, old_logprobs, old_values = self.reference(rollout)
         kl = core.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
-        token_rewards = core.per_token_rewards(scores.shaped, kl, mask, self.kl_ctl.value)
-        advantages, returns = core.gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+        beta = self.kl_ctl.value if cfg.algorithm != "grpo" else 0.0  # grpo's KL is in its loss, not its reward
+        token_rewards = core.per_token_rewards(scores.shaped, kl, mask, beta)
+        returns = None
+        if cfg.algorithm == "ppo":
+            advantages, returns = core.gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+        elif cfg.algorithm == "rloo":
+            advantages = core.rloo_advantages(token_rewards.sum(-1), rollout.group)[:, None] * mask
+        else:
+            advantages = core.group_advantages(scores.shaped, rollout.group, scale=not cfg.dr_grpo)[:, None] * mask
         if cfg.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask, self.reduce)
         return Targets(old_logprobs, ref_logprobs, kl, token_rewards, advantages, old_values, returns)
@@ -340,13 +355,14 @@ class OnlineTrainer:
             if stopped_early:
                 break
         tokens = max(stats["tokens"].item(), 1)
+        values = {"loss/value": stats["vf"].item() / tokens, "value/clipfrac": stats["vf_clipfrac"].item() / tokens}
         return {
             "policy/clipfrac": stats["clipfrac"].item() / tokens,
             "policy/approx_kl": stats["approx_kl"].item() / tokens,
-            "loss/policy": stats["pg"].item() / tokens,
-            "loss/value": stats["vf"].item() / tokens,
-            "value/clipfrac": stats["vf_clipfrac"].item() / tokens,
             "policy/outside_support": stats["outside_support"].item() / tokens,
+            "loss/policy": stats["pg"].item() / tokens,
+            **(values if cfg.critic != "none" else {}),
+            **({"loss/kl": stats["kl"].item() / tokens} if cfg.algorithm == "grpo" else {}),
             "train/early_stopped": float(stopped_early),
             **self._gap_metrics(gaps),
         }
@@ -354,9 +370,13 @@ class OnlineTrainer:
     def minibatch_step(self, rollout: Rollout, targets: Targets, rows: torch.Tensor,
                        gaps: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor] | None:
         """Loss over the minibatch `rows` (micro-batched), one optimizer step; None when the step was skipped for
-        NaN/Inf. With `gaps`, each micro-batch's |log pi (this forward) - log pi (sampler)| per token is appended."""
+        NaN/Inf. With `gaps`, each micro-batch's |log pi (this forward) - log pi (sampler)| per token is appended.
+
+        Per token: the clipped policy loss, + vf_coef * the clipped value loss (ppo), + beta * k3 to the reference
+        (grpo); weighed into one number by `loss_aggregation` over the minibatch's tokens on every process."""
         cfg, accelerator, mask = self.cfg, self.accelerator, rollout.response_mask.float()
-        n_tokens = self.reduce(mask[rows].sum())  # the minibatch's tokens over all processes: the loss normaliser
+        weights = torch.zeros_like(mask)
+        weights[rows] = core.token_weights(mask[rows], cfg.loss_aggregation, self.reduce, cfg.sampling.max_new_tokens)
         stats = {k: torch.zeros((), device=self.device) for k in STAT_NAMES}
         for last, idx in self.micro_batches(rows):
             part, part_mask = rollout.select(idx), mask[idx]
@@ -368,18 +388,24 @@ class OnlineTrainer:
                     logprobs, values = self.forward(part, train=True)
                 pg = core.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx], part_mask,
                                               cfg.clip_range)
-                vf_sum, vf_clipped = core.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
+                per_token = pg.per_token
+                if values is not None:
+                    vf, vf_clipped = core.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
                                                              part_mask, cfg.clip_range_value)
-                # DDP averages gradients over processes; the factor makes it a mean over all tokens.
-                loss = (pg.loss_sum + cfg.vf_coef * vf_sum) * accelerator.num_processes / n_tokens
-                accelerator.backward(loss)
+                    per_token = per_token + cfg.vf_coef * vf
+                    stats["vf"] += vf.sum().detach()
+                    stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
+                if cfg.algorithm == "grpo":
+                    kl = core.kl_estimate(logprobs, targets.ref_logprobs[idx], "k3") * part_mask
+                    per_token = per_token + self.kl_ctl.value * kl
+                    stats["kl"] += kl.sum().detach()
+                # DDP averages gradients over processes; the factor makes the weights' sum over all of them count.
+                accelerator.backward((per_token * weights[idx]).sum() * accelerator.num_processes)
             with torch.no_grad():
                 if gaps is not None:
                     gaps.append(((logprobs.detach() - rollout.logprobs[idx]).abs() * part_mask, part_mask))
                 stats["pg"] += pg.loss_sum.detach()
-                stats["vf"] += vf_sum.detach()
                 stats["clipfrac"] += core.masked_sum(pg.clipped, part_mask)
-                stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
                 # a sampled token the updated policy no longer keeps (top-k/top-p) has ratio 0: counted apart
                 outside = torch.isneginf(pg.log_ratio.detach()) & (part_mask > 0)
                 stats["approx_kl"] += core.masked_sum(core.approx_kl(pg.log_ratio.detach().masked_fill(outside, 0.0)),
@@ -401,7 +427,7 @@ class OnlineTrainer:
         """Clip, step, schedule (rlhfkit.runs.optimizer_step: fp16 overflow goes through the GradScaler); a NaN/Inf
         loss skips the update and counts against `max_nonfinite_updates`."""
         outcome = optimizer_step(self.accelerator, self.optimizer, self.scheduler, self.params, self.cfg.max_grad_norm,
-                                 stats["pg"] + stats["vf"])
+                                 stats["pg"] + stats["vf"] + stats["kl"])
         if not outcome.ok:
             self.guard.failed(self.step_count)
         return outcome.ok
@@ -412,12 +438,13 @@ class OnlineTrainer:
         """One iteration: the five phases, then the KL controller; returns the step's metrics."""
         cfg, accelerator = self.cfg, self.accelerator
         t_start = time.perf_counter()
-        indices = batch_prompt_indices(len(self.prompts), cfg.seed, self.step_count, cfg.batch_size,
+        k = cfg.sampling.num_samples
+        indices = batch_prompt_indices(len(self.prompts), cfg.seed, self.step_count, cfg.batch_size // k,
                                        accelerator.process_index, accelerator.num_processes)
         prompts = [self.prompts[i] for i in indices]
-        rollout = self.rollout(prompts)
+        rollout = self.rollout(prompts)  # K samples of each prompt, adjacent
         t_generated = time.perf_counter()
-        scores = self.score(prompts, rollout)
+        scores = self.score([p for p in prompts for _ in range(k)], rollout)
         targets = self.advantages(rollout, scores)
         t_scored = time.perf_counter()
         update = self.update(rollout, targets)
@@ -438,6 +465,10 @@ class OnlineTrainer:
         lengths = gather(rollout.response_mask.sum(-1).float())
         all_scores = gather(scores.raw)
         values = targets.old_values
+        critic = {} if values is None else {
+            "value/explained_variance": core.explained_variance(values, targets.returns, mask, self.reduce),
+            "value/mean": core.masked_mean(values, mask, self.reduce).item(),
+        }
         return {
             "reward/score": all_scores.mean().item(),
             "reward/score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
@@ -447,9 +478,8 @@ class OnlineTrainer:
             "kl/ref": seq_kl.mean().item(),
             "kl/coef": kl_coef,
             "policy/entropy": core.masked_mean(rollout.entropy, mask, self.reduce).item(),
-            **{k: v for k, v in update.items() if not k.startswith("_")},
-            "value/explained_variance": core.explained_variance(values, targets.returns, mask, self.reduce),
-            "value/mean": core.masked_mean(values, mask, self.reduce).item(),
+            **update,
+            **critic,
             "response/length": lengths.mean().item(),
             "response/eos_rate": gather(rollout.ended.float()).mean().item(),
             "train/lr": self.scheduler.get_last_lr()[0],
