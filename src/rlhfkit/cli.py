@@ -166,6 +166,7 @@ def eval_(
 
 def _print_eval(metrics: dict, reference: str, title: str) -> None:
     from rlhfkit.evaluation.evaluate import metric_table
+    from rlhfkit.evaluation.gold import what_moved
 
     table = Table(title=title)
     table.add_column("metric")
@@ -174,6 +175,8 @@ def _print_eval(metrics: dict, reference: str, title: str) -> None:
     for label, values in metric_table(metrics, next(iter(metrics)), reference):
         table.add_row(label, *values)
     console.print(table)
+    for line in what_moved(metrics, reference):
+        console.print(line, markup=False, highlight=False)
 
 
 @pipeline_app.command("run")
