@@ -176,7 +176,7 @@ def _print_eval(metrics: dict, reference: str, title: str) -> None:
         table.add_row(label, *values)
     console.print(table)
     for line in what_moved(metrics, reference):
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @pipeline_app.command("run")
@@ -260,7 +260,21 @@ def reward_train(
             f"on {int(result['pairs'])} pairs; mean margin {result['mean_margin']:.3f}; "
             f"calibration error {result['calibration_error']:.3f}"
         )
+    _print_diagnostics(cfg.output_dir)
     console.print(f"reward model saved in {cfg.output_dir}")
+
+
+def _print_diagnostics(run_dir: Path) -> None:
+    """The diagnostics a reward-model run wrote (held-out rankings only)."""
+    from rlhfkit.reward.diagnostics import DIAGNOSTICS_FILE, RewardDiagnostics
+
+    path = run_dir / DIAGNOSTICS_FILE
+    if path.is_file():
+        import json
+
+        console.print("[bold]reward-model diagnostics[/bold]")
+        for line in RewardDiagnostics(**json.loads(path.read_text(encoding="utf-8"))).lines():
+            console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
 @reward_app.command("score")
@@ -270,7 +284,9 @@ def reward_score(
     output: Annotated[Optional[Path], typer.Option(help="write the scored records here (JSONL); default: print a summary only")] = None,
     batch_size: int = 16,
 ) -> None:
-    """Score responses with reward models and classifiers; adds each score to the records' "scores"."""
+    """Score responses with reward models and classifiers; adds each score to the records' "scores". On rankings
+    (prompt, completions, ranks, annotator), also the diagnostics: accuracy, best-of-K, Kendall's tau with each
+    annotator, length bias, and the annotators' own agreement."""
     from rlhfkit.data.jsonl import read_jsonl, write_jsonl
     from rlhfkit.errors import DataError, OutputExistsError
     from rlhfkit.reward.scorers import load_scorer
@@ -279,8 +295,11 @@ def reward_score(
         raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
     records = []
     for lineno, r in read_jsonl(data):
+        if "prompt" in r and "completions" in r:
+            return _score_rankings(data, model, output)
         if "prompt" not in r or not ({"response"} <= r.keys() or {"chosen", "rejected"} <= r.keys()):
-            raise DataError(f"{data}:{lineno}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
+            raise DataError(f"{data}:{lineno}: needs 'prompt' and 'response' (or 'chosen' and 'rejected', or "
+                            "'completions' and 'ranks')")
         records.append(r)
     scorers = [load_scorer(m) for m in model]
     table = Table(title=f"Scores of {data}")
@@ -298,6 +317,30 @@ def reward_score(
     if output is not None:
         write_jsonl(output, records)
         console.print(f"{len(records)} scored records written to {output}")
+
+
+def _score_rankings(data: Path, models: list[str], output: Path | None) -> None:
+    """`reward score` on rankings: each completion's score under each scorer, and each scorer's diagnostics."""
+    from rlhfkit.data.jsonl import write_jsonl
+    from rlhfkit.data.preference import load_rankings
+    from rlhfkit.reward.diagnostics import diagnose
+    from rlhfkit.reward.scorers import load_scorer
+
+    records = load_rankings(data)
+    keys = list(dict.fromkeys((r.prompt, c) for r in records for c in r.completions))
+    scored = [r.model_dump(exclude_none=True) | {"scores": {}} for r in records]
+    for spec in models:
+        scorer = load_scorer(spec)
+        value = dict(zip(keys, scorer.score([p for p, _ in keys], [c for _, c in keys]).tolist()))
+        diagnostics = diagnose(records, lambda prompts, texts: [value[k] for k in zip(prompts, texts)])
+        console.print(f"[bold]{scorer.name}[/bold] on {data}")
+        for line in diagnostics.lines():
+            console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
+        for r, out in zip(records, scored):
+            out["scores"][scorer.name] = [value[r.prompt, c] for c in r.completions]
+    if output is not None:
+        write_jsonl(output, scored)
+        console.print(f"{len(scored)} rankings with their completions' scores written to {output}")
 
 
 @data_app.command("pairs")
