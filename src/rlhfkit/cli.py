@@ -58,6 +58,13 @@ def sft(
             f"held-out loss per response token: before {result.eval_loss_before:.4f} -> after "
             f"{result.eval_loss_after:.4f}"
         )
+    if result.preview_metrics:
+        before, after = result.preview_metrics["before"], result.preview_metrics["after"]
+        console.print(
+            f"the {len(result.previews)} preview answers against the reference answers: ROUGE-L "
+            f"{before['rouge_l']:.3f} -> {after['rouge_l']:.3f}, semantic similarity {before['similarity']:.3f} -> "
+            f"{after['similarity']:.3f}"
+        )
     console.print(f"{result.steps} steps; model saved in {result.output_dir}")
 
 
@@ -279,8 +286,8 @@ def _print_diagnostics(run_dir: Path) -> None:
 
 @reward_app.command("score")
 def reward_score(
-    data: Annotated[Path, typer.Option(help="JSONL with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
-    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL; repeat for several")],
+    data: Annotated[Path, typer.Option(help="JSONL with prompt and response (samples), prompt/chosen/rejected (pairs), or prompt/completions/ranks (rankings: also diagnostics)")],
+    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', hf:MODEL:LABEL, or a gold measure (similarity:PATH, rouge_l:PATH, facts:PATH); repeat for several")],
     output: Annotated[Optional[Path], typer.Option(help="write the scored records here (JSONL); default: print a summary only")] = None,
     batch_size: int = 16,
 ) -> None:
