@@ -145,7 +145,7 @@ def what_moved(metrics: dict[str, dict[str, Any]], reference: str) -> list[str]:
     """Per model against the reference, a heading line and one indented line per judgement (reward model, gold
     judge, gold measures) with its interval and whether it moved: up or down when the interval excludes
     no-change (0.5 for win rates, 0 for changes), else "no clear change"."""
-    from rlhfkit.evaluation.evaluate import format_interval
+    from rlhfkit.evaluation.evaluate import format_interval  # here: evaluate imports this module
 
     lines = []
     for name, m in metrics.items():
