@@ -254,3 +254,19 @@ def test_eval_without_truth_has_no_gold_rows_and_a_missing_fact_sheet_fails_firs
     with pytest.raises(DataError, match="fact sheet .*missing.md not found"):
         evaluate(cfg.model_copy(update={"facts_sheet": tmp_path / "missing.md", "output_dir": tmp_path / "o2"}))
     assert not (tmp_path / "o2").exists()
+
+
+def test_ppo_logs_a_gold_reward_of_weight_zero_beside_the_learned_one(tiny_model, tmp_path):
+    from rlhfkit.data.jsonl import read_jsonl as rows_of
+    from rlhfkit.ppo import train_ppo
+    from test_ppo import ppo_config
+
+    cfg = ppo_config(tiny_model, tmp_path / "ppo", rewards=[
+        {"scorer": "toxicity", "weight": -1.0}, {"scorer": f"similarity:{REPO / 'data' / 'company'}", "weight": 0.0,
+                                                 "name": "gold_similarity"}])
+    train_ppo(cfg)
+    logged = [row for _, row in rows_of(tmp_path / "ppo" / "metrics.jsonl") if "reward/score" in row]
+    assert len(logged) == 2
+    for row in logged:
+        assert -1.0 <= row["reward/gold_similarity"] <= 1.0 and row["reward/gold_similarity"] != 0.0
+        assert row["reward/score"] == pytest.approx(-row["reward/toxicity"], abs=1e-6)  # weight 0: logged, not optimised
