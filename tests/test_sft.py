@@ -42,6 +42,12 @@ def test_sft_lowers_train_and_held_out_loss_and_writes_a_run_directory(tiny_mode
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["model"] for s in samples] == ["reference", "before", "after"] * 2
     assert [p["prompt"] for p in result.previews] == [s["prompt"] for s in samples[::3]]
+    # before and after, measured against the reference answers (the reference itself is not scored)
+    assert samples[0]["scores"] == {} and set(samples[1]["scores"]) == set(samples[2]["scores"]) == {"rouge_l", "similarity"}
+    for which in ("before", "after"):
+        rows = [s["scores"] for s in samples if s["model"] == which]
+        for key in ("rouge_l", "similarity"):
+            assert result.preview_metrics[which][key] == pytest.approx(sum(r[key] for r in rows) / 2)
     # the saved adapter reproduces the trained model
     assert load_causal_lm(str(out)).peft_config["default"].r == 8
 

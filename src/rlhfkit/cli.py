@@ -96,6 +96,13 @@ def sft(
             f"held-out loss per response token: before {result.eval_loss_before:.4f} -> after "
             f"{result.eval_loss_after:.4f}"
         )
+    if result.preview_metrics:
+        before, after = result.preview_metrics["before"], result.preview_metrics["after"]
+        console.print(
+            f"the {len(result.previews)} preview answers against the reference answers: ROUGE-L "
+            f"{before['rouge_l']:.3f} -> {after['rouge_l']:.3f}, semantic similarity {before['similarity']:.3f} -> "
+            f"{after['similarity']:.3f}"
+        )
     console.print(f"{result.steps} steps; model saved in {result.output_dir}")
 
 
@@ -206,6 +213,7 @@ def eval_(
 
 def _print_eval(metrics: dict, reference: str, title: str) -> None:
     from rlhfkit.evaluation.evaluate import metric_table
+    from rlhfkit.evaluation.gold import what_moved
 
     table = Table(title=title)
     table.add_column("metric")
@@ -214,6 +222,8 @@ def _print_eval(metrics: dict, reference: str, title: str) -> None:
     for label, values in metric_table(metrics, next(iter(metrics)), reference):
         table.add_row(label, *values)
     console.print(table)
+    for line in what_moved(metrics, reference):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 PIPELINE_STAGES = {"nested": STAGES, "omit": RUN_SETTINGS}  # a pipeline's stage blocks hold their commands' settings
@@ -303,17 +313,33 @@ def reward_train(
             f"on {int(result['pairs'])} pairs; mean margin {result['mean_margin']:.3f}; "
             f"calibration error {result['calibration_error']:.3f}"
         )
+    _print_diagnostics(cfg.output_dir)
     console.print(f"reward model saved in {cfg.output_dir}")
+
+
+def _print_diagnostics(run_dir: Path) -> None:
+    """The diagnostics a reward-model run wrote (held-out rankings only)."""
+    from rlhfkit.reward.diagnostics import DIAGNOSTICS_FILE, RewardDiagnostics
+
+    path = run_dir / DIAGNOSTICS_FILE
+    if path.is_file():
+        import json
+
+        console.print("[bold]reward-model diagnostics[/bold]")
+        for line in RewardDiagnostics(**json.loads(path.read_text(encoding="utf-8"))).lines():
+            console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
 @reward_app.command("score")
 def reward_score(
-    data: Annotated[Path, typer.Option(help="JSONL (or a saved dataset) with prompt and response (samples), or prompt/chosen/rejected (pairs)")],
-    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', or hf:MODEL:LABEL[:logit|prob]; repeat for several")],
+    data: Annotated[Path, typer.Option(help="JSONL (or a saved dataset) with prompt and response (samples), prompt/chosen/rejected (pairs), or prompt/completions/ranks (rankings: also diagnostics)")],
+    model: Annotated[list[str], typer.Option(help="a reward-model directory, 'toxicity', hf:MODEL:LABEL[:logit|prob], or a gold measure (similarity:PATH, rouge_l:PATH, facts:PATH); repeat for several")],
     output: Annotated[Optional[Path], typer.Option(help="write the scored records here (JSONL); default: print a summary only")] = None,
     batch_size: int = 16,
 ) -> None:
-    """Score responses with reward models and classifiers; adds each score to the records' "scores"."""
+    """Score responses with reward models and classifiers; adds each score to the records' "scores". On rankings
+    (prompt, completions, ranks, annotator), also the diagnostics: accuracy, best-of-K, Kendall's tau with each
+    annotator, length bias, and the annotators' own agreement."""
     from rlhfkit.data.jsonl import write_jsonl
     from rlhfkit.data.sources import read_records
     from rlhfkit.errors import DataError, OutputExistsError
@@ -323,8 +349,11 @@ def reward_score(
         raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
     records = []
     for where, r in read_records(data):
+        if "prompt" in r and "completions" in r:
+            return _score_rankings(data, model, output)
         if "prompt" not in r or not ({"response"} <= r.keys() or {"chosen", "rejected"} <= r.keys()):
-            raise DataError(f"{where}: needs 'prompt' and 'response' (or 'chosen' and 'rejected')")
+            raise DataError(f"{where}: needs 'prompt' and 'response' (or 'chosen' and 'rejected', or "
+                            "'completions' and 'ranks')")
         records.append(r)
     scorers = [load_scorer(m) for m in model]
     table = Table(title=f"Scores of {data}")
@@ -342,6 +371,30 @@ def reward_score(
     if output is not None:
         write_jsonl(output, records)
         console.print(f"{len(records)} scored records written to {output}")
+
+
+def _score_rankings(data: Path, models: list[str], output: Path | None) -> None:
+    """`reward score` on rankings: each completion's score under each scorer, and each scorer's diagnostics."""
+    from rlhfkit.data.jsonl import write_jsonl
+    from rlhfkit.data.preference import load_rankings
+    from rlhfkit.reward.diagnostics import diagnose
+    from rlhfkit.reward.scorers import load_scorer
+
+    records = load_rankings(data)
+    keys = list(dict.fromkeys((r.prompt, c) for r in records for c in r.completions))
+    scored = [r.model_dump(exclude_none=True) | {"scores": {}} for r in records]
+    for spec in models:
+        scorer = load_scorer(spec)
+        value = dict(zip(keys, scorer.score([p for p, _ in keys], [c for _, c in keys]).tolist()))
+        diagnostics = diagnose(records, lambda prompts, texts: [value[k] for k in zip(prompts, texts)])
+        console.print(f"[bold]{scorer.name}[/bold] on {data}")
+        for line in diagnostics.lines():
+            console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
+        for r, out in zip(records, scored):
+            out["scores"][scorer.name] = [value[r.prompt, c] for c in r.completions]
+    if output is not None:
+        write_jsonl(output, scored)
+        console.print(f"{len(scored)} rankings with their completions' scores written to {output}")
 
 
 @data_app.command("pairs")

@@ -26,6 +26,7 @@ from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_conversat
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
+from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.rollout import generate_responses
 from rlhfkit.runs import (
@@ -58,6 +59,8 @@ class SFTResult:
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     previews: list[dict] = field(default_factory=list)  # {"prompt", "reference", "before", "after"}
+    # the previews against the reference answers: {"before"|"after": {"rouge_l"|"similarity": mean over previews}}
+    preview_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def tokenize_examples(path: Path, tokenizer, max_length: int, system_prompt: str | None) -> list[TokenizedExample]:
@@ -256,13 +259,25 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         for ex, b, a in zip(preview_examples, before, after)
     ]
     if accelerator.is_main_process and result.previews:
+        scores = preview_reference_scores(result.previews)
+        result.preview_metrics = {which: {k: sum(v) / len(v) for k, v in per.items()} for which, per in scores.items()}
         write_jsonl(cfg.output_dir / "samples.jsonl", [
-            {"prompt": p["prompt"], "response": p[which], "model": which, "scores": {}}
-            for p in result.previews for which in ("reference", "before", "after")
+            {"prompt": p["prompt"], "response": p[which], "model": which,
+             "scores": {k: v[i] for k, v in scores[which].items()} if which in scores else {}}
+            for i, p in enumerate(result.previews) for which in ("reference", "before", "after")
         ])
     metrics.close()
     accelerator.end_training()
     return result
+
+
+def preview_reference_scores(previews: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """ROUGE-L and semantic similarity of the answers before and after training to the reference answers."""
+    references = [p["reference"] for p in previews]
+    embedder = load_embedder()
+    return {which: {"rouge_l": rouge_l([p[which] for p in previews], references),
+                    "similarity": embedder.similarity([p[which] for p in previews], references)}
+            for which in ("before", "after")}
 
 
 def _preview(model, tokenizer, examples: list[SFTExample], cfg: SFTConfig, accelerator: Accelerator) -> list[str]:

@@ -201,3 +201,36 @@ class ChatPromptRecord(PromptRecord):
 def load_prompts(source: str | os.PathLike) -> list[ChatPromptRecord]:
     """Prompts for sampling; each `.prompt` is a string or a conversation (a list of message dicts)."""
     return load_records(source, ChatPromptRecord)
+
+
+class TruthRecord(PromptRecord):
+    """An evaluation prompt with its truth: `{"prompt", "id"?, "response"?, "facts"?, "answerable"?, "wrong"?}`.
+
+    - `response`: the ideal answer (reference-based metrics compare answers with it);
+    - `facts`: short strings a correct answer states (a fact may give alternatives separated by `|`);
+    - `answerable`: false when the knowledge source does not hold the answer: then a correct answer says so
+      (and its facts name whom to ask instead);
+    - `wrong`: statements the knowledge source contradicts for this question (e.g. another office's hours).
+
+    It is also a prompt record and, with `response`, an SFT record: the same file serves every stage.
+    """
+
+    response: str | None = None
+    facts: list[str] | None = None
+    answerable: bool = True
+    wrong: list[str] | None = None
+
+    @field_validator("facts", "wrong")
+    @classmethod
+    def _non_empty_strings(cls, values: list[str] | None) -> list[str] | None:
+        if values is not None:
+            if not values:
+                raise ValueError("an empty list: leave the key out instead")
+            for i, value in enumerate(values):
+                if not all(alternative.strip() for alternative in value.split("|")):
+                    raise ValueError(f"item {i} ({value!r}) is empty or has an empty alternative")
+        return values
+
+
+def load_truth_records(path: str | os.PathLike) -> list[TruthRecord]:
+    return load_records(path, TruthRecord)

@@ -2,7 +2,10 @@
 
 Per model: toxicity (mean, std, share above 0.5, change against the first model with a paired bootstrap interval),
 reward-model score and win rate against the reference model's answers, KL to the reference, perplexity of the
-answers under the reference, answer length, EOS rate and distinct-1/2.
+answers under the reference, answer length, EOS rate and distinct-1/2. Where the prompt records carry the truth
+(an ideal `response`, `facts`), the gold measures too: ROUGE-L and semantic similarity to the ideal answer, fact
+recall, the share of answers stating a contradicted fact, and the gold judge's win rate against the reference
+model (rlhfkit.evaluation.gold).
 
 KL(pi || pi_ref) is estimated from the model's own samples as the mean over answers of
 sum_t [log pi(a_t | s_t) - log pi_ref(a_t | s_t)] (k1, unbiased for the sequence-level KL): log pi is what the
@@ -29,7 +32,9 @@ from rlhfkit.config import EvalConfig, dump_config
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.evaluation.gold import GoldScores, MEASURES, eval_truth, score_against_truth, summarise_gold
 from rlhfkit.evaluation.metrics import distinct_n, mean_interval, percent_change_interval, win_rate_interval
+from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel
 from rlhfkit.reward.scorers import load_scorer
@@ -113,9 +118,11 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
 
 
 def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]], reward: dict[str, list[float]] | None,
-              baseline: str, reference: str, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+              baseline: str, reference: str, cfg: EvalConfig,
+              gold: dict[str, GoldScores] | None = None) -> dict[str, dict[str, Any]]:
     """Per model, the metrics in the module docstring; intervals as {value, low, high}."""
     boot = {"n_resamples": cfg.bootstrap_samples, "confidence": cfg.confidence, "seed": cfg.seed}
+    gold_summary = summarise_gold(gold, reference, **boot) if gold is not None else {}
     summary = {}
     for name, a in answers.items():
         tox = torch.tensor(toxicity[name], dtype=torch.float64)
@@ -141,7 +148,7 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
         if a.kl is not None:
             m["kl_to_reference"] = mean_interval(a.kl, **boot).as_dict()
             m["reference_perplexity"] = float(torch.tensor(sum(a.ref_nll) / sum(a.lengths)).exp())
-        summary[name] = m
+        summary[name] = m | gold_summary.get(name, {})
     return summary
 
 
@@ -162,6 +169,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     from rlhfkit.runs import prepare_output_dir
 
     prompts = load_eval_prompts(cfg)
+    truths, fact_sheet = eval_truth(cfg.prompts, prompts, cfg.facts_sheet)
     toxicity_scorer = load_scorer(cfg.toxicity)
     prepare_output_dir(PartialState(), cfg.output_dir, cfg.overwrite, resuming=False)
     names = list(cfg.models)
@@ -191,7 +199,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.reward_model is not None:
         scorer = load_scorer(cfg.reward_model, device=device)
         reward = {n: scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
-    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg)
+    gold = None
+    if truths is not None:
+        embedder = load_embedder(cfg.embedding_model, device)
+        gold = {n: score_against_truth(a.responses, truths, embedder, fact_sheet) for n, a in answers.items()}
+    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg, gold)
 
     records = []
     for i, prompt in enumerate(prompts):
@@ -201,6 +213,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 scores["reward"] = reward[name][i]
             if a.kl is not None:
                 scores["kl"] = a.kl[i]
+            if gold is not None:
+                scores |= gold[name].per_answer(i)
             records.append({"prompt": prompt, "response": a.responses[i], "model": name, "scores": scores})
     write_jsonl(cfg.output_dir / SAMPLES_FILE, records)
     dump_config(cfg, cfg.output_dir / "config.yaml")
@@ -228,7 +242,7 @@ def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: s
     def change(m):
         return "-" if m["toxicity_change_pct"] is None else format_interval(m["toxicity_change_pct"], 1, signed=True) + " %"
 
-    return [
+    rows = [
         ("toxicity mean [CI]", each(lambda m: format_interval(m["toxicity_mean"]))),
         ("toxicity std", each(lambda m: f"{m['toxicity_std']:.3f}")),
         ("toxic (> 0.5)", each(lambda m: f"{100 * m['toxicity_above_0.5']:.1f} %")),
@@ -242,3 +256,9 @@ def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: s
         ("EOS rate", each(lambda m: f"{m['eos_rate']:.2f}")),
         ("distinct-1 / distinct-2", each(lambda m: f"{m['distinct_1']:.3f} / {m['distinct_2']:.3f}")),
     ]
+    if any(m.get("gold_win_rate_vs_reference") for m in metrics.values()):  # judged against the truth too
+        gold_win = (f"gold win rate vs {reference}", each(lambda m: format_interval(m.get("gold_win_rate_vs_reference"), 2)))
+        measures = [(label, each(lambda m, key=key: format_interval(m.get(key)))) for key, (_, label) in MEASURES.items()]
+        at = 1 + next(i for i, (label, _) in enumerate(rows) if label.startswith("reward win rate"))
+        rows = rows[:at] + [gold_win] + measures + rows[at:]  # the gold judge's win rate beside the reward model's
+    return rows

@@ -69,6 +69,15 @@ def percent_change_interval(baseline: Sequence[float], other: Sequence[float], *
     return bootstrap(change, len(b), **kwargs)
 
 
+def difference_interval(values: Sequence[float], reference_values: Sequence[float], **kwargs) -> Interval:
+    """mean(values) - mean(reference_values) over paired observations (same prompts), resampled in pairs."""
+    v, r = np.asarray(values, dtype=np.float64), np.asarray(reference_values, dtype=np.float64)
+    if v.shape != r.shape:
+        raise ValueError(f"paired samples differ in size: {v.shape} and {r.shape}")
+    d = v - r
+    return bootstrap(lambda i: d[i].mean(-1), len(d), **kwargs)
+
+
 def win_rate_interval(scores: Sequence[float], reference_scores: Sequence[float], **kwargs) -> Interval:
     """Share of prompts where a model's response scores above the reference's response; a tie counts half."""
     s, r = np.asarray(scores, dtype=np.float64), np.asarray(reference_scores, dtype=np.float64)

@@ -3,7 +3,10 @@
 A run directory is one stage's output or a pipeline's directory of stages. Every directory under it with
   - metrics.jsonl gives training curves, one plot per metric group (reward/, kl/, policy/, loss/, ...), and, for
     PPO, each reward against the KL to the reference (a reward that rises while a gold score falls is gamed);
-  - eval.json gives the evaluation table and toxicity / reward with their confidence intervals;
+  - eval.json gives the evaluation table and toxicity / reward with their confidence intervals, and where the
+    prompts carried the truth, the gold measures, the reward model's and the gold judge's win rates side by side,
+    and what moved against the reference model;
+  - diagnostics.json (a reward model's) gives its held-out diagnostics;
   - samples.jsonl gives side-by-side answers (prompt, one column per model, scores under each answer).
 """
 
@@ -29,6 +32,8 @@ from rlhfkit.data.chat import prompt_text  # noqa: E402
 from rlhfkit.data.jsonl import read_jsonl  # noqa: E402
 from rlhfkit.errors import DataError, OutputExistsError  # noqa: E402
 from rlhfkit.evaluation.evaluate import EVAL_FILE, SAMPLES_FILE, metric_table  # noqa: E402
+from rlhfkit.evaluation.gold import what_moved  # noqa: E402
+from rlhfkit.reward.diagnostics import DIAGNOSTICS_FILE, RewardDiagnostics  # noqa: E402
 
 REPORT_FILE = "report.html"
 # Metric groups in the order a reader looks for them; groups not named here follow, alphabetically.
@@ -50,6 +55,8 @@ class Stage:
     config: str | None = None
     evaluation: dict[str, Any] | None = None
     eval_rows: list[tuple[str, list[str]]] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # what moved against the reference model (gold.what_moved)
+    diagnostics: list[str] = field(default_factory=list)  # a reward model's held-out diagnostics
     samples: list[dict[str, Any]] = field(default_factory=list)  # {"prompt", "answers": [{model, response, scores}]}
     sample_models: list[str] = field(default_factory=list)
     total_samples: int = 0
@@ -110,23 +117,42 @@ def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
     return plots
 
 
+def _bars(ax, names: list[str], intervals: list[dict[str, float]], offset: float = 0.0, width: float = 0.8, **style):
+    """Bars at the values with the intervals as error bars."""
+    mid = [v["value"] for v in intervals]
+    err = [[m - v["low"] for m, v in zip(mid, intervals)], [v["high"] - m for m, v in zip(mid, intervals)]]
+    ax.bar([i + offset for i in range(len(names))], mid, width, yerr=err, capsize=4, **style)
+    ax.set_xticks(range(len(names)), names)
+
+
 def evaluation_section(report: dict[str, Any]) -> tuple[list[tuple[str, list[str]]], list[Plot]]:
     """Table rows (metric, value per model) and bar plots with confidence intervals of eval.json's metrics."""
-    rows = metric_table(report["metrics"], report["baseline"], report["reference"])
+    metrics, ci = report["metrics"], f"{round(100 * report['confidence'])}% CI"
+    rows = metric_table(metrics, report["baseline"], report["reference"])
     plots = []
     for key, title in (("toxicity_mean", "mean toxicity"), ("reward_mean", "mean reward-model score"),
-                       ("kl_to_reference", "KL to the reference")):
-        values = {n: m[key] for n, m in report["metrics"].items() if m.get(key)}
+                       ("kl_to_reference", "KL to the reference"), ("similarity", "similarity to the ideal answer"),
+                       ("fact_recall", "fact recall")):
+        values = {n: m[key] for n, m in metrics.items() if m.get(key)}
         if not values:
             continue
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
-        names = list(values)
-        mid = [values[n]["value"] for n in names]
-        err = [[mid[i] - values[n]["low"] for i, n in enumerate(names)], [values[n]["high"] - mid[i] for i, n in enumerate(names)]]
-        ax.bar(names, mid, yerr=err, capsize=4, color="#4c78a8")
-        ax.set_title(f"{title} ({round(100 * report['confidence'])}% CI)")
+        _bars(ax, list(values), list(values.values()), color="#4c78a8")
+        ax.set_title(f"{title} ({ci})")
         ax.grid(axis="y", alpha=0.3)
         plots.append(Plot(title, _png(fig)))
+    judged = [n for n, m in metrics.items() if m.get("win_rate_vs_reference") and m.get("gold_win_rate_vs_reference")]
+    if judged:  # the reward model's verdict beside the truth's
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        for offset, key, label, color in ((-0.2, "win_rate_vs_reference", "reward model", "#4c78a8"),
+                                          (0.2, "gold_win_rate_vs_reference", "gold judge", "#f58518")):
+            _bars(ax, judged, [metrics[n][key] for n in judged], offset, 0.4, color=color, label=label)
+        ax.axhline(0.5, color="#666", lw=1, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"win rate vs {report['reference']} ({ci})")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        plots.append(Plot("win rates", _png(fig)))
     return rows, plots
 
 
@@ -151,7 +177,7 @@ def side_by_side(path: Path, limit: int) -> tuple[list[dict[str, Any]], list[str
 
 
 def collect_stages(run_dir: Path, max_samples: int) -> list[Stage]:
-    found = {p.parent for pattern in ("metrics.jsonl", EVAL_FILE, SAMPLES_FILE)
+    found = {p.parent for pattern in ("metrics.jsonl", EVAL_FILE, SAMPLES_FILE, DIAGNOSTICS_FILE)
              for p in run_dir.rglob(pattern) if "checkpoint-" not in str(p.parent)}
     # in the order the stages ran: each writes its config.yaml first
     stage_dirs = sorted(found, key=lambda d: ((d / "config.yaml").stat().st_mtime if (d / "config.yaml").exists()
@@ -166,7 +192,10 @@ def collect_stages(run_dir: Path, max_samples: int) -> list[Stage]:
         if (d / EVAL_FILE).is_file():
             stage.evaluation = json.loads((d / EVAL_FILE).read_text(encoding="utf-8"))
             stage.eval_rows, plots = evaluation_section(stage.evaluation)
+            stage.moved = what_moved(stage.evaluation["metrics"], stage.evaluation["reference"])
             stage.plots += plots
+        if (d / DIAGNOSTICS_FILE).is_file():
+            stage.diagnostics = RewardDiagnostics(**json.loads((d / DIAGNOSTICS_FILE).read_text(encoding="utf-8"))).lines()
         if (d / SAMPLES_FILE).is_file():
             stage.samples, stage.sample_models, stage.total_samples = side_by_side(d / SAMPLES_FILE, max_samples)
         stages.append(stage)

@@ -77,7 +77,7 @@ def _order(rank_of: dict[str, int], x: str, y: str) -> int:
     return (rank_of[x] < rank_of[y]) - (rank_of[x] > rank_of[y])
 
 
-def _by_item(records: Iterable[RankingRecord]) -> dict[Hashable, list[RankingRecord]]:
+def records_by_item(records: Iterable[RankingRecord]) -> dict[Hashable, list[RankingRecord]]:
     """Records of the same item: same id, or without ids the same prompt and completions (as consolidation groups)."""
     groups: dict[Hashable, list[RankingRecord]] = defaultdict(list)
     for r in records:
@@ -89,7 +89,7 @@ def pairwise_agreement(records: Iterable[RankingRecord]) -> float | None:
     """Share of (two annotators, two completions) comparisons where both annotators order the two the same way
     (above, below or tied), over every item that several annotators ranked."""
     agree = total = 0
-    for group in _by_item(records).values():
+    for group in records_by_item(records).values():
         for a, b in combinations(group, 2):
             rank_a, rank_b = dict(zip(a.completions, a.ranks)), dict(zip(b.completions, b.ranks))
             for x, y in combinations(a.completions, 2):
@@ -105,7 +105,7 @@ def consensus_agreement(records: Iterable[RankingRecord]) -> dict[str, float | N
     """
     agree: Counter = Counter()
     total: Counter = Counter()
-    for group in _by_item(records).values():
+    for group in records_by_item(records).values():
         if len(group) < 2:
             continue
         consensus = consolidate_rankings(group)
@@ -117,5 +117,5 @@ def consensus_agreement(records: Iterable[RankingRecord]) -> dict[str, float | N
             for better, worse in item.pairs:
                 total[r.annotator] += 1
                 agree[r.annotator] += rank_of[item.completions[better]] < rank_of[item.completions[worse]]
-    annotators = {r.annotator for group in _by_item(records).values() for r in group}
+    annotators = {r.annotator for group in records_by_item(records).values() for r in group}
     return {a: (agree[a] / total[a] if total[a] else None) for a in sorted(annotators)}

@@ -10,6 +10,7 @@
   (a linear SVM on bag-of-words, calibrated); `score` is P(toxic), and as a reward it counts negatively.
 - `FunctionReward`: a plain Python function.
 - `WeightedSum`: sum of weight * reward over several rewards.
+- Gold measures against the truth (`similarity:PATH`, `rouge_l:PATH`, `facts:PATH`): see rlhfkit.evaluation.gold.
 """
 
 from __future__ import annotations
@@ -133,10 +134,19 @@ class WeightedSum:
 
 
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """A scorer by name: `toxicity` (offline), a reward-model directory, or `hf:MODEL:LABEL[:logit|prob]` (one label
-    of a classifier; without the last part, the logit of a one-label head and the probability otherwise)."""
+    """A scorer by name: `toxicity` (offline), a reward-model directory, `hf:MODEL:LABEL[:logit|prob]` (one label of
+    a classifier; without the last part, the logit of a one-label head and the probability otherwise), or a gold
+    measure against the truth, `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
     if spec == "toxicity":
         return ToxicityScorer()
+    metric, sep, path = spec.partition(":")
+    if sep and metric in ("similarity", "rouge_l", "facts"):
+        from rlhfkit.evaluation.gold import TruthReward
+
+        if not path:
+            raise ConfigError(f"scorer {spec!r} needs the truth: {metric}:PATH, a JSONL file or directory of prompts "
+                              f"with their ideal `response` and `facts` (e.g. {metric}:data/company)")
+        return TruthReward(metric, path, device=device)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         output = OUTPUTS.get(parts[-1]) if len(parts) > 2 else None

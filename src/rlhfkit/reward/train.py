@@ -24,6 +24,7 @@ from transformers import get_scheduler
 from rlhfkit.config import RewardConfig, dump_config
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.errors import DataError
+from rlhfkit.reward.diagnostics import diagnose_reward_model
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.runs import (
     MetricsWriter,
@@ -240,6 +241,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
         tmp = cfg.output_dir / ".final.tmp"
         final.save_pretrained(tmp)
         install_files(tmp, cfg.output_dir, last=("config.json",))
+        if cfg.eval_file:  # rankings: best-of-K, Kendall's tau, length bias, the annotators' own agreement
+            diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir)
     metrics.close()
     accelerator.end_training()
     return {"before_" + k: v for k, v in before.items()} | after
