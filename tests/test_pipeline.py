@@ -124,3 +124,30 @@ def test_make_demo_quick_profile_on_the_bundled_model(tmp_path):
     assert "gold win rate vs sft" in result.output and "ppo vs sft:" in result.output
     assert all("reward/gold_similarity" in row for _, row in read_jsonl(tmp_path / "demo" / "ppo" / "metrics.jsonl")
                if "reward/score" in row)
+
+
+def test_rloo_and_grpo_stages_run_the_online_trainer_with_their_algorithm(tiny_model, tmp_path):
+    """The compare recipe's shape on the tiny model: online stages named after their algorithm, side by side in eval."""
+    online = {"model": "{sft}", "prompts_file": str(COMPANY_TRAIN), "rewards": [{"scorer": "toxicity", "weight": -1.0}],
+              "steps": 1, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "preview": {"num_prompts": 0},
+              "sampling": {"max_new_tokens": 4, "num_samples": 2}}
+    cfg = tiny_pipeline(tiny_model, tmp_path / "run").model_copy(update={
+        "reward": None, "ppo": None, "rloo": online, "grpo": online,
+        "eval": {"models": {"sft": "{sft}", "rloo": "{rloo}", "grpo": "{grpo}"}, "prompts": str(COMPANY_TEST),
+                 "limit": 3, "sampling": {"max_new_tokens": 4}, "bootstrap_samples": 100}})
+    configs = stage_configs(cfg)
+    assert list(configs) == ["sft", "rloo", "grpo", "eval"]
+    assert (configs["rloo"].algorithm, configs["grpo"].algorithm) == ("rloo", "grpo")
+    result = run_pipeline(cfg)
+    assert list(result.evaluation["metrics"]) == ["sft", "rloo", "grpo"]
+    assert yaml.safe_load((tmp_path / "run" / "grpo" / "config.yaml").read_text())["loss_aggregation"] == "sequence_mean"
+    with pytest.raises(ConfigError, match="the rloo stage runs algorithm rloo, not grpo"):
+        stage_configs(cfg.model_copy(update={"rloo": {**online, "algorithm": "grpo"}}))
+
+
+def test_the_compare_recipe_parses_with_equal_budgets():
+    configs = stage_configs(load_config(PipelineConfig, REPO / "configs" / "compare.yaml"))
+    online = [configs[name] for name in ("ppo", "rloo", "grpo")]
+    assert [c.algorithm for c in online] == ["ppo", "rloo", "grpo"]
+    assert len({(c.steps, c.batch_size, c.ppo_epochs, c.mini_batch_size, c.learning_rate) for c in online}) == 1
+    assert configs["eval"].reference == "sft" and set(configs["eval"].models) >= {"base", "sft", "ppo", "rloo", "grpo"}

@@ -3,12 +3,15 @@
   sft     supervised fine-tuning of the base model            -> OUT/sft
   reward  reward model from human rankings                     -> OUT/reward
   ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
-  eval    base vs SFT vs PPO on held-out prompts                -> OUT/eval
+  rloo    RLOO, the same trainer (`rlhfkit ppo algorithm=rloo`) -> OUT/rloo
+  grpo    GRPO, the same trainer (`rlhfkit ppo algorithm=grpo`) -> OUT/grpo
+  eval    the models side by side on held-out prompts           -> OUT/eval
   report  one HTML page of all of it                            -> OUT/report.html
 
 A stage's settings are those of its own command (`rlhfkit sft`, ...) without `output_dir`; string settings may
-name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}` and `{ppo}`. A stage that is
-left out (or null) is skipped, and nothing may refer to it.
+name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}`, `{ppo}`, `{rloo}` and
+`{grpo}`. The rloo and grpo stages take `rlhfkit ppo`'s settings with `algorithm` set to their name. A stage that
+is left out (or null) is skipped, and nothing may refer to it.
 
 A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
 interrupted midway resumes from its last checkpoint (SFT, reward, PPO) or starts again (eval: no checkpoints).
@@ -35,7 +38,9 @@ from rlhfkit.models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig}
+STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "rloo": PPOConfig,
+                                       "grpo": PPOConfig, "eval": EvalConfig}
+ONLINE = ("ppo", "rloo", "grpo")  # the online trainer's stages; the name is the algorithm
 DONE_FILE = "pipeline_stage.json"
 RUN_SETTINGS = ("output_dir", "overwrite", "resume_from")  # how a stage is run, not what it computes
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -47,6 +52,8 @@ class PipelineConfig(Strict):
     sft: dict[str, Any] | None = None
     reward: dict[str, Any] | None = None
     ppo: dict[str, Any] | None = None
+    rloo: dict[str, Any] | None = None
+    grpo: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     quick: list[str] = Field(default_factory=list)  # key=value overrides for `--quick` (e.g. ppo.steps=2)
 
@@ -109,13 +116,16 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
         resolved = _substitute(settings, names, stage)
         if stage in ("sft", "reward"):
             resolved.setdefault("model", cfg.model)
+        if stage in ONLINE:
+            if resolved.setdefault("algorithm", stage) != stage:
+                raise ConfigError(f"{stage}: the {stage} stage runs algorithm {stage}, not {resolved['algorithm']}")
         try:
             configs[stage] = load_config(cls, None, settings={**resolved, "output_dir": cfg.output_dir / stage})
         except ConfigError as e:
             raise ConfigError(str(e).replace("overrides: invalid configuration", f"stage {stage}: invalid settings", 1)) from None
         names[stage] = str(cfg.output_dir / stage)
     if not configs:
-        raise ConfigError("the pipeline has no stages: give at least one of sft, reward, ppo, eval")
+        raise ConfigError(f"the pipeline has no stages: give at least one of {', '.join(STAGES)}")
     return configs
 
 
@@ -143,7 +153,7 @@ def _run_stage(stage: str, stage_cfg: Any) -> None:
         from rlhfkit.reward.train import train_reward_model
 
         train_reward_model(stage_cfg)
-    elif stage == "ppo":
+    elif stage in ONLINE:
         from rlhfkit.ppo import train_ppo
 
         train_ppo(stage_cfg)
