@@ -21,7 +21,6 @@ decode step costs what the base model's does; the original weight tensors are re
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -32,9 +31,6 @@ from transformers import PreTrainedTokenizerBase, StaticCache
 from rlhfkit.rollout.batch import Rollout, encode_prompts, stop_token_ids, truncate_after_stop
 from rlhfkit.rollout.distribution import Sampling, sampling_logits
 from rlhfkit.rollout.prefix import PromptPlan
-
-logger = logging.getLogger(__name__)
-
 
 def _lora_layers(lm: nn.Module) -> list[nn.Module]:
     """The LoRA layers of a peft model whose adapters can be folded exactly (plain Linear, float weights)."""
@@ -76,6 +72,18 @@ def folded_lora(lm: nn.Module):
     finally:
         for weight, data in saved:
             weight.data = data
+
+
+def choose(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next token of each row [B] from its logits [B, V], with log pi(token) and H(pi) (zeros when greedy)."""
+    z = sampling_logits(logits, sampling)
+    if sampling.greedy:
+        zeros = z.new_zeros(len(z))
+        return z.argmax(-1), zeros, zeros
+    log_pi = z - torch.logsumexp(z, -1, keepdim=True)
+    pi = log_pi.exp()
+    token = draw(pi)
+    return token, log_pi.gather(-1, token[:, None]).squeeze(-1), torch.special.entr(pi).sum(-1)
 
 
 def draw(pi: torch.Tensor) -> torch.Tensor:
@@ -163,15 +171,7 @@ def sample(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, sam
         next_position = plan.prompt_positions()[:, -1][rows]
         step = _decode_step(model, want_hidden, compile)
         for t in range(steps):
-            z = sampling_logits(logits, sampling)
-            if sampling.greedy:
-                a = z.argmax(-1)
-            else:
-                log_pi = z - torch.logsumexp(z, -1, keepdim=True)
-                pi = log_pi.exp()
-                a = draw(pi)
-                logprobs[:, t] = log_pi.gather(-1, a[:, None]).squeeze(-1)
-                entropies[:, t] = torch.special.entr(pi).sum(-1)
+            a, logprobs[:, t], entropies[:, t] = choose(logits, sampling)
             if value_head is not None:
                 values[:, t] = value_head(hidden).squeeze(-1).float()
             tokens[:, t] = a.masked_fill(done, pad_id)
