@@ -134,21 +134,7 @@ def test_a_killed_critic_free_run_resumes_to_the_same_result(tiny_model, tmp_pat
     settings = dict(steps=4, save_every=2, algorithm=algorithm, batch_size=6, mini_batch_size=3, learning_rate=1e-3,
                     sampling={"max_new_tokens": 6, "temperature": 1.0, "num_samples": 3})
     whole = train_ppo(ppo_config(tiny_model, tmp_path / "whole", **settings), FunctionReward(frac_e))
-
-    import rlhfkit.ppo.core as core_module
-
-    real, calls = core_module.clipped_policy_loss, {"n": 0}
-
-    def dies_in_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 6:  # two minibatches x one epoch per step: the seventh call is in step 4
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(core_module, "clipped_policy_loss", dies_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_ppo(ppo_config(tiny_model, tmp_path / "killed", **settings), FunctionReward(frac_e))
-    monkeypatch.setattr(core_module, "clipped_policy_loss", real)
+    kill_in_step_4(tiny_model, tmp_path / "killed", settings, monkeypatch)
     resumed = train_ppo(ppo_config(tiny_model, tmp_path / "killed", resume_from="latest", **settings),
                         FunctionReward(frac_e))
     for key, value in adapter(tmp_path / "whole").items():
@@ -182,26 +168,30 @@ def adapter(path):
     return load_file(path / "adapter_model.safetensors")
 
 
-def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch):
-    """LoRA policy and critic, adaptive KL, reward normalisation: everything must come back from the checkpoint."""
-    settings = dict(steps=4, save_every=2, kl_controller="adaptive", kl_horizon=100, normalize_reward=True,
-                    learning_rate=1e-3, rewards=[{"scorer": "toxicity", "weight": -1.0}])
-    whole = train_ppo(ppo_config(tiny_model, tmp_path / "whole", **settings), FunctionReward(frac_e))
-
+def kill_in_step_4(tiny_model, out, settings, monkeypatch):
+    """A run of `settings` into `out` killed in its fourth step (two minibatches x one epoch per step)."""
     import rlhfkit.ppo.core as core_module
 
     real, calls = core_module.clipped_policy_loss, {"n": 0}
 
     def dies_in_step_4(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 6:  # two minibatches x one epoch per step: the seventh call is in step 4
+        if calls["n"] > 6:  # the seventh policy loss is in step 4
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core_module, "clipped_policy_loss", dies_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_ppo(ppo_config(tiny_model, tmp_path / "killed", **settings), FunctionReward(frac_e))
-    monkeypatch.setattr(core_module, "clipped_policy_loss", real)
+    with monkeypatch.context() as patch:
+        patch.setattr(core_module, "clipped_policy_loss", dies_in_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train_ppo(ppo_config(tiny_model, out, **settings), FunctionReward(frac_e))
+
+
+def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch):
+    """LoRA policy and critic, adaptive KL, reward normalisation: everything must come back from the checkpoint."""
+    settings = dict(steps=4, save_every=2, kl_controller="adaptive", kl_horizon=100, normalize_reward=True,
+                    learning_rate=1e-3, rewards=[{"scorer": "toxicity", "weight": -1.0}])
+    whole = train_ppo(ppo_config(tiny_model, tmp_path / "whole", **settings), FunctionReward(frac_e))
+    kill_in_step_4(tiny_model, tmp_path / "killed", settings, monkeypatch)
     killed = tmp_path / "killed"
     assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (killed / "adapter_model.safetensors").exists()
