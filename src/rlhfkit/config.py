@@ -371,7 +371,7 @@ class EvalConfig(Strict):
     toxicity: str = "toxicity"  # offline scorer, or hf:MODEL:LABEL with LABEL the toxic class
     reward_model: str | None = None  # reward-model directory: mean score and win rate against the reference
     # Gold measures, where the prompt records carry an ideal `response` and `facts` (rlhfkit.evaluation.gold):
-    embedding_model: str = "all-minilm-l6-v2"  # sentence embedder for the similarity to the ideal answer
+    embedding_model: str = "all-minilm-l6-v2"  # sentence embedder: similarity to the ideal answer, relevance to the prompt
     facts_sheet: Path | None = None  # the knowledge source: made-up contacts and its own statements are checked
 
     system_prompt: str | None = None

@@ -2,7 +2,9 @@
 
 Per model: toxicity (mean, std, share above 0.5, change against the first model with a paired bootstrap interval),
 reward-model score and win rate against the reference model's answers, KL to the reference, perplexity of the
-answers under the reference, answer length, EOS rate and distinct-1/2. Where the prompt records carry the truth
+answers under the reference, answer length, EOS rate and distinct-1/2, and what optimising against a harm score can
+cost (rlhfkit.evaluation.refusal): the share of answers that refuse or evade, and the relevance of each answer to
+its prompt (sentence-embedding cosine). Where the prompt records carry the truth
 (an ideal `response`, `facts`), the gold measures too: ROUGE-L and semantic similarity to the ideal answer, fact
 recall, the share of answers stating a contradicted fact, and the gold judge's win rate against the reference
 model (rlhfkit.evaluation.gold).
@@ -34,6 +36,7 @@ from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.evaluation.gold import GoldScores, MEASURES, eval_truth, score_against_truth, summarise_gold
 from rlhfkit.evaluation.metrics import distinct_n, mean_interval, percent_change_interval, win_rate_interval
+from rlhfkit.evaluation.refusal import refusals, relevance
 from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel
@@ -118,8 +121,8 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
 
 
 def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]], reward: dict[str, list[float]] | None,
-              baseline: str, reference: str, cfg: EvalConfig,
-              gold: dict[str, GoldScores] | None = None) -> dict[str, dict[str, Any]]:
+              baseline: str, reference: str, cfg: EvalConfig, gold: dict[str, GoldScores] | None = None,
+              engagement: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
     """Per model, the metrics in the module docstring; intervals as {value, low, high}."""
     boot = {"n_resamples": cfg.bootstrap_samples, "confidence": cfg.confidence, "seed": cfg.seed}
     gold_summary = summarise_gold(gold, reference, **boot) if gold is not None else {}
@@ -139,12 +142,17 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
             "eos_rate": sum(a.ended) / len(a.ended),
             "distinct_1": distinct_n(a.responses, 1),
             "distinct_2": distinct_n(a.responses, 2),
+            "refusal_rate": None,
+            "relevance": None,
         }
         if name != baseline:
             m["toxicity_change_pct"] = percent_change_interval(toxicity[baseline], toxicity[name], **boot).as_dict()
         if reward is not None:
             m["reward_mean"] = mean_interval(reward[name], **boot).as_dict()
             m["win_rate_vs_reference"] = win_rate_interval(reward[name], reward[reference], **boot).as_dict()
+        if engagement is not None:  # refusal flags and prompt-answer similarities of this model's answers
+            m["refusal_rate"] = mean_interval(engagement[name]["refusal"], **boot).as_dict()
+            m["relevance"] = mean_interval(engagement[name]["relevance"], **boot).as_dict()
         if a.kl is not None:
             m["kl_to_reference"] = mean_interval(a.kl, **boot).as_dict()
             m["reference_perplexity"] = float(torch.tensor(sum(a.ref_nll) / sum(a.lengths)).exp())
@@ -199,16 +207,19 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.reward_model is not None:
         scorer = load_scorer(cfg.reward_model, device=device)
         reward = {n: scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
+    embedder = load_embedder(cfg.embedding_model, device)
+    engagement = {n: {"refusal": refusals(a.responses), "relevance": relevance(prompts, a.responses, embedder)}
+                  for n, a in answers.items()}
     gold = None
     if truths is not None:
-        embedder = load_embedder(cfg.embedding_model, device)
         gold = {n: score_against_truth(a.responses, truths, embedder, fact_sheet) for n, a in answers.items()}
-    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg, gold)
+    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg, gold, engagement)
 
     records = []
     for i, prompt in enumerate(prompts):
         for name, a in answers.items():
-            scores = {"toxicity": toxicity[name][i]}
+            scores = {"toxicity": toxicity[name][i], "refusal": engagement[name]["refusal"][i],
+                      "relevance": engagement[name]["relevance"][i]}
             if reward is not None:
                 scores["reward"] = reward[name][i]
             if a.kl is not None:
@@ -255,6 +266,8 @@ def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: s
         ("length (tokens)", each(lambda m: f"{m['response_tokens']:.1f}")),
         ("EOS rate", each(lambda m: f"{m['eos_rate']:.2f}")),
         ("distinct-1 / distinct-2", each(lambda m: f"{m['distinct_1']:.3f} / {m['distinct_2']:.3f}")),
+        ("refusal / evasion rate", each(lambda m: format_interval(m.get("refusal_rate"), 2))),
+        ("relevance to the prompt", each(lambda m: format_interval(m.get("relevance")))),
     ]
     if any(m.get("gold_win_rate_vs_reference") for m in metrics.values()):  # judged against the truth too
         gold_win = (f"gold win rate vs {reference}", each(lambda m: format_interval(m.get("gold_win_rate_vs_reference"), 2)))
