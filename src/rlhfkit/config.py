@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.registry import DEFAULT_MODEL
@@ -137,6 +137,12 @@ class DPOConfig(Strict):
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
     save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _no_dropout_by_default(cls, value: Any) -> Any:
+        """A partial `lora:` block keeps DPO's dropout default (0), not LoraSettings' own."""
+        return {"dropout": 0.0, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:

@@ -319,11 +319,16 @@ def train_dpo(cfg: DPOConfig) -> DPOResult:
                      if items else torch.zeros(0, device=accelerator.device)
                      for name, items in (("train", train_items), ("eval", eval_items))}
 
-    def evaluate() -> dict[str, float]:
-        policy = all_sequence_logps(unwrapped, eval_items, cfg.eval_batch_size, pad_id, accelerator)
-        return held_out_metrics(policy, reference["eval"], eval_items, cfg)
-
     result = DPOResult(output_dir=cfg.output_dir, steps=0)
+    evaluated_at = None
+
+    def evaluate(step: int) -> None:
+        nonlocal evaluated_at
+        policy = all_sequence_logps(unwrapped, eval_items, cfg.eval_batch_size, pad_id, accelerator)
+        result.eval_after = held_out_metrics(policy, reference["eval"], eval_items, cfg)
+        log(step, {f"eval/{k}": v for k, v in result.eval_after.items()})
+        evaluated_at = step
+
     global_step = 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint), strict=False)
@@ -391,14 +396,13 @@ def train_dpo(cfg: DPOConfig) -> DPOResult:
                                            "train/epoch": global_step / steps_per_epoch})
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
             if eval_items and (global_step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):
-                result.eval_after = evaluate()
-                log(global_step, {f"eval/{k}": v for k, v in result.eval_after.items()})
+                evaluate(global_step)
             if (global_step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and global_step < total_steps:
                 save_checkpoint(global_step)
     progress.close()
 
-    if eval_items and not result.eval_after:
-        result.eval_after = evaluate()
+    if eval_items and evaluated_at != global_step:  # the final figures, where eval_every did not end on them
+        evaluate(global_step)
     result.steps = global_step
     save_checkpoint(global_step)
     save_final_model(unwrapped, tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
