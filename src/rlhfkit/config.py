@@ -242,6 +242,7 @@ class RewardConfig(Strict):
     resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
     keep_ties: bool = False  # ties as pairs with label 1/2
+    soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
     lora: LoraSettings = LoraSettings(enabled=False)
 
