@@ -17,6 +17,7 @@ from rlhfkit.config import DPOConfig, load_config
 from rlhfkit.data.preference import load_preference_items
 from rlhfkit.dpo import collate_items, preference_loss, sequence_logps, tokenize_items, train_dpo
 from rlhfkit.errors import ConfigError
+from rlhfkit.ppo.models import PolicyModel
 from test_cli import assert_one_error_line, run_main
 
 RANKINGS = REPO / "data" / "company_feedback" / "rankings_train.jsonl"
@@ -68,8 +69,8 @@ def test_dpo_ipo_and_smoothed_losses_match_a_hand_computation(tiny_model, tmp_pa
     (item,) = tokenize_items(pairs, tokenizer, 512, None, soft_labels=False)
     batch = collate_items([item], tokenizer.pad_token_id)
     with torch.no_grad():
-        pi = sequence_logps(policy, batch.input_ids, batch.attention_mask, batch.labels)
-        ref = sequence_logps(reference, batch.input_ids, batch.attention_mask, batch.labels)
+        pi = sequence_logps(PolicyModel(policy), **batch.tokens())
+        ref = sequence_logps(PolicyModel(reference), **batch.tokens())
     hand = {name: [hand_logp(m, tokenizer, prompt, y) for y in (y_w, y_l)] for name, m in (("pi", policy), ("ref", reference))}
     w, l = batch.chosen, batch.rejected
     assert [pi[w].item(), pi[l].item()] == pytest.approx(hand["pi"], rel=1e-5)

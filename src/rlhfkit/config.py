@@ -128,7 +128,6 @@ class DPOConfig(Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
-    gradient_checkpointing: bool = False
     max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
     seed: int = 42
 

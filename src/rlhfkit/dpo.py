@@ -48,7 +48,7 @@ from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, promp
 from rlhfkit.data.records import Message
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
-from rlhfkit.ppo.models import trainable_start_model
+from rlhfkit.ppo.models import PolicyModel, trainable_start_model
 from rlhfkit.reward.train import load_comparisons, preference_metrics
 from rlhfkit.runs import (
     MetricsWriter,
@@ -67,7 +67,6 @@ from rlhfkit.runs import (
     seed_step,
     start_tracking,
 )
-from rlhfkit.sft import collate
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +100,17 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens (labels != IGNORE_INDEX), [B]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = labels[:, 1:]
+def sequence_logps(policy: PolicyModel, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens, [B].
+
+    Through the online trainer's policy forward: a prompt shared by several rows (a prompt's completions) and the
+    prefix all prompts share are computed once, and vocabulary logits only where they predict a response token.
+    """
+    logits, _ = policy(query_ids, query_mask, response_ids, response_mask)
+    targets = response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none")  # 0 where ignored
+                                   reduction="none")  # 0 where masked
     return token_logps.view_as(targets).sum(-1)
 
 
@@ -125,11 +129,13 @@ class TokenizedItem:
 
 @dataclass
 class DPOBatch:
-    """The completions of several prompts as one right-padded batch, and their pairs as row indices."""
+    """The completions of several prompts as one batch (prompts left-padded, responses right-padded), and their
+    pairs as row indices."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
     sequence_ids: torch.Tensor  # [S] each row's index in the flat list of sequences (its cached log pi_ref)
     chosen: torch.Tensor  # [N] the row of y_w of each pair
     rejected: torch.Tensor  # [N] the row of y_l
@@ -137,6 +143,28 @@ class DPOBatch:
 
     def to(self, device) -> DPOBatch:
         return DPOBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("query_ids", "query_mask", "response_ids", "response_mask")}
+
+
+def collate_sequences(sequences: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tokenized conversations as the policy's forward takes them: each cut before its first labelled token into
+    a prompt (left-padded) and a response (right-padded, mask 1 on its labelled tokens)."""
+    starts = [next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX) for e in sequences]
+    prompt_width = max(starts)
+    response_width = max(len(e.input_ids) - k for e, k in zip(sequences, starts))
+    out = {"query_ids": torch.full((len(sequences), prompt_width), pad_id, dtype=torch.long),
+           "query_mask": torch.zeros((len(sequences), prompt_width), dtype=torch.long),
+           "response_ids": torch.full((len(sequences), response_width), pad_id, dtype=torch.long),
+           "response_mask": torch.zeros((len(sequences), response_width), dtype=torch.long)}
+    for i, (e, k) in enumerate(zip(sequences, starts)):
+        out["query_ids"][i, prompt_width - k:] = torch.tensor(e.input_ids[:k])
+        out["query_mask"][i, prompt_width - k:] = 1
+        n = len(e.input_ids) - k
+        out["response_ids"][i, :n] = torch.tensor(e.input_ids[k:])
+        out["response_mask"][i, :n] = torch.tensor([int(t != IGNORE_INDEX) for t in e.labels[k:]])
+    return out
 
 
 def tokenize_items(path: Path, tokenizer, max_length: int, system_prompt: str | None,
@@ -178,34 +206,33 @@ def collate_items(items: list[TokenizedItem], pad_id: int) -> DPOBatch:
         chosen += [row + w for w, _ in item.pairs]
         rejected += [row + l for _, l in item.pairs]
         target += item.targets
-    padded = collate(sequences, pad_id)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return DPOBatch(padded["input_ids"], padded["attention_mask"], padded["labels"], as_long(ids), as_long(chosen),
-                    as_long(rejected), torch.tensor(target, dtype=torch.float32))
+    return DPOBatch(**collate_sequences(sequences, pad_id), sequence_ids=as_long(ids), chosen=as_long(chosen),
+                    rejected=as_long(rejected), target=torch.tensor(target, dtype=torch.float32))
 
 
 @torch.no_grad()
-def all_sequence_logps(model, items: list[TokenizedItem], batch_size: int, pad_id: int, accelerator: Accelerator
+def all_sequence_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size: int, pad_id: int, accelerator: Accelerator
                        ) -> torch.Tensor:
     """log pi(y|x) of every sequence of `items` in their flat order, in eval mode under the run's autocast."""
     sequences = [s for item in items for s in item.sequences]
-    was_training = model.training
-    model.eval()
+    was_training = policy.training
+    policy.eval()
     out = []
     with accelerator.autocast():
         for start in range(0, len(sequences), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in collate(sequences[start:start + batch_size], pad_id).items()}
-            out.append(sequence_logps(model, **batch).float())
-    model.train(was_training)
+            part = collate_sequences(sequences[start:start + batch_size], pad_id)
+            out.append(sequence_logps(policy, **{k: v.to(accelerator.device) for k, v in part.items()}).float())
+    policy.train(was_training)
     return torch.cat(out)
 
 
-def reference_logps(model, items: list[TokenizedItem], batch_size: int, pad_id: int, accelerator: Accelerator,
-                    lora: bool) -> torch.Tensor:
+def reference_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size: int, pad_id: int,
+                    accelerator: Accelerator, lora: bool) -> torch.Tensor:
     """log pi_ref(y|x) of every sequence: the starting model, i.e. (LoRA) the policy with its adapter switched
     off, or (full fine-tuning) the policy before its first update."""
-    with model.disable_adapter() if lora else nullcontext():
-        return all_sequence_logps(model, items, batch_size, pad_id, accelerator)
+    with policy.as_reference() if lora else nullcontext():
+        return all_sequence_logps(policy, items, batch_size, pad_id, accelerator)
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -275,12 +302,9 @@ def train_dpo(cfg: DPOConfig) -> DPOResult:
     prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
     if accelerator.is_main_process:
         dump_config(cfg, cfg.output_dir / "config.yaml")
-    model = trainable_start_model(cfg)
+    model = PolicyModel(trainable_start_model(cfg))
     # No dropout: the policy's log-probs must be comparable with the reference's, computed once without it.
     disable_dropout(model)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         accelerator.register_save_state_pre_hook(save_trainable_only)
     model.to(accelerator.device)
@@ -372,7 +396,7 @@ def train_dpo(cfg: DPOConfig) -> DPOResult:
             for i, batch in enumerate(group):
                 batch = batch.to(accelerator.device)
                 with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
-                    policy = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
+                    policy = sequence_logps(model, **batch.tokens())
                     ref = reference["train"][batch.sequence_ids]
                     losses, rw, rl = preference_loss(policy[batch.chosen], policy[batch.rejected], ref[batch.chosen],
                                                      ref[batch.rejected], cfg.beta, cfg.loss, cfg.label_smoothing,
@@ -405,7 +429,7 @@ def train_dpo(cfg: DPOConfig) -> DPOResult:
         evaluate(global_step)
     result.steps = global_step
     save_checkpoint(global_step)
-    save_final_model(unwrapped, tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
+    save_final_model(unwrapped.lm, tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
                      merge=cfg.merge_adapter)
     metrics.close()
     accelerator.end_training()
