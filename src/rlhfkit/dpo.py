@@ -151,7 +151,7 @@ class DPOBatch:
 def collate_sequences(sequences: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Tokenized conversations as the policy's forward takes them: each cut before its first labelled token into
     a prompt (left-padded) and a response (right-padded, mask 1 on its labelled tokens)."""
-    starts = [next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX) for e in sequences]
+    starts = [next((i for i, t in enumerate(e.labels) if t != IGNORE_INDEX), len(e.labels)) for e in sequences]
     prompt_width = max(starts)
     response_width = max(len(e.input_ids) - k for e, k in zip(sequences, starts))
     out = {"query_ids": torch.full((len(sequences), prompt_width), pad_id, dtype=torch.long),
@@ -212,8 +212,8 @@ def collate_items(items: list[TokenizedItem], pad_id: int) -> DPOBatch:
 
 
 @torch.no_grad()
-def all_sequence_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size: int, pad_id: int, accelerator: Accelerator
-                       ) -> torch.Tensor:
+def all_sequence_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size: int, pad_id: int,
+                       accelerator: Accelerator) -> torch.Tensor:
     """log pi(y|x) of every sequence of `items` in their flat order, in eval mode under the run's autocast."""
     sequences = [s for item in items for s in item.sequences]
     was_training = policy.training
