@@ -158,14 +158,22 @@ def test_dpo_learns_a_toy_preference_and_saves_an_adapter_plain_peft_loads(tiny_
     assert (out / "config.yaml").is_file() and (out / "checkpoint-24" / dpo_module.REFERENCE_FILE).is_file()
 
 
-def test_full_fine_tuning_with_ipo_starts_from_the_reference_and_saves_full_weights(tiny_model, tmp_path):
+def test_cli_full_fine_tuning_with_ipo_starts_from_the_reference_and_saves_full_weights(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
     train, test = toy_preferences(tmp_path)
     out = tmp_path / "run"
-    result = train_dpo(config(tiny_model, train, out, "max_steps=4", "lora.enabled=false", "loss=ipo", "beta=0.5",
-                              "learning_rate=1e-3", eval_file=test))
-    assert result.eval_before["loss"] == pytest.approx(1.0)  # (0 - 1/(2 beta))^2 with h = 0
-    assert metric_rows(out)[1]["train/loss"] == pytest.approx(1.0, abs=1e-6)
-    assert result.eval_after["rewards/margins"] > 0
+    ran = CliRunner().invoke(app, ["dpo", f"model={tiny_model}", f"train_file={train}", f"eval_file={test}",
+                                   f"output_dir={out}", "max_steps=4", "lora.enabled=false", "loss=ipo", "beta=0.5",
+                                   "learning_rate=1e-3", "log_every=1", "report_to=none"])
+    assert ran.exit_code == 0, ran.output
+    assert "held-out pairs: implicit-reward accuracy 0.000 ->" in ran.output and "4 steps" in ran.output
+    rows = metric_rows(out)
+    assert rows[0]["eval/loss"] == pytest.approx(1.0)  # (0 - 1/(2 beta))^2 with h = 0
+    assert rows[1]["train/loss"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[-1]["step"] == 4 and rows[-1]["eval/rewards/margins"] > 0
     AutoModelForCausalLM.from_pretrained(out)  # full weights in HF format
     assert not (out / "adapter_config.json").exists()
 
