@@ -122,7 +122,7 @@ def test_version_and_every_command_prints_its_full_config_and_lists_its_settings
     filled = load_config(PPOConfig, tmp_path / "ppo.yaml")
     assert filled == PPOConfig(model="m", prompts_file="p.jsonl", output_dir="o", rewards=[{"scorer": "toxicity"}])
     assert filled.lora.dropout == 0.0  # a block's own default (PPO's LoRA has no dropout), not the class's
-    for command in (["sft"], ["reward", "train"], ["ppo"], ["eval"], ["simulate"], ["pipeline", "run"]):
+    for command in (["sft"], ["reward", "train"], ["ppo"], ["dpo"], ["eval"], ["simulate"], ["pipeline", "run"]):
         assert runner.invoke(app, [*command, "--print-config"]).exit_code == 0, command
         help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
         assert "Settings (in the --config YAML or as key=value" in help_text, command

@@ -17,6 +17,7 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import DONE_FILE, PipelineConfig, run_pipeline, stage_configs
 
 RANKINGS = REPO / "data" / "company_feedback" / "rankings_train.jsonl"
+RANKINGS_TEST = REPO / "data" / "company_feedback" / "rankings_test.jsonl"
 
 
 def tiny_pipeline(model: str, out, **changes) -> PipelineConfig:
@@ -147,9 +148,35 @@ def test_rloo_and_grpo_stages_run_the_online_trainer_with_their_algorithm(tiny_m
         stage_configs(cfg.model_copy(update={"rloo": {**online, "algorithm": "grpo"}}))
 
 
+def test_the_dpo_stage_trains_from_sft_on_the_rankings_and_is_evaluated_beside_it(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = tiny_pipeline(tiny_model, out).model_copy(update={
+        "reward": None, "ppo": None,
+        "dpo": {"model": "{sft}", "train_file": str(RANKINGS), "eval_file": str(RANKINGS_TEST), "max_steps": 2,
+                "batch_size": 2, "max_length": 128},
+        "eval": {"models": {"sft": "{sft}", "dpo": "{dpo}"}, "prompts": str(COMPANY_TEST), "limit": 3,
+                 "sampling": {"max_new_tokens": 4}, "bootstrap_samples": 100}})
+    configs = stage_configs(cfg)
+    assert list(configs) == ["sft", "dpo", "eval"] and configs["dpo"].model == str(out / "sft")
+    assert stage_configs(cfg.model_copy(update={"dpo": {"train_file": str(RANKINGS)}}))["dpo"].model == tiny_model
+    result = run_pipeline(cfg)
+    assert [(s.name, s.status) for s in result.stages] == [("sft", "ran"), ("dpo", "ran"), ("eval", "ran")]
+    assert list(result.evaluation["metrics"]) == ["sft", "dpo"]
+    rows = list(read_jsonl(out / "dpo" / "metrics.jsonl"))
+    assert [row["step"] for _, row in rows if "eval/rewards/accuracies" in row] == [0, 2]
+    # the DPO adapter's base is the merged SFT model inside its own run directory: plain peft loads it alone
+    base = out / "dpo" / "base"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "dpo")
+    assert "dpo" in result.report.read_text()
+
+
 def test_the_compare_recipe_parses_with_equal_budgets():
     configs = stage_configs(load_config(PipelineConfig, REPO / "configs" / "compare.yaml"))
     online = [configs[name] for name in ("ppo", "rloo", "grpo")]
     assert [c.algorithm for c in online] == ["ppo", "rloo", "grpo"]
     assert len({(c.steps, c.batch_size, c.ppo_epochs, c.mini_batch_size, c.learning_rate) for c in online}) == 1
-    assert configs["eval"].reference == "sft" and set(configs["eval"].models) >= {"base", "sft", "ppo", "rloo", "grpo"}
+    assert configs["eval"].reference == "sft" and set(configs["eval"].models) >= {"base", "sft", "ppo", "rloo", "grpo", "dpo"}
+    assert configs["dpo"].model == configs["ppo"].model and configs["dpo"].train_file == configs["reward"].train_file

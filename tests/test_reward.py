@@ -56,13 +56,19 @@ def test_bradley_terry_loss_against_a_hand_computation():
     rewards = torch.tensor([1.0, 0.2, -0.5, 0.3])
     batch = PreferenceBatch(
         input_ids=torch.zeros(4, 1), attention_mask=torch.ones(4, 1), chosen=torch.tensor([0, 0, 1]),
-        rejected=torch.tensor([1, 2, 2]), margin=torch.tensor([0.0, 1.0, 0.0]), tie_a=torch.tensor([3]), tie_b=torch.tensor([1]),
+        rejected=torch.tensor([1, 2, 2]), margin=torch.tensor([0.0, 1.0, 0.0]), target=torch.ones(3),
+        tie_a=torch.tensor([3]), tie_b=torch.tensor([1]),
     )
     log_sigmoid = lambda x: -math.log(1 + math.exp(-x))  # noqa: E731
-    expected = -(log_sigmoid(0.8) + log_sigmoid(1.5 - 1.0) + log_sigmoid(0.7)) - 0.5 * (log_sigmoid(0.1) + log_sigmoid(-0.1))
+    tie = -0.5 * (log_sigmoid(0.1) + log_sigmoid(-0.1))
+    expected = -(log_sigmoid(0.8) + log_sigmoid(1.5 - 1.0) + log_sigmoid(0.7)) + tie
     loss, n = bradley_terry_loss(rewards, batch)
     assert n == 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # soft labels: the first pair's vote share is 2/3, the expected loss over its label
+    batch.target = torch.tensor([2 / 3, 1.0, 1.0])
+    soft = -(2 / 3 * log_sigmoid(0.8) + 1 / 3 * log_sigmoid(-0.8) + log_sigmoid(1.5 - 1.0) + log_sigmoid(0.7)) + tie
+    assert bradley_terry_loss(rewards, batch)[0].item() == pytest.approx(soft, rel=1e-6)
 
 
 def test_preference_metrics_against_a_hand_computation():

@@ -169,6 +169,34 @@ def ppo(
     console.print(f"{result.steps} steps; policy saved in {result.output_dir}")
 
 
+@app.command(epilog=_config_help(configs.DPOConfig))
+def dpo(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    print_config: Annotated[bool, _print_config(configs.DPOConfig, "dpo")] = False,
+) -> None:
+    """DPO (or IPO) straight from preference pairs or rankings, against the starting model as the reference, e.g.
+    -c configs/dpo.yaml."""
+    from accelerate import PartialState
+
+    from rlhfkit.dpo import train_dpo
+
+    cfg = configs.load_config(configs.DPOConfig, config, overrides or [])
+    result = train_dpo(cfg)
+    if not PartialState().is_main_process:
+        return
+    if result.eval_after:
+        before, after = result.eval_before, result.eval_after
+        console.print(
+            f"held-out pairs: implicit-reward accuracy {before['rewards/accuracies']:.3f} -> "
+            f"{after['rewards/accuracies']:.3f}, margin {before['rewards/margins']:.3f} -> {after['rewards/margins']:.3f}, "
+            f"loss {before['loss']:.4f} -> {after['loss']:.4f}; log-probs chosen {after['logps/chosen']:.2f}, "
+            f"rejected {after['logps/rejected']:.2f} (from {before['logps/chosen']:.2f}, {before['logps/rejected']:.2f}); "
+            f"calibration error {after['calibration_error']:.3f}"
+        )
+    console.print(f"{result.steps} steps; policy saved in {result.output_dir}")
+
+
 def _parse_models(specs: list[str]) -> dict[str, str]:
     """`base=smollm2-135m-instruct,sft=runs/sft` (or repeated options) -> {name: model}; a bare path is named
     after its last component."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.registry import DEFAULT_MODEL
@@ -91,6 +91,67 @@ class SFTConfig(Strict):
             raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
         if self.merge_adapter and not self.lora.enabled:
             raise ValueError("merge_adapter needs lora.enabled: true")
+        return self
+
+
+class DPOConfig(Strict):
+    """Direct preference optimisation (`rlhfkit dpo`, Rafailov et al. 2023): the policy learns from preference pairs
+    directly, with the starting model as the reference, no reward model and no sampling."""
+
+    model: str = DEFAULT_MODEL  # the starting policy and the reference: alias, directory (e.g. an SFT run) or hub id
+    train_file: Path  # rankings (consolidated by majority, as reward training) or pairs: JSONL, or a datasets directory / hub id
+    eval_file: Path | None = None  # held-out rankings or pairs: implicit-reward accuracy, margins, log-probs
+    output_dir: Path
+    overwrite: bool = False  # replace an existing output_dir
+    resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
+
+    system_prompt: str | None = None  # put before conversations that have no system turn
+    max_length: int = Field(512, gt=0)  # tokens of prompt + response; longer ones are cut on the right
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: Azar et al. 2023's squared loss
+    beta: float = Field(0.1, gt=0)  # strength of the KL to the reference (IPO: tau)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a pair's label is flipped
+    soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
+
+    lora: LoraSettings = LoraSettings(dropout=0.0)  # no dropout in DPO (the model's own is switched off too)
+    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
+    merge_adapter: bool = False  # save merged full weights instead of the adapter
+
+    epochs: float = Field(1, gt=0)  # passes over the training prompts (fractions allowed)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
+    batch_size: int = Field(4, gt=0)  # prompts per process per micro-step; all of a prompt's completions go through at once
+    eval_batch_size: int = Field(16, gt=0)  # sequences per forward when measuring (held-out set, reference log-probs)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
+    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
+    seed: int = 42
+
+    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
+    log_every: int = Field(5, gt=0)
+    eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _no_dropout_by_default(cls, value: Any) -> Any:
+        """A partial `lora:` block keeps DPO's dropout default (0), not LoraSettings' own."""
+        return {"dropout": 0.0, **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOConfig:
+        if self.load_in_4bit and not self.lora.enabled:
+            raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
+        if self.merge_adapter and not self.lora.enabled:
+            raise ValueError("merge_adapter needs lora.enabled: true")
+        if self.lora.enabled and self.lora.dropout:
+            raise ValueError("lora.dropout: DPO trains without dropout (the policy's log-probs are compared with the "
+                             "reference's, computed once without it); set lora.dropout: 0")
         return self
 
 
@@ -180,6 +241,7 @@ class RewardConfig(Strict):
     resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
     keep_ties: bool = False  # ties as pairs with label 1/2
+    soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
     lora: LoraSettings = LoraSettings(enabled=False)
 

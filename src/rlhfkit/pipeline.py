@@ -5,16 +5,17 @@
   ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
   rloo    RLOO, the same trainer (`rlhfkit ppo algorithm=rloo`) -> OUT/rloo
   grpo    GRPO, the same trainer (`rlhfkit ppo algorithm=grpo`) -> OUT/grpo
+  dpo     DPO straight from the rankings' pairs (`rlhfkit dpo`)  -> OUT/dpo
   eval    the models side by side on held-out prompts           -> OUT/eval
   report  one HTML page of all of it                            -> OUT/report.html
 
 A stage's settings are those of its own command (`rlhfkit sft`, ...) without `output_dir`; string settings may
-name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}`, `{ppo}`, `{rloo}` and
-`{grpo}`. The rloo and grpo stages take `rlhfkit ppo`'s settings with `algorithm` set to their name. A stage that
+name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}`, `{ppo}`, `{rloo}`,
+`{grpo}` and `{dpo}`. The rloo and grpo stages take `rlhfkit ppo`'s settings with `algorithm` set to their name. A stage that
 is left out (or null) is skipped, and nothing may refer to it.
 
 A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
-interrupted midway resumes from its last checkpoint (SFT, reward, PPO) or starts again (eval: no checkpoints).
+interrupted midway resumes from its last checkpoint (SFT, reward, PPO, RLOO, GRPO, DPO) or starts again (eval: no checkpoints).
 Changing a finished stage's settings is an error that names the changed keys, unless `--restart-from STAGE`
 says to run that stage and every later one again.
 """
@@ -32,14 +33,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rlhfkit.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, Strict, load_config, merge_settings, parse_overrides
+from rlhfkit.config import DPOConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, Strict, load_config, merge_settings, parse_overrides
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
 STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "rloo": PPOConfig,
-                                       "grpo": PPOConfig, "eval": EvalConfig}
+                                       "grpo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
 ONLINE = ("ppo", "rloo", "grpo")  # the online trainer's stages; the name is the algorithm
 DONE_FILE = "pipeline_stage.json"
 RUN_SETTINGS = ("output_dir", "overwrite", "resume_from")  # how a stage is run, not what it computes
@@ -54,6 +55,7 @@ class PipelineConfig(Strict):
     ppo: dict[str, Any] | None = None
     rloo: dict[str, Any] | None = None
     grpo: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     quick: list[str] = Field(default_factory=list)  # key=value overrides for `--quick` (e.g. ppo.steps=2)
 
@@ -114,7 +116,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
             raise ConfigError(f"{stage}: {', '.join(sorted(set(settings) & set(RUN_SETTINGS)))} is set by the "
                               "pipeline (each stage runs in output_dir/<stage>); remove it")
         resolved = _substitute(settings, names, stage)
-        if stage in ("sft", "reward"):
+        if stage in ("sft", "reward", "dpo"):
             resolved.setdefault("model", cfg.model)
         if stage in ONLINE:
             if resolved.setdefault("algorithm", stage) != stage:
@@ -157,6 +159,10 @@ def _run_stage(stage: str, stage_cfg: Any) -> None:
         from rlhfkit.ppo import train_ppo
 
         train_ppo(stage_cfg)
+    elif stage == "dpo":
+        from rlhfkit.dpo import train_dpo
+
+        train_dpo(stage_cfg)
     else:
         from rlhfkit.evaluation import evaluate
 

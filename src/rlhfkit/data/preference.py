@@ -7,7 +7,9 @@ Consolidation of several annotators' rankings of the same item, pair by pair (ma
   for completions a and b, count the annotators who ranked a above b and those who ranked b above a;
   annotators who tied them count for neither side. The side with more votes wins the pair; equal votes
   (including every annotator tying them) make the pair a tie.
-The same rule builds the feedback app's consensus export.
+The same rule builds the feedback app's consensus export. A pair also carries its vote share: the fraction of the
+item's annotators who ranked its chosen completion above the rejected one, a tie counting half (2 of 3: 2/3), the
+soft target of `soft_labels` training.
 
 Pairs are read in TRL's preference formats too: a conversational prompt (`"prompt": [messages]`, chosen and
 rejected as one assistant message each), and an implicit prompt (only `chosen` and `rejected`, each the whole
@@ -24,7 +26,7 @@ from itertools import combinations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rlhfkit.data.records import Prompt, Record, load_records
 from rlhfkit.data.sources import read_records
@@ -74,6 +76,7 @@ class PairRecord(Record):
     chosen: str
     rejected: str
     margin: float = 0.0  # required reward gap, as in Llama 2's margin loss
+    share: float = Field(1.0, ge=0, le=1)  # fraction of annotators who preferred chosen (ties count half)
     tie: bool = False  # neither is better (kept only when asked)
 
     @model_validator(mode="before")
@@ -182,11 +185,12 @@ class PreferenceItem:
     pairs: list[tuple[int, int]] = field(default_factory=list)  # (better, worse)
     ties: list[tuple[int, int]] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)  # one per pair
+    shares: list[float] = field(default_factory=list)  # one per pair: the vote share of its better completion
 
     def to_pair_records(self) -> list[PairRecord]:
         c = self.completions
-        return [PairRecord(prompt=self.prompt, chosen=c[i], rejected=c[j], margin=m)
-                for (i, j), m in zip(self.pairs, self.margins)] + [
+        return [PairRecord(prompt=self.prompt, chosen=c[i], rejected=c[j], margin=m, share=q)
+                for (i, j), m, q in zip(self.pairs, self.margins, self.shares)] + [
             PairRecord(prompt=self.prompt, chosen=c[i], rejected=c[j], tie=True) for i, j in self.ties
         ]
 
@@ -210,20 +214,23 @@ def consolidate_rankings(records: list[RankingRecord], keep_ties: bool = False) 
                     "prompts or completions under the same id"
                 )
         completions = list(first.completions)
-        votes: dict[tuple[int, int], int] = defaultdict(int)  # (i, j), i < j: +1 for i above j, -1 for j above i
+        above: dict[tuple[int, int], int] = defaultdict(int)  # (i, j): annotators who ranked i above j
         for r in group:
             rank_of = dict(zip(r.completions, r.ranks))
             for i, j in combinations(range(len(completions)), 2):
                 ri, rj = rank_of[completions[i]], rank_of[completions[j]]
-                votes[(i, j)] += (ri < rj) - (ri > rj)
+                above[(i, j)] += ri < rj
+                above[(j, i)] += rj < ri
         item = PreferenceItem(prompt=first.prompt, completions=completions)
-        for (i, j), v in sorted(votes.items()):
-            if v > 0:
-                item.pairs.append((i, j))
-            elif v < 0:
-                item.pairs.append((j, i))
-            elif keep_ties:
-                item.ties.append((i, j))
+        for i, j in combinations(range(len(completions)), 2):
+            ties = len(group) - above[(i, j)] - above[(j, i)]
+            if above[(i, j)] == above[(j, i)]:
+                if keep_ties:
+                    item.ties.append((i, j))
+                continue
+            better, worse = (i, j) if above[(i, j)] > above[(j, i)] else (j, i)
+            item.pairs.append((better, worse))
+            item.shares.append((above[(better, worse)] + ties / 2) / len(group))
         item.margins = [0.0] * len(item.pairs)
         if item.pairs or item.ties:
             items.append(item)
@@ -250,6 +257,7 @@ def pairs_to_items(pairs: list[PairRecord], keep_ties: bool = False) -> list[Pre
         else:
             item.pairs.append((ids[0], ids[1]))
             item.margins.append(p.margin)
+            item.shares.append(p.share)
     return list(by_prompt.values())
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rlhfkit.config import PPOConfig
+from rlhfkit.config import DPOConfig, PPOConfig
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import apply_lora, disable_dropout, is_adapter, load_causal_lm, load_tokenizer
 from rlhfkit.rollout.prefix import forward_responses
@@ -74,7 +74,10 @@ class ValueModel(nn.Module):
 START_MODEL_DIR = "base"  # in a PPO run started from an adapter: the merged start, the PPO adapter's base
 
 
-def load_start_model(cfg: PPOConfig) -> nn.Module:
+StartSettings = PPOConfig | DPOConfig  # the settings read here: model, load_in_4bit, lora, merge_adapter, output_dir
+
+
+def load_start_model(cfg: StartSettings) -> nn.Module:
     """The starting policy as one plain model: an SFT adapter is merged into its base."""
     lm = load_causal_lm(cfg.model, dtype="auto" if cfg.load_in_4bit else "float32", load_in_4bit=cfg.load_in_4bit)
     if hasattr(lm, "merge_and_unload"):
@@ -87,7 +90,7 @@ def load_start_model(cfg: PPOConfig) -> nn.Module:
     return lm
 
 
-def write_start_model(lm: nn.Module, cfg: PPOConfig) -> None:
+def write_start_model(lm: nn.Module, cfg: StartSettings) -> None:
     """Save the merged starting model (and its tokenizer) to output_dir/base, once, and make it the name a PPO
     adapter records as its base: plain peft then loads the PPO output on its own, and the SFT run may move."""
     from accelerate import PartialState
@@ -102,17 +105,22 @@ def write_start_model(lm: nn.Module, cfg: PPOConfig) -> None:
     lm.name_or_path = lm.config.name_or_path = str(target)
 
 
-def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
-    """The trainable policy and, without LoRA, the separate frozen reference."""
+def trainable_start_model(cfg: StartSettings) -> nn.Module:
+    """The starting model ready to train: with fresh LoRA adapters (recording the merged start as their base when
+    it was itself an adapter), or all of its weights."""
     lm = load_start_model(cfg)
-    lm.config.use_cache = True  # generation; training forwards pass use_cache=False
-    reference = None
     if cfg.lora.enabled:
         if is_adapter(cfg.model) and not cfg.merge_adapter:
             write_start_model(lm, cfg)
         lm = apply_lora(lm, cfg.lora, quantized=cfg.load_in_4bit)
-    else:
-        reference = copy.deepcopy(lm).requires_grad_(False).eval()
+    return lm
+
+
+def build_policy(cfg: PPOConfig) -> tuple[PolicyModel, nn.Module | None]:
+    """The trainable policy and, without LoRA, the separate frozen reference."""
+    lm = trainable_start_model(cfg)
+    lm.config.use_cache = True  # generation; training forwards pass use_cache=False
+    reference = None if cfg.lora.enabled else copy.deepcopy(lm).requires_grad_(False).eval()
     head = None
     if cfg.critic == "value_head":
         head = nn.Linear(lm.config.hidden_size, 1)

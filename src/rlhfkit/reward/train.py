@@ -3,6 +3,10 @@
     loss = -log sigmoid(r_chosen - r_rejected - margin)          for a pair with a preference
     loss = -1/2 [log sigmoid(d) + log sigmoid(-d)], d = r_a - r_b   for a kept tie (label 1/2)
 
+With `soft_labels`, a pair's label is its vote share q (2 of 3 annotators preferred chosen: q = 2/3), and its loss
+-q log sigmoid(d) - (1 - q) log sigmoid(-d), d = r_chosen - r_rejected - margin: the loss of a tie at q = 1/2,
+of a hard pair at q = 1.
+
 The K completions of a prompt go through the model once, in one batch, and all their pairs are formed from
 those K scores: K forwards give K(K-1)/2 comparisons, and no completion is over-fitted by being seen once per
 pair it belongs to.
@@ -56,6 +60,7 @@ class PreferenceBatch:
     chosen: torch.Tensor  # row indices into the batch
     rejected: torch.Tensor
     margin: torch.Tensor
+    target: torch.Tensor  # P(chosen preferred) per pair: 1, or its vote share with soft labels
     tie_a: torch.Tensor
     tie_b: torch.Tensor
 
@@ -63,8 +68,8 @@ class PreferenceBatch:
         return PreferenceBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
-def collate_items(items: list[PreferenceItem], model: RewardModel) -> PreferenceBatch:
-    prompts, responses, chosen, rejected, margin, tie_a, tie_b = [], [], [], [], [], [], []
+def collate_items(items: list[PreferenceItem], model: RewardModel, soft_labels: bool = False) -> PreferenceBatch:
+    prompts, responses, chosen, rejected, margin, target, tie_a, tie_b = [], [], [], [], [], [], [], []
     for item in items:
         offset = len(responses)
         prompts += [item.prompt] * len(item.completions)
@@ -72,18 +77,21 @@ def collate_items(items: list[PreferenceItem], model: RewardModel) -> Preference
         chosen += [offset + i for i, _ in item.pairs]
         rejected += [offset + j for _, j in item.pairs]
         margin += item.margins
+        target += item.shares if soft_labels else [1.0] * len(item.pairs)
         tie_a += [offset + i for i, _ in item.ties]
         tie_b += [offset + j for _, j in item.ties]
     enc = model.tokenize(prompts, responses)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PreferenceBatch(enc["input_ids"], enc["attention_mask"], as_long(chosen), as_long(rejected),
-                           torch.tensor(margin, dtype=torch.float32), as_long(tie_a), as_long(tie_b))
+                           torch.tensor(margin, dtype=torch.float32), torch.tensor(target, dtype=torch.float32),
+                           as_long(tie_a), as_long(tie_b))
 
 
 def bradley_terry_loss(rewards: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
     """Summed loss over the batch's comparisons, and how many comparisons there are."""
     d = rewards[batch.chosen] - rewards[batch.rejected] - batch.margin
-    loss = -F.logsigmoid(d).sum()
+    q = batch.target
+    loss = -(q * F.logsigmoid(d) + (1 - q) * F.logsigmoid(-d)).sum()
     if batch.tie_a.numel():
         t = rewards[batch.tie_a] - rewards[batch.tie_b]
         loss = loss - 0.5 * (F.logsigmoid(t) + F.logsigmoid(-t)).sum()
@@ -156,7 +164,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     model.to(accelerator.device)
     model.train()
 
-    loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=lambda b: collate_items(b, model))
+    loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=lambda b: collate_items(b, model, cfg.soft_labels))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -1,0 +1,436 @@
+"""Direct preference optimisation: the policy learns from preference pairs directly, with no reward model and no
+sampling. For a prompt x with a preferred response y_w and a dispreferred one y_l:
+
+    h = [log pi_theta(y_w|x) - log pi_ref(y_w|x)] - [log pi_theta(y_l|x) - log pi_ref(y_l|x)]
+
+- Rafailov et al. 2023 (DPO):  L = -log sigma(beta h). The implicit reward of a response is
+  r(x, y) = beta [log pi_theta(y|x) - log pi_ref(y|x)]; sigma(r_w - r_l) = sigma(beta h) is the model's
+  Bradley-Terry probability that y_w is preferred.
+- Mitchell 2023 (cDPO, label smoothing eps: a label is wrong with probability eps):
+  L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+- Azar et al. 2023 (IPO, beta the paper's tau):  L = (h - 1/(2 beta))^2, which regresses h onto a fixed margin
+  instead of pushing it to infinity.
+- Soft labels: a pair whose vote share is q (2 of 3 annotators preferred y_w: q = 2/3) is the expectation of the
+  loss over its label, q L(y_w, y_l) + (1 - q) L(y_l, y_w). With q = 1 - eps this is cDPO; the same expectation
+  gives IPO its label smoothing and soft labels. Its optimum is sigma(beta h) = q (DPO) and h = (2q - 1)/(2 beta)
+  (IPO), so a model trained on vote shares is asked for calibrated probabilities, not certainty.
+
+log pi(y|x) is summed over the response's tokens only (its end-of-turn token included); the prompt's tokens and
+padding count for nothing. The reference is the starting model: its log-probs are computed once, before the first
+update (with LoRA, through the policy with its adapter disabled; without, from the starting weights themselves, so
+no frozen copy is kept), cached, and saved in each checkpoint for an exact resume.
+
+Data: rankings (consolidated by annotator majority, as reward training does) or pairs; each prompt's distinct
+completions go through the model once per step and all its pairs are formed from those log-probs. Built on
+`accelerate.Accelerator` as SFT is: the loss of an optimizer step is the mean over every pair in that step (all
+micro-batches of the gradient accumulation, all processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rlhfkit.config import DPOConfig, dump_config
+from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, prompt_text, tokenize_conversation
+from rlhfkit.data.records import Message
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.models.loading import disable_dropout, load_tokenizer
+from rlhfkit.ppo.models import PolicyModel, trainable_start_model
+from rlhfkit.reward.train import load_comparisons, preference_metrics
+from rlhfkit.runs import (
+    MetricsWriter,
+    NonFiniteGuard,
+    adamw,
+    check_output_dir,
+    checkpoint_tmp_path,
+    commit_checkpoint,
+    make_accelerator,
+    optimizer_step,
+    prepare_output_dir,
+    read_checkpoint_state,
+    resolve_checkpoint,
+    save_final_model,
+    save_trainable_only,
+    seed_step,
+    start_tracking,
+)
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.safetensors"  # in each checkpoint: log pi_ref of every train and eval sequence
+
+
+# --- the loss ---------------------------------------------------------------------------------------------------
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                    reference_rejected: torch.Tensor, beta: float, loss: str = "sigmoid",
+                    label_smoothing: float = 0.0, target: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards of y_w and y_l (see the module docstring).
+
+    Arguments are [N] sequence log-probs: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
+    log pi_ref(y_l|x). `target`: q = P(y_w preferred) per pair, 1 where None.
+    """
+    chosen_logratio = policy_chosen - reference_chosen  # log pi_theta(y_w|x) - log pi_ref(y_w|x)
+    rejected_logratio = policy_rejected - reference_rejected  # log pi_theta(y_l|x) - log pi_ref(y_l|x)
+    h = chosen_logratio - rejected_logratio
+    q = torch.ones_like(h) if target is None else target.to(h.dtype)
+    q = (1 - label_smoothing) * q + label_smoothing * (1 - q)  # cDPO: the label is flipped with probability eps
+    if loss == "sigmoid":  # -q log sigma(beta h) - (1 - q) log sigma(-beta h)
+        losses = -q * F.logsigmoid(beta * h) - (1 - q) * F.logsigmoid(-beta * h)
+    elif loss == "ipo":  # q (h - 1/(2 beta))^2 + (1 - q) (h + 1/(2 beta))^2
+        margin = 1 / (2 * beta)
+        losses = q * (h - margin) ** 2 + (1 - q) * (h + margin) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}; use 'sigmoid' or 'ipo'")
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def sequence_logps(policy: PolicyModel, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens, [B].
+
+    Through the online trainer's policy forward: a prompt shared by several rows (a prompt's completions) and the
+    prefix all prompts share are computed once, and vocabulary logits only where they predict a response token.
+    """
+    logits, _ = policy(query_ids, query_mask, response_ids, response_mask)
+    targets = response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none")  # 0 where masked
+    return token_logps.view_as(targets).sum(-1)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedItem:
+    """One prompt's distinct completions, each tokenized with the prompt (labels on the completion), and its pairs."""
+
+    sequences: list[TokenizedExample]
+    pairs: list[tuple[int, int]]  # (y_w, y_l) as indices into `sequences`
+    targets: list[float]  # P(y_w preferred) per pair: 1, or the annotators' vote share with soft_labels
+    offset: int = 0  # index of its first sequence in the run's flat list of sequences (the reference cache)
+
+
+@dataclass
+class DPOBatch:
+    """The completions of several prompts as one batch (prompts left-padded, responses right-padded), and their
+    pairs as row indices."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    sequence_ids: torch.Tensor  # [S] each row's index in the flat list of sequences (its cached log pi_ref)
+    chosen: torch.Tensor  # [N] the row of y_w of each pair
+    rejected: torch.Tensor  # [N] the row of y_l
+    target: torch.Tensor  # [N] P(y_w preferred)
+
+    def to(self, device) -> DPOBatch:
+        return DPOBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("query_ids", "query_mask", "response_ids", "response_mask")}
+
+
+def collate_sequences(sequences: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tokenized conversations as the policy's forward takes them: each cut before its first labelled token into
+    a prompt (left-padded) and a response (right-padded, mask 1 on its labelled tokens)."""
+    starts = [next((i for i, t in enumerate(e.labels) if t != IGNORE_INDEX), len(e.labels)) for e in sequences]
+    prompt_width = max(starts)
+    response_width = max(len(e.input_ids) - k for e, k in zip(sequences, starts))
+    out = {"query_ids": torch.full((len(sequences), prompt_width), pad_id, dtype=torch.long),
+           "query_mask": torch.zeros((len(sequences), prompt_width), dtype=torch.long),
+           "response_ids": torch.full((len(sequences), response_width), pad_id, dtype=torch.long),
+           "response_mask": torch.zeros((len(sequences), response_width), dtype=torch.long)}
+    for i, (e, k) in enumerate(zip(sequences, starts)):
+        out["query_ids"][i, prompt_width - k:] = torch.tensor(e.input_ids[:k])
+        out["query_mask"][i, prompt_width - k:] = 1
+        n = len(e.input_ids) - k
+        out["response_ids"][i, :n] = torch.tensor(e.input_ids[k:])
+        out["response_mask"][i, :n] = torch.tensor([int(t != IGNORE_INDEX) for t in e.labels[k:]])
+    return out
+
+
+def tokenize_items(path: Path, tokenizer, max_length: int, system_prompt: str | None,
+                   soft_labels: bool) -> list[TokenizedItem]:
+    """The preference items of `path` (rankings consolidated by majority, or pairs), tokenized through the model's
+    chat template as SFT does. A pair with a completion left without a token by `max_length` is dropped."""
+    items, dropped = [], 0
+    for item in load_comparisons(path, keep_ties=False):
+        sequences = []
+        for completion in item.completions:
+            messages = [Message.model_validate(m) for m in as_messages(item.prompt, system_prompt)]
+            messages.append(Message(role="assistant", content=completion))
+            try:
+                sequences.append(tokenize_conversation(tokenizer, messages, max_length))
+            except Exception as e:  # jinja raises its own types (a template that refuses a role, a missing key)
+                raise DataError(f"{path}: prompt {prompt_text(item.prompt)[:60]!r}: the model's chat template cannot "
+                                f"render it ({e})") from None
+        kept = [(pair, share if soft_labels else 1.0) for pair, share in zip(item.pairs, item.shares)
+                if all(sequences[i].num_target_tokens for i in pair)]
+        dropped += len(item.pairs) - len(kept)
+        if kept:
+            items.append(TokenizedItem(sequences, [p for p, _ in kept], [q for _, q in kept]))
+    if not items:
+        raise DataError(f"{path}: no pair has a response token within max_length={max_length}")
+    if dropped:
+        logger.warning("%s: %d pairs have a completion with no token within max_length and are skipped", path, dropped)
+    offset = 0
+    for item in items:
+        item.offset, offset = offset, offset + len(item.sequences)
+    return items
+
+
+def collate_items(items: list[TokenizedItem], pad_id: int) -> DPOBatch:
+    sequences, ids, chosen, rejected, target = [], [], [], [], []
+    for item in items:
+        row = len(sequences)
+        sequences += item.sequences
+        ids += range(item.offset, item.offset + len(item.sequences))
+        chosen += [row + w for w, _ in item.pairs]
+        rejected += [row + l for _, l in item.pairs]
+        target += item.targets
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return DPOBatch(**collate_sequences(sequences, pad_id), sequence_ids=as_long(ids), chosen=as_long(chosen),
+                    rejected=as_long(rejected), target=torch.tensor(target, dtype=torch.float32))
+
+
+@torch.no_grad()
+def all_sequence_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size: int, pad_id: int,
+                       accelerator: Accelerator) -> torch.Tensor:
+    """log pi(y|x) of every sequence of `items` in their flat order, in eval mode under the run's autocast."""
+    sequences = [s for item in items for s in item.sequences]
+    was_training = policy.training
+    policy.eval()
+    out = []
+    with accelerator.autocast():
+        for start in range(0, len(sequences), batch_size):
+            part = collate_sequences(sequences[start:start + batch_size], pad_id)
+            out.append(sequence_logps(policy, **{k: v.to(accelerator.device) for k, v in part.items()}).float())
+    policy.train(was_training)
+    return torch.cat(out)
+
+
+def reference_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size: int, pad_id: int,
+                    accelerator: Accelerator, lora: bool) -> torch.Tensor:
+    """log pi_ref(y|x) of every sequence: the starting model, i.e. (LoRA) the policy with its adapter switched
+    off, or (full fine-tuning) the policy before its first update."""
+    with policy.as_reference() if lora else nullcontext():
+        return all_sequence_logps(policy, items, batch_size, pad_id, accelerator)
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+PAIR_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected")  # TRL's names
+
+
+def pair_stat_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> torch.Tensor:
+    """Sums over pairs of each of PAIR_STATS, then the number of pairs: summed over steps and processes, divided
+    at the end."""
+    return torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                        (chosen_rewards > rejected_rewards).float().sum(), (chosen_rewards - rejected_rewards).sum(),
+                        policy_chosen.detach().sum(), policy_rejected.detach().sum(),
+                        torch.tensor(float(losses.numel()), device=losses.device)]).float()
+
+
+def mean_stats(sums: torch.Tensor) -> dict[str, float]:
+    n = max(sums[-1].item(), 1.0)
+    return {name: value / n for name, value in zip(PAIR_STATS, sums[:-1].tolist())}
+
+
+def pairs_of(items: list[TokenizedItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_w, y_l, q) of every pair of `items`, y_w and y_l as indices into their flat list of sequences."""
+    chosen = [item.offset + w for item in items for w, _ in item.pairs]
+    rejected = [item.offset + l for item in items for _, l in item.pairs]
+    return torch.tensor(chosen), torch.tensor(rejected), torch.tensor([q for item in items for q in item.targets])
+
+
+def held_out_metrics(policy: torch.Tensor, reference: torch.Tensor, items: list[TokenizedItem],
+                     cfg: DPOConfig) -> dict[str, float]:
+    """PAIR_STATS over the held-out pairs, and the calibration error of sigma(r_w - r_l) as a probability that y_w
+    is preferred (the reward model's measure)."""
+    w, l, q = (t.to(policy.device) for t in pairs_of(items))
+    losses, rw, rl = preference_loss(policy[w], policy[l], reference[w], reference[l], cfg.beta, cfg.loss,
+                                     cfg.label_smoothing, q)
+    values = mean_stats(pair_stat_sums(losses, rw, rl, policy[w], policy[l]))
+    values["calibration_error"] = preference_metrics((rw - rl).cpu())["calibration_error"]
+    return values
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOResult:
+    output_dir: Path
+    steps: int
+    train_loss_first: float | None = None  # mean loss of the first logged window
+    train_loss_last: float | None = None
+    eval_before: dict[str, float] = field(default_factory=dict)  # held-out PAIR_STATS at the start (the reference)
+    eval_after: dict[str, float] = field(default_factory=dict)
+
+
+def train_dpo(cfg: DPOConfig) -> DPOResult:
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
+    checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
+    set_seed(cfg.seed)
+
+    # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
+    tokenizer = load_tokenizer(cfg.model)
+    train_items = tokenize_items(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt, cfg.soft_labels)
+    eval_items = (tokenize_items(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt, cfg.soft_labels)
+                  if cfg.eval_file else [])
+    logger.info("%d training prompts with %d pairs", len(train_items), sum(len(i.pairs) for i in train_items))
+    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
+    if accelerator.is_main_process:
+        dump_config(cfg, cfg.output_dir / "config.yaml")
+    model = PolicyModel(trainable_start_model(cfg))
+    # No dropout: the policy's log-probs must be comparable with the reference's, computed once without it.
+    disable_dropout(model)
+    if cfg.lora.enabled:
+        accelerator.register_save_state_pre_hook(save_trainable_only)
+    model.to(accelerator.device)
+
+    pad_id = tokenizer.pad_token_id
+    train_dl = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True,
+                          collate_fn=lambda items: collate_items(items, pad_id))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)  # len: this process's batches
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    start_tracking(accelerator, cfg)
+    state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
+    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                            resumed_at=state.get("global_step"))
+    guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
+    unwrapped = accelerator.unwrap_model(model)
+
+    def log(step: int, values: dict[str, float]) -> None:
+        metrics.write(step, values)
+        accelerator.log(values, step=step)
+
+    # log pi_ref, once: from the checkpoint when resuming (the policy has moved since), else from the starting model.
+    if checkpoint is not None:
+        reference = {k: v.to(accelerator.device) for k, v in load_file(checkpoint / REFERENCE_FILE).items()}
+        if reference["train"].numel() != sum(len(i.sequences) for i in train_items) or \
+                reference["eval"].numel() != sum(len(i.sequences) for i in eval_items):
+            raise ConfigError(f"resume_from={checkpoint}: its reference log-probs are for other train_file or "
+                              "eval_file data than this run's")
+    else:
+        reference = {name: reference_logps(unwrapped, items, cfg.eval_batch_size, pad_id, accelerator, cfg.lora.enabled)
+                     if items else torch.zeros(0, device=accelerator.device)
+                     for name, items in (("train", train_items), ("eval", eval_items))}
+
+    result = DPOResult(output_dir=cfg.output_dir, steps=0)
+    evaluated_at = None
+
+    def evaluate(step: int) -> None:
+        nonlocal evaluated_at
+        policy = all_sequence_logps(unwrapped, eval_items, cfg.eval_batch_size, pad_id, accelerator)
+        result.eval_after = held_out_metrics(policy, reference["eval"], eval_items, cfg)
+        log(step, {f"eval/{k}": v for k, v in result.eval_after.items()})
+        evaluated_at = step
+
+    global_step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint), strict=False)
+        global_step = state["global_step"]
+        result.train_loss_first, result.eval_before = state.get("train_loss_first"), state.get("eval_before", {})
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    elif eval_items:  # before any update the policy is the reference: its held-out figures need no forward
+        result.eval_before = held_out_metrics(reference["eval"], reference["eval"], eval_items, cfg)
+        log(0, {f"eval/{k}": v for k, v in result.eval_before.items()})
+
+    def save_checkpoint(step: int) -> None:
+        tmp = checkpoint_tmp_path(cfg.output_dir, step)
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous().cpu() for k, v in reference.items()}, tmp / REFERENCE_FILE)
+            commit_checkpoint(cfg.output_dir, step, {"global_step": step, "train_loss_first": result.train_loss_first,
+                                                     "eval_before": result.eval_before, "nonfinite_updates": guard.count},
+                              cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    progress = tqdm(total=total_steps, initial=global_step, desc="dpo", disable=not accelerator.is_local_main_process)
+    ga = cfg.gradient_accumulation_steps
+    window = torch.zeros(len(PAIR_STATS) + 1, device=accelerator.device)
+    model.train()
+    while global_step < total_steps:
+        epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
+        train_dl.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_dl, done_in_epoch * ga) if done_in_epoch else train_dl
+        iterator = iter(batches)
+        while global_step < total_steps:
+            group = [b for _, b in zip(range(ga), iterator)]
+            if not group:
+                break
+            seed_step(cfg.seed, global_step)
+            # Normaliser: pairs in the whole optimizer step, over all processes (DDP averages gradients across
+            # processes, hence the factor num_processes).
+            n_pairs = accelerator.reduce(torch.tensor(sum(b.chosen.numel() for b in group), device=accelerator.device),
+                                         "sum").clamp(min=1)
+            step_sums = torch.zeros_like(window)
+            for i, batch in enumerate(group):
+                batch = batch.to(accelerator.device)
+                with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
+                    policy = sequence_logps(model, **batch.tokens())
+                    ref = reference["train"][batch.sequence_ids]
+                    losses, rw, rl = preference_loss(policy[batch.chosen], policy[batch.rejected], ref[batch.chosen],
+                                                     ref[batch.rejected], cfg.beta, cfg.loss, cfg.label_smoothing,
+                                                     batch.target)
+                    accelerator.backward(losses.sum() * accelerator.num_processes / n_pairs)
+                step_sums += pair_stat_sums(losses, rw, rl, policy[batch.chosen], policy[batch.rejected])
+            outcome = optimizer_step(accelerator, optimizer, scheduler, params, cfg.max_grad_norm, step_sums[0])
+            global_step += 1
+            progress.update(1)
+            if outcome.ok:
+                window += accelerator.reduce(step_sums, "sum")
+            else:
+                guard.failed(global_step)
+            end_of_epoch = global_step % steps_per_epoch == 0 or global_step == total_steps
+            if global_step % cfg.log_every == 0 or end_of_epoch:
+                values = {("train/loss" if k == "loss" else k): v for k, v in mean_stats(window).items()}
+                result.train_loss_first = result.train_loss_first or values["train/loss"]
+                result.train_loss_last = values["train/loss"]
+                window.zero_()
+                log(global_step, values | {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": outcome.grad_norm,
+                                           "train/epoch": global_step / steps_per_epoch})
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
+            if eval_items and (global_step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):
+                evaluate(global_step)
+            if (global_step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and global_step < total_steps:
+                save_checkpoint(global_step)
+    progress.close()
+
+    if eval_items and evaluated_at != global_step:  # the final figures, where eval_every did not end on them
+        evaluate(global_step)
+    result.steps = global_step
+    save_checkpoint(global_step)
+    save_final_model(unwrapped.lm, tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
+                     merge=cfg.merge_adapter)
+    metrics.close()
+    accelerator.end_training()
+    return result
