@@ -102,11 +102,13 @@ def test_ppo_raises_a_toy_reward_and_the_kl_penalty_bounds_the_drift(tiny_model,
     first, last = free.history[0], free.history[-3:]
     assert sum(h["reward/score"] for h in last) / 3 > first["reward/score"] + 0.05
     assert last[-1]["policy/entropy"] < first["policy/entropy"]
-    bound = train_ppo(ppo_config(tiny_model, tmp_path / "bound", kl_coef=1.0, kl_estimator="k3", **settings),
+    bound = train_ppo(ppo_config(tiny_model, tmp_path / "bound", kl_coef=2.0, kl_estimator="k3", **settings),
                       FunctionReward(frac_e))
     kl_free = sum(h["kl/ref"] for h in free.history[-4:]) / 4
     kl_bound = sum(h["kl/ref"] for h in bound.history[-4:]) / 4
-    # (the bound's own level varies with the random stream: 5.7-9.5 nats at the last steps over seeds; free ~20)
+    # (levels vary with the random stream and with the CPU's float kernels: with beta 1 the last four steps averaged
+    # 5.7-11.0 nats on different seeds and machines against ~19-20 unpenalised, too close to half; with beta 2,
+    # 6.6 against 18.8 on the machine where beta 1 gave 11.0)
     assert kl_bound < 0.5 * kl_free and max(h["kl/ref"] for h in bound.history) < 0.6 * kl_free
 
 
