@@ -1,5 +1,6 @@
 """`rlhfkit pipeline run CONFIG`: the stages wired together, each into its own directory under `output_dir`.
 
+  sft_ungrounded  SFT without the pipeline's retrieval (the ungrounded model to compare with) -> OUT/sft_ungrounded
   sft     supervised fine-tuning of the base model            -> OUT/sft
   reward  reward model from human rankings                     -> OUT/reward
   ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
@@ -9,8 +10,9 @@
   report  one HTML page of all of it                            -> OUT/report.html
 
 A stage's settings are those of its own command (`rlhfkit sft`, ...) without `output_dir`; string settings may
-name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}`, `{ppo}`, `{rloo}` and
-`{grpo}`. The rloo and grpo stages take `rlhfkit ppo`'s settings with `algorithm` set to their name. A stage that
+name other stages' outputs as `{base}` (the pipeline's `model`), `{sft_ungrounded}`, `{sft}`, `{reward}`, `{ppo}`,
+`{rloo}` and `{grpo}`. A top-level `retrieval:` block (rlhfkit.config.RetrievalSettings) grounds the prompts of every
+stage that renders them (all but sft_ungrounded); a stage's own `retrieval:` (null: none) overrides it. The rloo and grpo stages take `rlhfkit ppo`'s settings with `algorithm` set to their name. A stage that
 is left out (or null) is skipped, and nothing may refer to it.
 
 A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
@@ -38,9 +40,10 @@ from rlhfkit.models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "rloo": PPOConfig,
+STAGES: dict[str, type[BaseModel]] = {"sft_ungrounded": SFTConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "rloo": PPOConfig,
                                        "grpo": PPOConfig, "eval": EvalConfig}
 ONLINE = ("ppo", "rloo", "grpo")  # the online trainer's stages; the name is the algorithm
+UNGROUNDED = "sft_ungrounded"  # the stage the pipeline's retrieval block leaves out
 DONE_FILE = "pipeline_stage.json"
 RUN_SETTINGS = ("output_dir", "overwrite", "resume_from")  # how a stage is run, not what it computes
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -49,6 +52,8 @@ PLACEHOLDER = re.compile(r"\{(\w+)\}")
 class PipelineConfig(Strict):
     model: str = DEFAULT_MODEL  # the base model, `{base}` in the stages' settings
     output_dir: Path
+    retrieval: dict[str, Any] | None = None  # grounds every stage's prompts but sft_ungrounded's (see the docstring)
+    sft_ungrounded: dict[str, Any] | None = None
     sft: dict[str, Any] | None = None
     reward: dict[str, Any] | None = None
     ppo: dict[str, Any] | None = None
@@ -114,7 +119,9 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
             raise ConfigError(f"{stage}: {', '.join(sorted(set(settings) & set(RUN_SETTINGS)))} is set by the "
                               "pipeline (each stage runs in output_dir/<stage>); remove it")
         resolved = _substitute(settings, names, stage)
-        if stage in ("sft", "reward"):
+        if cfg.retrieval is not None and stage != UNGROUNDED:
+            resolved.setdefault("retrieval", cfg.retrieval)
+        if stage in ("sft", UNGROUNDED, "reward"):
             resolved.setdefault("model", cfg.model)
         if stage in ONLINE:
             if resolved.setdefault("algorithm", stage) != stage:
@@ -145,7 +152,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _run_stage(stage: str, stage_cfg: Any) -> None:
-    if stage == "sft":
+    if stage in ("sft", UNGROUNDED):
         from rlhfkit.sft import train_sft
 
         train_sft(stage_cfg)

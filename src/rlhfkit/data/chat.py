@@ -81,18 +81,24 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list, system
     return render_messages(tokenizer, prompt_messages(tokenizer, prompt, system, grounding, max_length))
 
 
-def conversation_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None,
-                          grounding=None, max_length: int | None = None) -> list[Message]:
-    """A training conversation as the model sees it: `system` in front (unless it has its own system turn) and,
-    with a `grounding`, the passages retrieved for its last question in the system message, cut so that the whole
-    conversation renders within `max_length` tokens (the last assistant turn, which is learnt, stays whole)."""
-    dicts = [m.model_dump() for m in messages]
+def answered_messages(tokenizer: PreTrainedTokenizerBase, prompt: str | list, answer: dict, system: str | None = None,
+                      grounding=None, max_length: int | None = None) -> list[dict]:
+    """A prompt and its answer turn as the model sees them (SFT examples, reward-model inputs): `system` in front
+    (unless the prompt has its own system turn) and, with a `grounding`, the passages retrieved for its question in
+    the system message, cut so that the whole conversation renders within `max_length` tokens (the answer stays
+    whole)."""
     if grounding is None:
-        return [Message.model_validate(m) for m in as_messages(dicts, system)]
-    *prompt, answer = dicts
+        return [*as_messages(prompt, system), answer]
     fitted = grounding.fit(tokenizer, prompt, system, max_length,
                            render=lambda tok, m: _render(tok, [*m, answer], add_generation_prompt=False))
-    return [Message.model_validate(m) for m in [*fitted, answer]]
+    return [*fitted, answer]
+
+
+def conversation_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None,
+                          grounding=None, max_length: int | None = None) -> list[Message]:
+    """A training conversation (ending with the assistant turn learnt) as the model sees it: `answered_messages`."""
+    *prompt, answer = [m.model_dump() for m in messages]
+    return [Message.model_validate(m) for m in answered_messages(tokenizer, prompt, answer, system, grounding, max_length)]
 
 
 def tokenize_conversation(

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhfkit.evaluation.facts import states, tokens
 from rlhfkit.retrieval.knowledge import Passage
 
 # a short English stop list: words that carry no topic (BM25's IDF already discounts them; out, they cost nothing)
@@ -26,6 +25,8 @@ STOP_WORDS = frozenset(
 
 
 def _terms(text: str) -> list[str]:
+    from rlhfkit.evaluation.facts import tokens  # here: the evaluation package imports the trainers, which ground
+
     return [t for t in tokens(text) if t not in STOP_WORDS]
 
 
@@ -72,6 +73,8 @@ def fact_recall_at_k(retriever, questions: Sequence[str], facts: Sequence[Sequen
     top-k passages state (the gold evaluation's matching: `rlhfkit.evaluation.facts.states`), averaged over the
     questions. With k = all passages it is the knowledge base's ceiling: facts phrased otherwise in the documents
     than in the truth never count."""
+    from rlhfkit.evaluation.facts import states, tokens
+
     if not questions:
         raise ValueError("no questions with facts to measure recall on")
     shares = []
