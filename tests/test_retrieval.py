@@ -155,3 +155,21 @@ def test_settings_build_one_grounding_per_process(tmp_path):
     assert grounding is Grounding.from_settings(RetrievalSettings(documents=[tmp_path / "h.md"], top_k=1))
     assert [p.title for p in grounding.passages(QUESTIONS[2])] == ["Leave"]
     assert Grounding.from_settings(None) is None
+
+
+def test_recall_command_prints_both_retrievers(tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.data.jsonl import write_jsonl
+
+    (tmp_path / "h.md").write_text(HANDBOOK, encoding="utf-8")
+    write_jsonl(tmp_path / "q.jsonl", [{"prompt": q, "facts": f} for q, f in zip(QUESTIONS, FACTS)]
+                + [{"prompt": "Is there a gym?", "facts": ["Facilities"], "answerable": False}])  # left out
+    result = CliRunner().invoke(app, ["data", "recall", "--questions", str(tmp_path / "q.jsonl"), "--document",
+                                      str(tmp_path / "h.md"), "--k", "1", "--k", "2"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "fact recall@k of 3 answerable questions over 4 passages" in result.output
+    rows = {line.split()[1]: line.split()[3:6:2] for line in result.output.splitlines() if "│ bm25" in line or "│ dense" in line}
+    assert rows["bm25"] == ["1.000", "1.000"]  # k=1 finds each answer (test above); k=2 too
+    assert rows["dense"][1] == "1.000"

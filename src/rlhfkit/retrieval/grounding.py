@@ -4,7 +4,7 @@ The format (the system message; a prompt's own system text, or `system_prompt`, 
 
     {system text, if any}
 
-    {instruction}
+    {instruction}                       (RetrievalSettings.instruction)
 
     [1] {title of the best passage}
     {its text}
@@ -30,10 +30,6 @@ from rlhfkit.retrieval.retrievers import BM25Retriever, DenseRetriever
 if TYPE_CHECKING:
     from rlhfkit.config import RetrievalSettings
 
-INSTRUCTION = ("Answer the user's question from these passages of the company's documents. If they do not hold "
-               "the answer, say that you do not know and name the team to ask.")
-
-
 def format_passages(passages: list[Passage]) -> str:
     return "\n\n".join(f"[{i}] {p.title}\n{p.text}" for i, p in enumerate(passages, 1))
 
@@ -45,7 +41,7 @@ def _question(messages: list[dict]) -> str:
 class Grounding:
     """Retrieve `top_k` passages for a prompt's last user message and put them in its system message."""
 
-    def __init__(self, retriever, top_k: int = 3, instruction: str = INSTRUCTION):
+    def __init__(self, retriever, top_k: int, instruction: str):
         self.retriever, self.top_k, self.instruction = retriever, top_k, instruction
         self._fitted: dict[tuple, list[dict]] = {}
 
