@@ -167,9 +167,9 @@ def test_recall_command_prints_both_retrievers(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": q, "facts": f} for q, f in zip(QUESTIONS, FACTS)]
                 + [{"prompt": "Is there a gym?", "facts": ["Facilities"], "answerable": False}])  # left out
     result = CliRunner().invoke(app, ["data", "recall", "--questions", str(tmp_path / "q.jsonl"), "--document",
-                                      str(tmp_path / "h.md"), "--k", "1", "--k", "2"], terminal_width=200)
+                                      str(tmp_path / "h.md"), "--k", "1", "--k", "2"])
     assert result.exit_code == 0, result.output
-    assert "fact recall@k of 3 answerable questions over 4 passages" in result.output
+    assert "fact recall@k of 3 answerable questions over 4 passages" in " ".join(result.output.split())
     rows = {line.split()[1]: line.split()[3:6:2] for line in result.output.splitlines() if "│ bm25" in line or "│ dense" in line}
     assert rows["bm25"] == ["1.000", "1.000"]  # k=1 finds each answer (test above); k=2 too
     assert rows["dense"][1] == "1.000"
