@@ -174,6 +174,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     prompts = load_eval_prompts(cfg)
     truths, fact_sheet = eval_truth(cfg.prompts, prompts, cfg.facts_sheet)
     toxicity_scorer = load_scorer(cfg.toxicity)
+    Grounding.from_settings(cfg.retrieval)  # the documents read now: a missing one leaves no output directory
     prepare_output_dir(PartialState(), cfg.output_dir, cfg.overwrite, resuming=False)
     names = list(cfg.models)
     baseline, reference_name = names[0], cfg.reference or names[0]
