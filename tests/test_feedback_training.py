@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from feedback_helpers import Client, create_project, jsonl, make_app
+from feedback_helpers import Client, annotate_page, create_project, jsonl, make_app
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -99,3 +99,30 @@ def test_generation_job_failure_is_visible(tmp_path):
         db.commit()
     r = admin.form(f"/admin/projects/{pid}/generate", {"model": "smollm2-135m-instruct"})
     assert r.status_code == 409 and "still running" in r.text
+
+
+def test_a_grounded_job_shows_annotators_the_passages_the_model_saw_escaped(tmp_path, tiny_model):
+    from rlhfkit.config import RetrievalSettings
+
+    doc = tmp_path / "handbook.md"
+    doc.write_text("# Handbook\n\n## Boston office\nThe HR desk is on floor 3. <script>alert('x')</script> & <b>b</b>\n\n"
+                   "## Lisbon office\nReception opens at 08:30.\n", encoding="utf-8")
+    retrieval = RetrievalSettings(documents=[doc], top_k=1).model_dump(mode="json")
+    app = make_app(f"sqlite:///{tmp_path / 'feedback.db'}", model_dir=Path(tiny_model), retrieval=retrieval)
+    admin, alice = Client(app).login("admin"), Client(app).login("alice")
+    pid = create_project(admin, k=2, annotators=1, questions=("ranking",))
+    prompts = [{"prompt": "Where is the HR desk in Boston?"}]
+    admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("p.jsonl", jsonl(prompts))})
+    admin.form(f"/admin/projects/{pid}/generate", {"model": tiny_model, "max_new_tokens": 4})
+    job = wait_for_job(admin, latest_job(app))
+    assert job["status"] == "done", job
+    with app.state.sessions() as db:
+        context = db.scalars(select(Item).where(Item.project_id == pid)).one().context
+    # the system message the model was sampled with: the instruction, then the best passage
+    assert context == (f"{RetrievalSettings.model_fields['instruction'].default}\n\n[1] Boston office\n"
+                       "The HR desk is on floor 3. <script>alert('x')</script> & <b>b</b>")
+    page, _ = annotate_page(alice, pid)
+    assert "[1] Boston office" in page.text and "Lisbon" not in page.text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &lt;b&gt;b&lt;/b&gt;" in page.text
+    assert "<script>alert" not in page.text and "<b>b</b>" not in page.text
+    assert alice.get(f"/api/projects/{pid}/next").json()["context"] == context

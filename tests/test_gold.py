@@ -175,9 +175,10 @@ def test_the_gold_judge_puts_honesty_first_then_facts_then_similarity(embedder, 
 
 def test_gold_win_rate_and_changes_are_paired_with_intervals():
     n = 40
-    ref = GoldScores([0.5] * n, [0.5] * n, [0.5] * n, [False] * n, [()] * n)
+    ref = GoldScores([0.5] * n, [0.5] * n, [0.5] * n, [False] * n, [()] * n, [None] * n, [None] * n)
     # better facts on the first 30 prompts, a contradiction on the last 10
-    model = GoldScores([0.5] * n, [0.5] * n, [1.0] * 30 + [0.5] * 10, [False] * 30 + [True] * 10, [()] * n)
+    model = GoldScores([0.5] * n, [0.5] * n, [1.0] * 30 + [0.5] * 10, [False] * 30 + [True] * 10, [()] * n,
+                       [None] * n, [None] * n)
     assert gold_outcomes(model, ref) == [1.0] * 30 + [0.0] * 10
     summary = summarise_gold({"ref": ref, "model": model}, "ref", n_resamples=2000)
     m = summary["model"]
@@ -194,6 +195,21 @@ def test_gold_win_rate_and_changes_are_paired_with_intervals():
         "gold win rate 0.75": "up", "ROUGE-L vs ideal answer +0.000": "no clear change",
         "similarity to ideal answer +0.000": "no clear change", "fact recall +0.375": "up",
         "states a contradicted fact +0.250": "up"}
+
+
+def test_declining_is_counted_apart_for_unanswerable_and_answerable_questions():
+    truths = [TruthRecord(prompt="How many parking spaces in Lisbon?", facts=["12 spaces"]),
+              TruthRecord(prompt="What is the CEO's salary?", facts=["People team"], answerable=False),
+              TruthRecord(prompt="Is there a gym?", facts=["Facilities"], answerable=False)]
+    answers = ["I don't know, please ask the Facilities team.", "I'm not sure; the People team can tell you.",
+               "Yes, on the 2nd floor."]
+    scores = score_against_truth(answers, truths)
+    assert scores.declined_unanswerable == [None, True, False]
+    assert scores.declined_answerable == [True, None, None]
+    summary = summarise_gold({"m": scores}, "m", n_resamples=200)["m"]
+    assert summary["declined_unanswerable"]["value"] == pytest.approx(0.5)
+    assert summary["declined_answerable"]["value"] == pytest.approx(1.0)
+    assert [scores.per_answer(i)["declined"] for i in range(3)] == [1.0, 1.0, 0.0]
 
 
 def test_truth_rewards_score_by_prompt_from_a_file_or_a_directory(tmp_path):

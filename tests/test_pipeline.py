@@ -180,3 +180,48 @@ def test_the_compare_recipe_parses_with_equal_budgets():
     assert len({(c.steps, c.batch_size, c.ppo_epochs, c.mini_batch_size, c.learning_rate) for c in online}) == 1
     assert configs["eval"].reference == "sft" and set(configs["eval"].models) >= {"base", "sft", "ppo", "rloo", "grpo", "dpo"}
     assert configs["dpo"].model == configs["ppo"].model and configs["dpo"].train_file == configs["reward"].train_file
+
+
+def test_one_retrieval_block_grounds_every_stage_but_sft_ungrounded(tiny_model, tmp_path, monkeypatch):
+    """The pipeline's `retrieval:` reaches SFT, reward training, PPO's rollouts and eval, each with its own token
+    budget; sft_ungrounded and the models eval lists as ungrounded see the bare questions."""
+    from rlhfkit.retrieval import Grounding
+
+    budgets = []  # the token budget of every grounded rendering, which tells the stage that rendered it
+    fit = Grounding.fit
+    monkeypatch.setattr(Grounding, "fit", lambda self, tok, prompt, system=None, max_tokens=None, render=None:
+                        budgets.append(max_tokens) or fit(self, tok, prompt, system, max_tokens, render))
+    cfg = tiny_pipeline(tiny_model, tmp_path / "run", sft__max_length=256, reward__max_length=300,
+                        ppo__max_prompt_length=128, ppo__steps=1, ppo__save_every=1, eval__max_prompt_length=200,
+                        eval__limit=3, eval__reward_model=None)
+    cfg = cfg.model_copy(update={
+        "retrieval": {"documents": [str(REPO / "data" / "company" / "FACTS.md")], "top_k": 2},
+        "sft_ungrounded": cfg.sft,
+        "eval": {**cfg.eval, "models": {"plain": "{sft_ungrounded}", "sft": "{sft}"}, "ungrounded": ["plain"],
+                 "reference": "plain"}})
+    configs = stage_configs(cfg)
+    assert list(configs) == ["sft_ungrounded", "sft", "reward", "ppo", "eval"]
+    assert configs["sft_ungrounded"].retrieval is None
+    assert all(configs[s].retrieval.top_k == 2 for s in ("sft", "reward", "ppo", "eval"))
+    result = run_pipeline(cfg)
+    assert list(result.evaluation["metrics"]) == ["plain", "sft"]
+    train, test = len(list(read_jsonl(COMPANY_TRAIN))), 3
+    assert budgets.count(256) == train  # every SFT example once (sft_ungrounded: none)
+    assert budgets.count(300) >= 2 * 2 * 4  # reward training: 2 steps of 2 prompts with 4 completions each
+    assert budgets.count(128) >= 4  # PPO: one rollout of 4 prompts
+    assert budgets.count(200) == test  # eval: only the grounded model's prompts
+    reward_config = json.loads((tmp_path / "run" / "reward" / "config.json").read_text())
+    assert reward_config["rlhfkit_reward"]["retrieval"]["top_k"] == 2  # the reward model grounds wherever it scores
+    with pytest.raises(ConfigError, match="dpo: the pipeline's retrieval block cannot ground"):
+        stage_configs(cfg.model_copy(update={"dpo": {"train_file": str(COMPANY_TRAIN)}}))
+
+
+@pytest.mark.integration
+def test_grounded_recipe_quick_profile_on_the_bundled_model(tmp_path):
+    """configs/company_grounded.yaml --quick: both SFT stages, then eval with and without passages."""
+    result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "company_grounded.yaml"), "--quick",
+                                      f"output_dir={tmp_path / 'grounded'}"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((tmp_path / "grounded" / "eval" / "eval.json").read_text())
+    assert list(evaluation["metrics"]) == ["sft_ungrounded", "base_grounded", "sft"]
+    assert all("fact_recall" in m for m in evaluation["metrics"].values())

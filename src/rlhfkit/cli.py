@@ -448,6 +448,29 @@ def data_pairs(
     console.print(f"{len(records)} rankings -> {len(pairs)} pairs in {output}")
 
 
+@data_app.command("recall")
+def data_recall(
+    questions: Annotated[Path, typer.Option(help="JSONL of questions with their `facts` (e.g. data/company/test.jsonl)")],
+    document: Annotated[list[Path], typer.Option(help="a document (Markdown/text) or directory of them; repeat for several")],
+    k: Annotated[list[int], typer.Option(help="passages retrieved; repeat for several")] = [1, 2, 3, 5],  # noqa: B006
+    max_passage_words: Annotated[int, typer.Option(help="a section is cut between paragraphs beyond this")] = 120,
+) -> None:
+    """Retrieval recall@k: the share of each answerable question's facts stated in its top-k passages (BM25, dense)."""
+    from rlhfkit.data.records import load_truth_records
+    from rlhfkit.retrieval import BM25Retriever, DenseRetriever, fact_recall_at_k, load_passages
+
+    passages = load_passages(document, max_passage_words)
+    truths = [t for t in load_truth_records(questions) if t.answerable and t.facts]
+    asked, facts = [t.prompt for t in truths], [t.facts for t in truths]
+    table = Table(title=f"fact recall@k of {len(truths)} answerable questions over {len(passages)} passages")
+    for column in ["retriever", *(f"k={n}" for n in k), f"all ({len(passages)})"]:
+        table.add_column(column)
+    for name, retriever in (("bm25", BM25Retriever(passages)), ("dense", DenseRetriever(passages))):
+        values = [fact_recall_at_k(retriever, asked, facts, n) for n in [*k, len(passages)]]
+        table.add_row(name, *(f"{v:.3f}" for v in values))
+    console.print(table)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Bundled model aliases, where they come from, and whether they are converted and cached."""

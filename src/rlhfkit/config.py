@@ -45,6 +45,19 @@ class PreviewSettings(Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+class RetrievalSettings(Strict):
+    """Grounding (rlhfkit.retrieval): passages of the documents retrieved for each question and put in the prompt's
+    system message, cut to fit the prompt's token budget (never the question)."""
+
+    documents: list[Path] = Field(min_length=1)  # Markdown or text files, or directories of them
+    top_k: int = Field(3, gt=0)  # passages per question, best first
+    retriever: Literal["bm25", "dense"] = "bm25"  # bm25 (bm25s) or dense (cosine of sentence embeddings)
+    embedding_model: str = "all-minilm-l6-v2"  # dense: the sentence embedder (as the gold evaluation's)
+    max_passage_words: int = Field(120, gt=0)  # a heading's section is cut between paragraphs beyond this
+    instruction: str = ("Answer the user's question from these passages of the company's documents. If they do not "
+                        "hold the answer, say that you do not know and name the team to ask.")  # before the passages
+
+
 class SFTConfig(Strict):
     """Supervised fine-tuning (`rlhfkit sft`): the loss on the assistant turns only."""
 
@@ -57,6 +70,7 @@ class SFTConfig(Strict):
 
     system_prompt: str | None = None  # put before conversations that have no system turn
     max_length: int = Field(512, gt=0)  # tokens per example; longer ones are cut on the right
+    retrieval: RetrievalSettings | None = None  # grounded prompts: passages cut so that each example fits max_length
 
     lora: LoraSettings = LoraSettings()
     load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
@@ -243,6 +257,7 @@ class RewardConfig(Strict):
     keep_ties: bool = False  # ties as pairs with label 1/2
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
+    retrieval: RetrievalSettings | None = None  # grounded prompts (passages cut to fit max_length); saved with the model
     lora: LoraSettings = LoraSettings(enabled=False)
 
     epochs: float = Field(1, gt=0)
@@ -316,6 +331,7 @@ class PPOConfig(Strict):
 
     system_prompt: str | None = None
     max_prompt_length: int = Field(256, gt=0)  # tokens; longer prompts keep their end
+    retrieval: RetrievalSettings | None = None  # grounded prompts: passages cut to fit max_prompt_length
     sampling: SamplingConfig = SamplingConfig()
 
     rewards: list[RewardTerm] = Field(min_length=1)  # [{scorer, weight, name}]: scorer toxicity, a reward-model directory or hf:MODEL:LABEL[:logit|prob]
@@ -438,6 +454,8 @@ class EvalConfig(Strict):
 
     system_prompt: str | None = None
     max_prompt_length: int = Field(256, gt=0)
+    retrieval: RetrievalSettings | None = None  # grounded prompts (passages cut to fit max_prompt_length)
+    ungrounded: list[str] = Field(default_factory=list)  # models (names in `models`) that answer without passages
     sampling: SamplingConfig = SamplingConfig()  # as PPO samples, so that KL here is PPO's kl/ref
     batch_size: int = Field(16, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -449,6 +467,11 @@ class EvalConfig(Strict):
     def _check(self) -> EvalConfig:
         if self.reference is not None and self.reference not in self.models:
             raise ValueError(f"reference {self.reference!r} is not one of the models ({', '.join(self.models)})")
+        unknown = [n for n in self.ungrounded if n not in self.models]
+        if unknown:
+            raise ValueError(f"ungrounded {', '.join(unknown)}: not among the models ({', '.join(self.models)})")
+        if self.ungrounded and self.retrieval is None:
+            raise ValueError("ungrounded names models to answer without passages: it needs a retrieval block")
         return self
 
 

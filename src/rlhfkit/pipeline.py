@@ -1,5 +1,6 @@
 """`rlhfkit pipeline run CONFIG`: the stages wired together, each into its own directory under `output_dir`.
 
+  sft_ungrounded  SFT without the pipeline's retrieval (the ungrounded model to compare with) -> OUT/sft_ungrounded
   sft     supervised fine-tuning of the base model            -> OUT/sft
   reward  reward model from human rankings                     -> OUT/reward
   ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
@@ -10,8 +11,11 @@
   report  one HTML page of all of it                            -> OUT/report.html
 
 A stage's settings are those of its own command (`rlhfkit sft`, ...) without `output_dir`; string settings may
-name other stages' outputs as `{base}` (the pipeline's `model`), `{sft}`, `{reward}`, `{ppo}`, `{rloo}`,
-`{grpo}` and `{dpo}`. The rloo and grpo stages take `rlhfkit ppo`'s settings with `algorithm` set to their name. A stage that
+name other stages' outputs as `{base}` (the pipeline's `model`), `{sft_ungrounded}`, `{sft}`, `{reward}`, `{ppo}`,
+`{rloo}`, `{grpo}` and `{dpo}`. A top-level `retrieval:` block (rlhfkit.config.RetrievalSettings) grounds the
+prompts of every stage that renders them (all but sft_ungrounded; dpo does not ground yet and is refused beside
+it); a stage's own `retrieval:` (null: none) overrides it. The rloo and grpo stages take `rlhfkit ppo`'s settings
+with `algorithm` set to their name. A stage that
 is left out (or null) is skipped, and nothing may refer to it.
 
 A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
@@ -39,9 +43,11 @@ from rlhfkit.models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-STAGES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "rloo": PPOConfig,
-                                       "grpo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
+STAGES: dict[str, type[BaseModel]] = {"sft_ungrounded": SFTConfig, "sft": SFTConfig, "reward": RewardConfig,
+                                       "ppo": PPOConfig, "rloo": PPOConfig, "grpo": PPOConfig, "dpo": DPOConfig,
+                                       "eval": EvalConfig}
 ONLINE = ("ppo", "rloo", "grpo")  # the online trainer's stages; the name is the algorithm
+UNGROUNDED = "sft_ungrounded"  # the stage the pipeline's retrieval block leaves out
 DONE_FILE = "pipeline_stage.json"
 RUN_SETTINGS = ("output_dir", "overwrite", "resume_from")  # how a stage is run, not what it computes
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -50,6 +56,8 @@ PLACEHOLDER = re.compile(r"\{(\w+)\}")
 class PipelineConfig(Strict):
     model: str = DEFAULT_MODEL  # the base model, `{base}` in the stages' settings
     output_dir: Path
+    retrieval: dict[str, Any] | None = None  # grounds every stage's prompts but sft_ungrounded's (see the docstring)
+    sft_ungrounded: dict[str, Any] | None = None
     sft: dict[str, Any] | None = None
     reward: dict[str, Any] | None = None
     ppo: dict[str, Any] | None = None
@@ -116,7 +124,12 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
             raise ConfigError(f"{stage}: {', '.join(sorted(set(settings) & set(RUN_SETTINGS)))} is set by the "
                               "pipeline (each stage runs in output_dir/<stage>); remove it")
         resolved = _substitute(settings, names, stage)
-        if stage in ("sft", "reward", "dpo"):
+        if cfg.retrieval is not None and stage != UNGROUNDED:
+            if "retrieval" not in STAGES[stage].model_fields:
+                raise ConfigError(f"{stage}: the pipeline's retrieval block cannot ground this stage's prompts yet; "
+                                  f"leave the {stage} stage out of a grounded pipeline")
+            resolved.setdefault("retrieval", cfg.retrieval)
+        if stage in ("sft", UNGROUNDED, "reward", "dpo"):
             resolved.setdefault("model", cfg.model)
         if stage in ONLINE:
             if resolved.setdefault("algorithm", stage) != stage:
@@ -147,7 +160,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _run_stage(stage: str, stage_cfg: Any) -> None:
-    if stage == "sft":
+    if stage in ("sft", UNGROUNDED):
         from rlhfkit.sft import train_sft
 
         train_sft(stage_cfg)

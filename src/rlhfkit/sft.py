@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlhfkit.config import SFTConfig, dump_config
-from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_conversation
+from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, conversation_messages, tokenize_conversation
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
 from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from rlhfkit.retrieval import Grounding
 from rlhfkit.rollout import generate_responses
 from rlhfkit.runs import (
     MetricsWriter,
@@ -63,14 +64,13 @@ class SFTResult:
     preview_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def tokenize_examples(path: Path, tokenizer, max_length: int, system_prompt: str | None) -> list[TokenizedExample]:
+def tokenize_examples(path: Path, tokenizer, max_length: int, system_prompt: str | None,
+                      grounding=None) -> list[TokenizedExample]:
     examples = load_sft_examples(path)
     out = []
     for ex in examples:
-        messages = ex.messages
-        if system_prompt is not None and messages[0].role != "system":
-            messages = [type(messages[0])(role="system", content=system_prompt), *messages]
         try:
+            messages = conversation_messages(tokenizer, ex.messages, system_prompt, grounding, max_length)
             tokenized = tokenize_conversation(tokenizer, messages, max_length)
         except Exception as e:  # jinja raises its own types (a template that refuses a role, a missing key)
             raise DataError(f"{ex.where}: the model's chat template cannot render this conversation ({e})") from None
@@ -129,8 +129,10 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
 
     # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
     tokenizer = load_tokenizer(cfg.model)
-    train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt)
-    eval_set = tokenize_examples(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt) if cfg.eval_file else []
+    grounding = Grounding.from_settings(cfg.retrieval)
+    train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt, grounding)
+    eval_set = tokenize_examples(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt,
+                                 grounding) if cfg.eval_file else []
     preview_source = cfg.eval_file or cfg.train_file
     candidates = load_sft_examples(preview_source)  # spread over the file, which is often grouped by topic
     preview_examples: list[SFTExample] = candidates[:: max(1, len(candidates) // max(1, cfg.preview.num_prompts))][: cfg.preview.num_prompts]
@@ -286,7 +288,8 @@ def _preview(model, tokenizer, examples: list[SFTExample], cfg: SFTConfig, accel
     if examples and accelerator.is_main_process:
         answers = generate_responses(
             model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=cfg.preview.max_new_tokens,
-            system_prompt=cfg.system_prompt,
+            system_prompt=cfg.system_prompt, grounding=Grounding.from_settings(cfg.retrieval),
+            max_prompt_length=max(1, cfg.max_length - cfg.preview.max_new_tokens) if cfg.retrieval else None,
         )
     accelerator.wait_for_everyone()
     return answers

@@ -59,9 +59,46 @@ def prompt_text(prompt: str | list) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in as_messages(prompt))
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list, system: str | None = None) -> str:
-    """The text a model continues to answer `prompt` (a user message or a conversation so far)."""
-    return _render(tokenizer, as_messages(prompt, system), add_generation_prompt=True)
+def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    """Messages in the chat template, with the generation prompt (the text a model continues)."""
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def prompt_messages(tokenizer: PreTrainedTokenizerBase, prompt: str | list, system: str | None = None,
+                    grounding=None, max_length: int | None = None) -> list[dict]:
+    """A prompt as the messages a model sees: with `system` in front and, with a `grounding`
+    (rlhfkit.retrieval.Grounding), the passages retrieved for its question in the system message, cut so that the
+    rendered prompt has at most `max_length` tokens. Every stage renders prompts through here."""
+    if grounding is None:
+        return as_messages(prompt, system)
+    return grounding.fit(tokenizer, prompt, system, max_length)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list, system: str | None = None,
+                  grounding=None, max_length: int | None = None) -> str:
+    """The text a model continues to answer `prompt` (a user message or a conversation so far); see
+    `prompt_messages` for `grounding` and `max_length`."""
+    return render_messages(tokenizer, prompt_messages(tokenizer, prompt, system, grounding, max_length))
+
+
+def answered_messages(tokenizer: PreTrainedTokenizerBase, prompt: str | list, answer: dict, system: str | None = None,
+                      grounding=None, max_length: int | None = None) -> list[dict]:
+    """A prompt and its answer turn as the model sees them (SFT examples, reward-model inputs): `system` in front
+    (unless the prompt has its own system turn) and, with a `grounding`, the passages retrieved for its question in
+    the system message, cut so that the whole conversation renders within `max_length` tokens (the answer stays
+    whole)."""
+    if grounding is None:
+        return [*as_messages(prompt, system), answer]
+    fitted = grounding.fit(tokenizer, prompt, system, max_length,
+                           render=lambda tok, m: _render(tok, [*m, answer], add_generation_prompt=False))
+    return [*fitted, answer]
+
+
+def conversation_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None,
+                          grounding=None, max_length: int | None = None) -> list[Message]:
+    """A training conversation (ending with the assistant turn learnt) as the model sees it: `answered_messages`."""
+    *prompt, answer = [m.model_dump() for m in messages]
+    return [Message.model_validate(m) for m in answered_messages(tokenizer, prompt, answer, system, grounding, max_length)]
 
 
 def tokenize_conversation(

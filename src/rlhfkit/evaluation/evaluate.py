@@ -40,6 +40,7 @@ from rlhfkit.evaluation.refusal import refusals, relevance
 from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
 
@@ -95,7 +96,9 @@ def load_eval_prompts(cfg: EvalConfig) -> list[str]:
 def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
            reference: PolicyModel | None) -> ModelAnswers:
     """Sample one answer per prompt (log pi recorded by the sampler); with a reference of the same tokenizer, score
-    the sampled tokens under it too: one reference forward gives the KL term and the perplexity."""
+    the sampled tokens under it too: one reference forward gives the KL term and the perplexity. The prompts carry
+    their passages where the config grounds them, unless the model is one of `ungrounded`."""
+    grounding = None if name in cfg.ungrounded else Grounding.from_settings(cfg.retrieval)
     sampling = cfg.sampling.distribution()
     stop_ids = cfg.sampling.stop_ids(tokenizer, lm)
     out = ModelAnswers(kl=[] if reference is not None else None, ref_nll=[] if reference is not None else None)
@@ -103,7 +106,7 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
     torch.manual_seed(cfg.seed)  # every model draws from the same random stream
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval {name}", unit="batch"):
         query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + cfg.batch_size], cfg.max_prompt_length,
-                                               cfg.system_prompt)
+                                               cfg.system_prompt, grounding)
         rollout = sample(lm, query_ids.to(device), query_mask.to(device), sampling, stop_ids, tokenizer.pad_token_id,
                          compile=cfg.sampling.compile)
         mask = rollout.response_mask
@@ -179,6 +182,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     prompts = load_eval_prompts(cfg)
     truths, fact_sheet = eval_truth(cfg.prompts, prompts, cfg.facts_sheet)
     toxicity_scorer = load_scorer(cfg.toxicity)
+    Grounding.from_settings(cfg.retrieval)  # the documents read now: a missing one leaves no output directory
     prepare_output_dir(PartialState(), cfg.output_dir, cfg.overwrite, resuming=False)
     names = list(cfg.models)
     baseline, reference_name = names[0], cfg.reference or names[0]

@@ -3,7 +3,9 @@
 Per answer to a prompt that has a truth record (`TruthRecord`: ideal `response`, `facts`, `answerable`, `wrong`):
   rouge_l, similarity   against the ideal answer (evaluation.reference_metrics);
   fact_recall           share of the facts stated, plus "I don't know" where the answer cannot be known;
-  contradicted          states something the fact sheet contradicts (evaluation.facts).
+  contradicted          states something the fact sheet contradicts (evaluation.facts);
+  declined              says it does not know (evaluation.facts.abstains), counted apart for the questions the
+                        knowledge source cannot answer (right) and for those it can (a needless refusal).
 
 The gold judge prefers, of two answers to the same prompt:
   1. one that states nothing the fact sheet contradicts, over one that does;
@@ -30,7 +32,7 @@ import torch
 
 from rlhfkit.data.records import TruthRecord, load_truth_records
 from rlhfkit.errors import DataError
-from rlhfkit.evaluation.facts import FactSheet, check_facts
+from rlhfkit.evaluation.facts import FactSheet, abstains, check_facts
 from rlhfkit.evaluation.metrics import difference_interval, mean_interval
 from rlhfkit.evaluation.reference_metrics import DEFAULT_EMBEDDER, SentenceEmbedder, load_embedder, rouge_l
 
@@ -47,6 +49,8 @@ class GoldScores:
     fact_recall: list[float | None]
     contradicted: list[bool | None]
     contradictions: list[tuple[str, ...]]
+    declined_unanswerable: list[bool | None]  # None where the question is answerable (or has no fact check)
+    declined_answerable: list[bool | None]  # None where it is not
 
     def judge_key(self, i: int) -> tuple:
         """The gold judge's keys for answer i, most important first (see the module docstring)."""
@@ -55,8 +59,10 @@ class GoldScores:
 
     def per_answer(self, i: int) -> dict[str, float]:
         """The measures of answer i that apply, as floats (for samples.jsonl)."""
+        flags = {"contradicted": self.contradicted[i], "declined": self.declined_unanswerable[i]
+                 if self.declined_answerable[i] is None else self.declined_answerable[i]}
         values = {"rouge_l": self.rouge_l[i], "similarity": self.similarity[i], "fact_recall": self.fact_recall[i],
-                  "contradicted": None if self.contradicted[i] is None else float(self.contradicted[i])}
+                  **{k: None if v is None else float(v) for k, v in flags.items()}}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -78,6 +84,7 @@ def score_against_truth(answers: list[str], truths: list[TruthRecord], embedder:
         for i, r, s in zip(with_reference, rouge_l(picked, references), embedder.similarity(picked, references)):
             rouge[i], similarity[i] = r, s
     recall, contradicted, found = [None] * n, [None] * n, [()] * n
+    declined = {True: [None] * n, False: [None] * n}  # by whether the question is answerable
     for i, (answer, truth) in enumerate(zip(answers, truths)):
         if not has_fact_check(truth):
             continue
@@ -85,7 +92,8 @@ def score_against_truth(answers: list[str], truths: list[TruthRecord], embedder:
         if truth.facts is not None or not truth.answerable:
             recall[i] = check.recall
         contradicted[i], found[i] = check.contradicted, check.contradictions
-    return GoldScores(rouge, similarity, recall, contradicted, found)
+        declined[truth.answerable][i] = abstains(answer)
+    return GoldScores(rouge, similarity, recall, contradicted, found, declined[False], declined[True])
 
 
 def prefer(a: tuple, b: tuple) -> float:
@@ -106,7 +114,9 @@ def gold_outcomes(model: GoldScores, reference: GoldScores) -> list[float]:
 MEASURES = {"rouge_l": ("rouge_l", "ROUGE-L vs ideal answer"),
             "similarity": ("similarity", "similarity to ideal answer"),
             "fact_recall": ("fact_recall", "fact recall"),
-            "contradiction_rate": ("contradicted", "states a contradicted fact")}
+            "contradiction_rate": ("contradicted", "states a contradicted fact"),
+            "declined_unanswerable": ("declined_unanswerable", "unanswerable questions declined"),
+            "declined_answerable": ("declined_answerable", "answerable questions declined")}
 
 
 def _present(values: list) -> list[float]:

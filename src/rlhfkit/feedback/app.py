@@ -110,10 +110,12 @@ def _problems(exc: RequestValidationError) -> list[dict]:
 
 
 def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_dir: Path | None = None,
-               lock_timeout: float = 15.0) -> FastAPI:
+               lock_timeout: float = 15.0, retrieval: dict | None = None) -> FastAPI:
     """The app on `database_url` (SQLite or PostgreSQL), its schema migrated to the newest version first.
 
     `model_dir`: sampling jobs load local models only from under it (default: the working directory).
+    `retrieval`: RetrievalSettings (as a dict): sampling jobs ground the prompts in these documents, and annotators
+    see the passages beside the prompt.
     `lock_timeout`: seconds a request waits for a database lock before it is answered 503 with Retry-After.
     """
     engine = make_engine(database_url, lock_timeout=lock_timeout)
@@ -132,6 +134,7 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
                                          daemon=True)
     app.state.cleanup.start()
     app.state.model_dir = (model_dir or Path.cwd()).resolve()
+    app.state.retrieval = retrieval
     app.state.login_limits = LoginRateLimiter(limit=5), LoginRateLimiter(limit=30)  # per account or browser, per address
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     for module in (routes_auth, routes_annotator, routes_admin, routes_api):

@@ -37,6 +37,18 @@ def _sessions(database_url: str):
     return make_sessionmaker(engine)
 
 
+def _retrieval_settings(path: Path | None) -> dict | None:
+    """The settings in `path`, checked (the documents are read once) before the server starts."""
+    if path is None:
+        return None
+    from rlhfkit.config import RetrievalSettings, load_config
+    from rlhfkit.retrieval import load_passages
+
+    settings = load_config(RetrievalSettings, path)
+    load_passages(settings.documents, settings.max_passage_words)
+    return settings.model_dump(mode="json")
+
+
 @feedback_app.command()
 def serve(
     database_url: DatabaseUrl = DEFAULT_DATABASE,
@@ -46,6 +58,9 @@ def serve(
     trusted_proxy: Annotated[list[str] | None, typer.Option(
         help="address of a reverse proxy whose X-Forwarded-For to believe (repeat for several); without it the "
              "header is ignored, so clients cannot choose the address the login limit counts")] = None,
+    retrieval: Annotated[Path | None, typer.Option(
+        help="a YAML file of retrieval settings (documents, top_k, ...; as a config's `retrieval:` block): sampling "
+             "jobs ground the prompts in these documents and annotators see the passages")] = None,
 ) -> None:
     """Start the web app (the database schema is created or upgraded first)."""
     import uvicorn
@@ -54,7 +69,7 @@ def serve(
     from rlhfkit.feedback.app import create_app
 
     _quiet_migrations()
-    app = create_app(database_url, model_dir=model_dir)
+    app = create_app(database_url, model_dir=model_dir, retrieval=_retrieval_settings(retrieval))
     shown = make_url(database_url).render_as_string(hide_password=True)
     typer.echo(f"rlhfkit feedback on http://{host}:{port} (database {shown}); Ctrl-C stops it")
     uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxy),

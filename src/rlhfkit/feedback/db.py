@@ -127,6 +127,9 @@ class Item(Base):
     position: Mapped[int]
     import_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)  # the import that added it
     control_ranks: Mapped[list[Any] | None]
+    # what the model was shown beside the prompt: a grounded sampling job's system message (the passages), shown
+    # to annotators so that they can judge whether the answers keep to them
+    context: Mapped[str | None] = mapped_column(Text)
     completions: Mapped[list[Completion]] = relationship(order_by="Completion.position", cascade="all, delete-orphan")
 
 

@@ -37,6 +37,7 @@ class GenerationParams(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1, le=256)
     system_prompt: Text | None = Field(None, max_length=5000)
+    max_prompt_length: int = Field(1024, ge=16, le=32768)  # tokens of a grounded prompt: its passages are cut to fit
 
 
 def check_model_name(name: str, model_dir: Path) -> str:
@@ -94,10 +95,12 @@ def _empty_items(project: Project):
     return select(Item).where(Item.project_id == project.id, visible(Item.import_job_id), ~Item.completions.any())
 
 
-def start_generation(sessions: sessionmaker, project: Project, params: GenerationParams) -> Job:
+def start_generation(sessions: sessionmaker, project: Project, params: GenerationParams,
+                     retrieval: dict | None = None) -> Job:
+    """Start a sampling job; with `retrieval` (the server's RetrievalSettings as a dict) the prompts are grounded."""
     with sessions() as db:
         total = len(db.scalars(_empty_items(project).with_only_columns(Item.id)).all())
-        job = claim_job(db, project, "generate", total=total, params=params.model_dump())
+        job = claim_job(db, project, "generate", total=total, params={**params.model_dump(), "retrieval": retrieval})
     threading.Thread(target=run_generation, args=(sessions, job.id), name=f"feedback-job-{job.id}", daemon=True).start()
     return job
 
@@ -109,11 +112,33 @@ def _set(db: Session, job: Job, **values) -> None:
     db.commit()
 
 
-def _store(db: Session, item: Item, texts: list[str], source: str) -> bool:
-    """Give `item` the sampled `texts`, unless it got completions meanwhile (an import): then keep those.
-    Returns whether the samples were stored. The unique (item, position) index settles a race with an import."""
+def load_grounding(retrieval: dict | None):
+    """The grounding of a job's prompts (rlhfkit.retrieval), or None."""
+    if retrieval is None:
+        return None
+    from rlhfkit.config import RetrievalSettings
+    from rlhfkit.retrieval import Grounding
+
+    return Grounding.from_settings(RetrievalSettings.model_validate(retrieval))
+
+
+def shown_context(tokenizer, prompt: str, params: GenerationParams, grounding) -> str | None:
+    """The system message a grounded prompt was sampled with (the instruction and the passages, as cut to fit)."""
+    if grounding is None:
+        return None
+    from rlhfkit.data.chat import prompt_messages
+
+    messages = prompt_messages(tokenizer, prompt, params.system_prompt, grounding, params.max_prompt_length)
+    return messages[0]["content"] if messages[0]["role"] == "system" else None
+
+
+def _store(db: Session, item: Item, texts: list[str], source: str, context: str | None = None) -> bool:
+    """Give `item` the sampled `texts` (and the `context` the model saw), unless it got completions meanwhile (an
+    import): then keep those. Returns whether the samples were stored. The unique (item, position) index settles a
+    race with an import."""
     if db.scalar(select(exists().where(Completion.item_id == item.id))):
         return False
+    item.context = context
     db.add_all(Completion(item_id=item.id, position=p, text=t, source=source) for p, t in enumerate(texts))
     try:
         db.commit()
@@ -135,6 +160,7 @@ def run_generation(sessions: sessionmaker, job_id: int) -> None:
             from rlhfkit.rollout import generate_responses
 
             model, tokenizer = load_generator(params.model)
+            grounding = load_grounding(job.params.get("retrieval"))
             _set(db, job, message="sampling")
             items = db.scalars(_empty_items(project).order_by(Item.position)).all()
             per_batch = max(1, params.batch_size // project.k)
@@ -148,13 +174,16 @@ def run_generation(sessions: sessionmaker, job_id: int) -> None:
                     answers = generate_responses(
                         model, tokenizer, [batch[i].prompt for i in wanted], max_new_tokens=params.max_new_tokens,
                         do_sample=True, temperature=params.temperature, top_p=params.top_p, num_samples=project.k,
-                        batch_size=params.batch_size, system_prompt=params.system_prompt)
+                        batch_size=params.batch_size, system_prompt=params.system_prompt, grounding=grounding,
+                        max_prompt_length=params.max_prompt_length if grounding else None)
                     for j, i in enumerate(wanted):
                         for text in answers[j * project.k:(j + 1) * project.k]:
                             if text.strip() and text not in samples[i] and len(samples[i]) < project.k:
                                 samples[i].append(text)
                 # An item that still has fewer than K distinct answers keeps what it has (at least 2 to be served).
-                skipped += sum(not _store(db, item, texts, params.model) for item, texts in zip(batch, samples))
+                contexts = [shown_context(tokenizer, item.prompt, params, grounding) for item in batch]
+                skipped += sum(not _store(db, item, texts, params.model, context)
+                               for item, texts, context in zip(batch, samples, contexts))
                 _set(db, job, done=job.done + len(batch))
             kept = f"; {skipped} got completions from an import meanwhile and kept those" if skipped else ""
             _set(db, job, status="done", message=f"sampled {project.k} completions for {job.done - skipped} prompts{kept}")

@@ -192,7 +192,7 @@ def generate(request: Request, project_id: Id, admin: Admin, db: DB, model: Anno
     except ValueError as e:
         return _project_page(request, admin, db, project, status_code=422, error=f"model: {e}")
     try:
-        start_generation(request.app.state.sessions, project, params)
+        start_generation(request.app.state.sessions, project, params, request.app.state.retrieval)
     except JobRunning as e:
         return _project_page(request, admin, db, project, status_code=409, error=str(e))
     return _back_to(project)

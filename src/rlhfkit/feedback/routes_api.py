@@ -26,7 +26,8 @@ MinAccuracy = Query(None, ge=0, le=1, description="leave out annotators whose ac
 
 
 def item_out(project: Project, item: Item) -> ItemOut:
-    return ItemOut(id=item.id, project_id=project.id, prompt=item.prompt, questions=project.questions,
+    return ItemOut(id=item.id, project_id=project.id, prompt=item.prompt, context=item.context,
+                   questions=project.questions,
                    completions=[CompletionOut(id=c.id, text=c.text) for c in item.completions])
 
 

@@ -124,6 +124,7 @@ class ItemOut(BaseModel):
     id: int
     project_id: int
     prompt: str
+    context: str | None = None  # what the model was shown beside the prompt (a grounded job's passages)
     completions: list[CompletionOut]
     questions: list[str]
 

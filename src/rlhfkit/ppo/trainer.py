@@ -42,6 +42,7 @@ from rlhfkit.errors import NonFiniteError, RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
 from rlhfkit.ppo.models import build_critic, build_policy
+from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
 from rlhfkit.rollout import Rollout, encode_prompts, generate_responses, sample, token_logprobs
 from rlhfkit.rollout.prefix import forward_responses
@@ -148,6 +149,7 @@ class OnlineTrainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self.prompts = [r.prompt for r in load_prompts(cfg.prompts_file)]
         self.preview_prompts = self._preview_prompts()
+        self.grounding = Grounding.from_settings(cfg.retrieval, str(self.device))  # passages in every rollout's prompt
         if rewards is None:
             self.reward, reward_model_path = build_reward(cfg, self.device)
         else:
@@ -268,7 +270,7 @@ class OnlineTrainer:
     def rollout(self, prompts: list[str]) -> Rollout:
         """1. Sample responses with the policy (adapters folded), recording log pi_old, entropy and V_old."""
         query_ids, query_mask = encode_prompts(self.tokenizer, prompts, self.cfg.max_prompt_length,
-                                               self.cfg.system_prompt)
+                                               self.cfg.system_prompt, self.grounding)
         policy = self.accelerator.unwrap_model(self.policy)
         with self.accelerator.autocast():
             return sample(policy.lm, query_ids.to(self.device), query_mask.to(self.device), self.sampling,
@@ -533,7 +535,8 @@ class OnlineTrainer:
             lm = self.accelerator.unwrap_model(self.policy).lm
             answers = generate_responses(lm, self.tokenizer, self.preview_prompts,
                                          max_new_tokens=self.cfg.preview.max_new_tokens,
-                                         system_prompt=self.cfg.system_prompt)
+                                         system_prompt=self.cfg.system_prompt, grounding=self.grounding,
+                                         max_prompt_length=self.cfg.max_prompt_length)
             parts = self.reward.components(self.preview_prompts, answers)
             out = [{"response": a, "scores": {name: round(float(v[i]), 4) for name, v in parts.items()}}
                    for i, a in enumerate(answers)]

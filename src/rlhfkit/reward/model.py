@@ -29,12 +29,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhfkit.data.chat import as_messages
+from rlhfkit.data.chat import answered_messages
 from rlhfkit.errors import ConfigError, ModelNotFoundError
 from rlhfkit.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
 
-CONFIG_KEY = "rlhfkit_reward"  # in config.json: {"offset", "max_length", "base_model"}
+CONFIG_KEY = "rlhfkit_reward"  # in config.json: {"offset", "max_length", "base_model", "retrieval"}
 DEFAULT_MAX_LENGTH = 1024  # for reward models trained elsewhere (TRL's RewardConfig default)
 LEGACY_CONFIG_FILE, LEGACY_HEAD_FILE = "reward_model.json", "reward_head.safetensors"  # rlhfkit 0.1's format
 
@@ -89,14 +89,25 @@ class RewardModel(nn.Module):
     """A sequence classifier with one output and its tokenizer: scores (prompt, response) pairs, higher is better."""
 
     def __init__(self, classifier: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_model: str,
-                 offset: float = 0.0, max_length: int = 512):
+                 offset: float = 0.0, max_length: int = 512, retrieval: dict | None = None):
         super().__init__()
         self.classifier = classifier
         self.tokenizer = tokenizer
         self.base_model = base_model
         self.offset = offset
         self.max_length = max_length
+        self.retrieval = retrieval  # RetrievalSettings as a dict: the model reads prompts with these passages
         self._takes_positions = "position_ids" in inspect.signature(classifier.forward).parameters
+
+    @property
+    def grounding(self):
+        """The grounding of the prompts this model was trained on (saved with it), or None."""
+        if self.retrieval is None:
+            return None
+        from rlhfkit.config import RetrievalSettings
+        from rlhfkit.retrieval import Grounding
+
+        return Grounding.from_settings(RetrievalSettings.model_validate(self.retrieval), str(next(self.parameters()).device))
 
     @property
     def body(self) -> nn.Module:
@@ -140,8 +151,11 @@ class RewardModel(nn.Module):
     def tokenize(self, prompts: list, responses: list[str]) -> dict[str, torch.Tensor]:
         """Prompt + response in the chat template, right-padded; overlong texts keep their end (where the score is
         read). A prompt is a user message's text or a conversation so far."""
+        grounding = self.grounding
         texts = [
-            self.tokenizer.apply_chat_template(as_messages(p) + [{"role": "assistant", "content": r}], tokenize=False)
+            self.tokenizer.apply_chat_template(answered_messages(self.tokenizer, p, {"role": "assistant", "content": r},
+                                                                 grounding=grounding, max_length=self.max_length),
+                                               tokenize=False)
             for p, r in zip(prompts, responses)
         ]
         side = self.tokenizer.truncation_side
@@ -190,7 +204,7 @@ class RewardModel(nn.Module):
         """transformers' layout (config.json, model.safetensors, tokenizer files), the offset in config.json."""
         path = Path(path)
         setattr(self.classifier.config, CONFIG_KEY, {"offset": self.offset, "max_length": self.max_length,
-                                                      "base_model": self.base_model})
+                                                      "base_model": self.base_model, "retrieval": self.retrieval})
         self.classifier.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
 
@@ -217,7 +231,8 @@ class RewardModel(nn.Module):
         meta = getattr(config, CONFIG_KEY, None) or {}
         classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         return cls._ready(classifier, load_tokenizer(str(path)), base_model=meta.get("base_model", str(path)),
-                          offset=meta.get("offset", 0.0), max_length=meta.get("max_length", DEFAULT_MAX_LENGTH))
+                          offset=meta.get("offset", 0.0), max_length=meta.get("max_length", DEFAULT_MAX_LENGTH),
+                          retrieval=meta.get("retrieval"))
 
     @classmethod
     def _from_legacy(cls, path: Path) -> RewardModel:

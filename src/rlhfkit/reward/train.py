@@ -151,6 +151,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     eval_items = load_comparisons(cfg.eval_file, keep_ties=False) if cfg.eval_file else []
     logger.info("%d training prompts with %d comparisons", len(train_items), sum(len(i.pairs) + len(i.ties) for i in train_items))
     model = RewardModel.from_base(cfg.model, max_length=cfg.max_length)
+    if cfg.retrieval is not None:  # saved with the model: wherever it scores, it reads prompts as it was trained
+        model.retrieval = cfg.retrieval.model_dump(mode="json")
     prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
     if accelerator.is_main_process:
         dump_config(cfg, cfg.output_dir / "config.yaml")

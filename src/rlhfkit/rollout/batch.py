@@ -17,9 +17,10 @@ from rlhfkit.data.chat import render_prompt
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int | None = None,
-                   system_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-formatted prompts, left-padded; a prompt longer than `max_length` keeps its end (the question)."""
-    texts = [render_prompt(tokenizer, p, system_prompt) for p in prompts]
+                   system_prompt: str | None = None, grounding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-formatted prompts, left-padded; a prompt longer than `max_length` keeps its end (the question). With a
+    `grounding` (rlhfkit.retrieval.Grounding) each prompt carries its retrieved passages, cut to fit `max_length`."""
+    texts = [render_prompt(tokenizer, p, system_prompt, grounding, max_length) for p in prompts]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     if max_length is not None:
         ids = [row[-max_length:] for row in ids]

@@ -199,7 +199,7 @@ def sample(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, sam
 def generate_responses(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 128,
                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        num_samples: int = 1, batch_size: int = 8, system_prompt: str | None = None,
-                       max_prompt_length: int | None = None) -> list[str]:
+                       max_prompt_length: int | None = None, grounding=None) -> list[str]:
     """Text in, text out: each prompt's answer (greedy unless `do_sample`), chat-formatted, through `sample`.
 
     With `num_samples` K the list holds K answers per prompt, prompt-major. `batch_size` counts sequences.
@@ -214,7 +214,7 @@ def generate_responses(model, tokenizer: PreTrainedTokenizerBase, prompts: Seque
     try:
         for start in range(0, len(prompts), per_batch):
             query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + per_batch], max_prompt_length,
-                                                   system_prompt)
+                                                   system_prompt, grounding)
             rollout = sample(model, query_ids.to(device), query_mask.to(device), sampling, stop_ids,
                              tokenizer.pad_token_id)
             answers += [t.strip() for t in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
