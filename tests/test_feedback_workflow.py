@@ -162,7 +162,9 @@ def test_control_items_measure_accuracy_and_the_export_leaves_out_who_falls_belo
         served[name] = []
         while (r := client.get(f"/api/projects/{pid}/next")).status_code == 200:
             item = r.json()
-            assert set(item) == {"id", "project_id", "prompt", "completions", "questions"}  # nothing says "control"
+            # nothing says "control" (context: the passages a grounded job showed the model; none here)
+            assert set(item) == {"id", "project_id", "prompt", "context", "completions", "questions"}
+            assert item["context"] is None
             served[name].append(item["prompt"])
             ranks = [1, 2, 3] if name == "alice" else [3, 2, 1]  # alice ranks as known; bob the other way round
             assert client.post(f"/api/projects/{pid}/items/{item['id']}/annotations", json={"ranks": ranks},
