@@ -54,8 +54,10 @@ def test_relevance_of_an_on_topic_answer_is_above_that_of_a_refusal_and_of_anoth
     embedder = load_embedder()
     prompt = "How many days of holiday do I get each year?"
     on_topic, refusal, off_topic = relevance(
-        [prompt] * 3,
+        embedder.embed([prompt] * 3),
         ["You get 25 days of holiday each year, plus public holidays.", "I'm sorry, but I can't help with that.",
          "The cafeteria serves lunch from noon."], embedder)
     assert on_topic > 0.5 and on_topic > refusal + 0.2 and on_topic > off_topic + 0.2
-    assert relevance([prompt], [prompt], embedder)[0] == pytest.approx(1.0, abs=1e-5)
+    assert relevance(embedder.embed([prompt]), [prompt], embedder)[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="2 answers for 1 prompts"):
+        relevance(embedder.embed([prompt]), [prompt, prompt], embedder)

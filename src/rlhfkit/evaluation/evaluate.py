@@ -212,7 +212,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         scorer = load_scorer(cfg.reward_model, device=device)
         reward = {n: scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
     embedder = load_embedder(cfg.embedding_model, device)
-    engagement = {n: {"refusal": refusals(a.responses), "relevance": relevance(prompts, a.responses, embedder)}
+    prompt_embeddings = embedder.embed(prompts)
+    engagement = {n: {"refusal": refusals(a.responses), "relevance": relevance(prompt_embeddings, a.responses, embedder)}
                   for n, a in answers.items()}
     gold = None
     if truths is not None:
