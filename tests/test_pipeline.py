@@ -218,10 +218,26 @@ def test_one_retrieval_block_grounds_every_stage_but_sft_ungrounded(tiny_model, 
 
 @pytest.mark.integration
 def test_grounded_recipe_quick_profile_on_the_bundled_model(tmp_path):
-    """configs/company_grounded.yaml --quick: both SFT stages, then eval with and without passages."""
+    """configs/company_grounded.yaml --quick: both SFT stages, GRPO, then eval with and without passages."""
     result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "company_grounded.yaml"), "--quick",
                                       f"output_dir={tmp_path / 'grounded'}"])
     assert result.exit_code == 0, result.output
     evaluation = json.loads((tmp_path / "grounded" / "eval" / "eval.json").read_text())
-    assert list(evaluation["metrics"]) == ["sft_ungrounded", "base_grounded", "sft"]
+    assert list(evaluation["metrics"]) == ["sft_ungrounded", "base_grounded", "sft", "grpo"]
     assert all("fact_recall" in m for m in evaluation["metrics"].values())
+
+
+@pytest.mark.integration
+def test_detox_recipe_quick_profile_on_the_bundled_model(tmp_path):
+    """configs/detox.yaml --quick: PPO against toxicity, refusal and relevance, then eval reports what it cost."""
+    result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "detox.yaml"), "--quick",
+                                      f"output_dir={tmp_path / 'detox'}"])
+    assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (tmp_path / "detox" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(f"reward/{term}" in logged[-1] for term in ("toxicity", "refusal", "relevance")), sorted(logged[-1])
+    evaluation = json.loads((tmp_path / "detox" / "eval" / "eval.json").read_text())
+    assert list(evaluation["metrics"]) == ["base", "detox"]
+    for m in evaluation["metrics"].values():
+        for measure in ("toxicity_mean", "refusal_rate", "relevance"):
+            assert m[measure]["low"] <= m[measure]["value"] <= m[measure]["high"], (measure, m[measure])
+        assert 0 < m["distinct_2"] <= 1

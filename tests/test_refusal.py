@@ -4,6 +4,7 @@ import pytest
 
 from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.evaluation.refusal import opening, refusals, refuses, relevance
+from rlhfkit.reward.scorers import load_scorer
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -61,3 +62,22 @@ def test_relevance_of_an_on_topic_answer_is_above_that_of_a_refusal_and_of_anoth
     assert relevance(embedder.embed([prompt]), [prompt], embedder)[0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="2 answers for 1 prompts"):
         relevance(embedder.embed([prompt]), [prompt, prompt], embedder)
+
+
+def test_refusal_and_relevance_as_rewards_by_hand():
+    refusal = load_scorer("refusal")
+    answers = [REFUSALS[0], APOLOGIES_THAT_ANSWER[0], ""]
+    assert refusal.name == "refusal"
+    assert refusal.score(["a", "b", "c"], answers).tolist() == [1.0, 0.0, 0.0]
+
+    reward = load_scorer("relevance")
+    embedder = load_embedder()
+    prompts = ["How do I reset my password?", [{"role": "user", "content": "Where is the Lisbon office?"}]]
+    responses = ["Open the login page and click 'Forgot password'.", "I like turtles."]
+    # by hand: the cosine of the prompt's text (a conversation as `role: content` lines) and the answer
+    by_hand = [float(embedder.embed([p])[0] @ embedder.embed([r])[0])
+               for p, r in zip([prompts[0], "user: Where is the Lisbon office?"], responses)]
+    assert reward.score(prompts, responses).tolist() == pytest.approx(by_hand, abs=1e-5)
+    assert reward.score(prompts[:1] * 2, responses).tolist()[0] == pytest.approx(by_hand[0], abs=1e-5)  # remembered
+    assert len(reward._prompt_embeddings) == 2
+    assert reward.score([], []).shape == (0,)

@@ -148,6 +148,24 @@ def test_sft_examples_fit_max_length_with_the_whole_answer(grounding, tiny_model
     assert messages[0].content.startswith("Use these passages.\n\n[1] Offices > Boston")
 
 
+def test_training_examples_can_retrieve_with_their_answer(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    grounding = Grounding(BM25Retriever(chunk_text(HANDBOOK, "h.md")), top_k=1, instruction="Use these passages.",
+                          train_with_answer=True)
+    conversation = [Message(role="user", content="And in Lisbon?"),
+                    Message(role="assistant", content="Annual leave is 25 days a year there too.")]
+
+    def passage_title(messages):
+        return messages[0].content.split("[1] ")[1].split("\n")[0]
+
+    # the question alone finds Lisbon's passage; with the answer, the passage that holds the answer (RAFT's oracle)
+    assert passage_title(conversation_messages(tokenizer, conversation, None, grounding)) == "Offices > Lisbon"
+    assert passage_title(conversation_messages(tokenizer, conversation, None, grounding, training=True)) == "Leave"
+    grounding.train_with_answer = False
+    assert passage_title(conversation_messages(tokenizer, conversation, None, grounding, training=True)) \
+        == "Offices > Lisbon"
+
+
 def test_settings_build_one_grounding_per_process(tmp_path):
     (tmp_path / "h.md").write_text(HANDBOOK, encoding="utf-8")
     settings = RetrievalSettings(documents=[tmp_path / "h.md"], top_k=1)
@@ -155,6 +173,8 @@ def test_settings_build_one_grounding_per_process(tmp_path):
     assert grounding is Grounding.from_settings(RetrievalSettings(documents=[tmp_path / "h.md"], top_k=1))
     assert [p.title for p in grounding.passages(QUESTIONS[2])] == ["Leave"]
     assert Grounding.from_settings(None) is None
+    assert not grounding.train_with_answer
+    assert Grounding.from_settings(RetrievalSettings(documents=[tmp_path / "h.md"], train_with_answer=True)).train_with_answer
 
 
 def test_recall_command_prints_both_retrievers(tmp_path):

@@ -56,6 +56,10 @@ class RetrievalSettings(Strict):
     max_passage_words: int = Field(120, gt=0)  # a heading's section is cut between paragraphs beyond this
     instruction: str = ("Answer the user's question from these passages of the company's documents. If they do not "
                         "hold the answer, say that you do not know and name the team to ask.")  # before the passages
+    # SFT: retrieve a training example's passages with its question and its ideal answer, so that the passages it
+    # learns to answer from hold that answer (RAFT's oracle document, Zhang et al. 2024); held-out examples, sampling
+    # and scoring retrieve with the question alone
+    train_with_answer: bool = False
 
 
 class SFTConfig(Strict):

@@ -65,12 +65,12 @@ class SFTResult:
 
 
 def tokenize_examples(path: Path, tokenizer, max_length: int, system_prompt: str | None,
-                      grounding=None) -> list[TokenizedExample]:
+                      grounding=None, training: bool = False) -> list[TokenizedExample]:
     examples = load_sft_examples(path)
     out = []
     for ex in examples:
         try:
-            messages = conversation_messages(tokenizer, ex.messages, system_prompt, grounding, max_length)
+            messages = conversation_messages(tokenizer, ex.messages, system_prompt, grounding, max_length, training)
             tokenized = tokenize_conversation(tokenizer, messages, max_length)
         except Exception as e:  # jinja raises its own types (a template that refuses a role, a missing key)
             raise DataError(f"{ex.where}: the model's chat template cannot render this conversation ({e})") from None
@@ -130,7 +130,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
     tokenizer = load_tokenizer(cfg.model)
     grounding = Grounding.from_settings(cfg.retrieval)
-    train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt, grounding)
+    train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt, grounding, training=True)
     eval_set = tokenize_examples(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt,
                                  grounding) if cfg.eval_file else []
     preview_source = cfg.eval_file or cfg.train_file

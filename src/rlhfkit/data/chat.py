@@ -82,23 +82,32 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list, system
 
 
 def answered_messages(tokenizer: PreTrainedTokenizerBase, prompt: str | list, answer: dict, system: str | None = None,
-                      grounding=None, max_length: int | None = None) -> list[dict]:
+                      grounding=None, max_length: int | None = None, with_answer: bool = False) -> list[dict]:
     """A prompt and its answer turn as the model sees them (SFT examples, reward-model inputs): `system` in front
-    (unless the prompt has its own system turn) and, with a `grounding`, the passages retrieved for its question in
-    the system message, cut so that the whole conversation renders within `max_length` tokens (the answer stays
-    whole)."""
+    (unless the prompt has its own system turn) and, with a `grounding`, the passages retrieved for its question (and
+    the answer, `with_answer`) in the system message, cut so that the whole conversation renders within `max_length`
+    tokens (the answer stays whole)."""
     if grounding is None:
         return [*as_messages(prompt, system), answer]
+    query = f"{last_user_message(as_messages(prompt, system))}\n{answer['content']}" if with_answer else None
     fitted = grounding.fit(tokenizer, prompt, system, max_length,
-                           render=lambda tok, m: _render(tok, [*m, answer], add_generation_prompt=False))
+                           render=lambda tok, m: _render(tok, [*m, answer], add_generation_prompt=False), query=query)
     return [*fitted, answer]
 
 
 def conversation_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system: str | None = None,
-                          grounding=None, max_length: int | None = None) -> list[Message]:
-    """A training conversation (ending with the assistant turn learnt) as the model sees it: `answered_messages`."""
+                          grounding=None, max_length: int | None = None, training: bool = False) -> list[Message]:
+    """A conversation (ending with the assistant turn learnt) as the model sees it: `answered_messages`; a
+    `training` example's passages are retrieved with its answer where the grounding says `train_with_answer`."""
     *prompt, answer = [m.model_dump() for m in messages]
-    return [Message.model_validate(m) for m in answered_messages(tokenizer, prompt, answer, system, grounding, max_length)]
+    with_answer = training and grounding is not None and grounding.train_with_answer
+    return [Message.model_validate(m)
+            for m in answered_messages(tokenizer, prompt, answer, system, grounding, max_length, with_answer)]
+
+
+def last_user_message(messages: list[dict]) -> str:
+    """The question a conversation asks last (what retrieval searches for)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
 def tokenize_conversation(

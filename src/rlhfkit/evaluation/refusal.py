@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhfkit.data.chat import prompt_text
+
 _DECLINE_VERBS = ("help|assist|answer|provide|engage|comply|continue|respond|discuss|do that|fulfil|fulfill|"
                   "support|participate|generate|write|create|share|give|offer|talk")
 REFUSAL = [re.compile(p) for p in (
@@ -68,3 +70,33 @@ def relevance(prompt_embeddings: torch.Tensor, answers: Sequence[str], embedder)
     if len(answers) != len(prompt_embeddings):
         raise ValueError(f"{len(answers)} answers for {len(prompt_embeddings)} prompts")
     return (embedder.embed(answers) * prompt_embeddings).sum(-1).clamp(-1.0, 1.0).tolist()
+
+
+class EngagementReward:
+    """`refusal` (1.0 where the answer refuses or evades) or `relevance` (prompt-answer cosine) as a reward; the
+    prompts' embeddings are remembered, as an online trainer scores the same prompts again and again."""
+
+    METRICS = ("refusal", "relevance")
+
+    def __init__(self, metric: str, device: str = "cpu", embedder: str | None = None):
+        if metric not in self.METRICS:
+            raise ValueError(f"unknown engagement measure {metric!r}; one of {self.METRICS}")
+        from rlhfkit.evaluation.reference_metrics import DEFAULT_EMBEDDER, load_embedder
+
+        self.name = metric
+        self.embedder = load_embedder(embedder or DEFAULT_EMBEDDER, device) if metric == "relevance" else None
+        self._prompt_embeddings: dict[str, torch.Tensor] = {}
+
+    def _embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        new = list(dict.fromkeys(p for p in prompts if p not in self._prompt_embeddings))
+        if new:
+            self._prompt_embeddings.update(zip(new, self.embedder.embed(new)))
+        return torch.stack([self._prompt_embeddings[p] for p in prompts])
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        if not len(responses):
+            return torch.zeros(0)
+        if self.name == "refusal":
+            return torch.tensor(refusals(responses), dtype=torch.float32)
+        texts = [prompt_text(p) for p in prompts]
+        return torch.tensor(relevance(self._embed_prompts(texts), list(responses), self.embedder), dtype=torch.float32)

@@ -23,7 +23,7 @@ import json
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from rlhfkit.data.chat import as_messages, render_messages
+from rlhfkit.data.chat import as_messages, last_user_message, render_messages
 from rlhfkit.retrieval.knowledge import Passage, load_passages
 from rlhfkit.retrieval.retrievers import BM25Retriever, DenseRetriever
 
@@ -34,15 +34,12 @@ def format_passages(passages: list[Passage]) -> str:
     return "\n\n".join(f"[{i}] {p.title}\n{p.text}" for i, p in enumerate(passages, 1))
 
 
-def _question(messages: list[dict]) -> str:
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-
-
 class Grounding:
     """Retrieve `top_k` passages for a prompt's last user message and put them in its system message."""
 
-    def __init__(self, retriever, top_k: int, instruction: str):
+    def __init__(self, retriever, top_k: int, instruction: str, train_with_answer: bool = False):
         self.retriever, self.top_k, self.instruction = retriever, top_k, instruction
+        self.train_with_answer = train_with_answer  # read by SFT (rlhfkit.data.chat.conversation_messages)
         self._fitted: dict[tuple, list[dict]] = {}
 
     @classmethod
@@ -60,26 +57,26 @@ class Grounding:
         message."""
         messages = as_messages(prompt, system)
         if block is None:
-            block = format_passages(self.passages(_question(messages)))
+            block = format_passages(self.passages(last_user_message(messages)))
         grounding = f"{self.instruction}\n\n{block}" if block else self.instruction
         if messages[0]["role"] == "system":
             return [{**messages[0], "content": f"{messages[0]['content']}\n\n{grounding}"}, *messages[1:]]
         return [{"role": "system", "content": grounding}, *messages]
 
     def fit(self, tokenizer, prompt: str | list, system: str | None = None, max_tokens: int | None = None,
-            render=None) -> list[dict]:
-        """`messages`, with the passage block cut from its end until `render(tokenizer, messages)` (the chat
-        template with the generation prompt, by default: then the result is remembered per prompt) is at most
-        `max_tokens` tokens."""
+            render=None, query: str | None = None) -> list[dict]:
+        """`messages`, with the passages retrieved for `query` (by default the question) and their block cut from
+        its end until `render(tokenizer, messages)` (the chat template with the generation prompt, by default: then
+        the result is remembered per prompt) is at most `max_tokens` tokens."""
         if render is not None:
-            return self._fit(tokenizer, prompt, system, max_tokens, render)
-        key = (json.dumps(prompt), system, max_tokens, id(tokenizer))
+            return self._fit(tokenizer, prompt, system, max_tokens, render, query)
+        key = (json.dumps(prompt), system, max_tokens, id(tokenizer), query)
         if key not in self._fitted:
-            self._fitted[key] = self._fit(tokenizer, prompt, system, max_tokens, render_messages)
+            self._fitted[key] = self._fit(tokenizer, prompt, system, max_tokens, render_messages, query)
         return self._fitted[key]
 
-    def _fit(self, tokenizer, prompt, system, max_tokens, render) -> list[dict]:
-        block = format_passages(self.passages(_question(as_messages(prompt, system))))
+    def _fit(self, tokenizer, prompt, system, max_tokens, render, query) -> list[dict]:
+        block = format_passages(self.passages(query or last_user_message(as_messages(prompt, system))))
         block_ids = tokenizer(block, add_special_tokens=False)["input_ids"]
 
         def cut(n: int) -> str:  # the block's first n tokens as text
@@ -107,4 +104,4 @@ def _from_settings(settings_json: str, device: str) -> Grounding:
     s = RetrievalSettings.model_validate_json(settings_json)
     passages = load_passages(s.documents, s.max_passage_words)
     retriever = BM25Retriever(passages) if s.retriever == "bm25" else DenseRetriever(passages, s.embedding_model, device)
-    return Grounding(retriever, s.top_k, s.instruction)
+    return Grounding(retriever, s.top_k, s.instruction, s.train_with_answer)

@@ -11,6 +11,8 @@
 - `FunctionReward`: a plain Python function.
 - `WeightedSum`: sum of weight * reward over several rewards.
 - Gold measures against the truth (`similarity:PATH`, `rouge_l:PATH`, `facts:PATH`): see rlhfkit.evaluation.gold.
+- What a harm score can cost (`refusal`: 1 for an answer that refuses or evades; `relevance`: prompt-answer
+  similarity): see rlhfkit.evaluation.refusal.
 """
 
 from __future__ import annotations
@@ -134,11 +136,15 @@ class WeightedSum:
 
 
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """A scorer by name: `toxicity` (offline), a reward-model directory, `hf:MODEL:LABEL[:logit|prob]` (one label of
-    a classifier; without the last part, the logit of a one-label head and the probability otherwise), or a gold
-    measure against the truth, `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
+    """A scorer by name: `toxicity` (offline), `refusal` or `relevance` (rlhfkit.evaluation.refusal), a reward-model
+    directory, `hf:MODEL:LABEL[:logit|prob]` (one label of a classifier; without the last part, the logit of a
+    one-label head and the probability otherwise), or a gold measure against the truth, `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
     if spec == "toxicity":
         return ToxicityScorer()
+    if spec in ("refusal", "relevance"):
+        from rlhfkit.evaluation.refusal import EngagementReward
+
+        return EngagementReward(spec, device=str(device))
     metric, sep, path = spec.partition(":")
     if sep and metric in ("similarity", "rouge_l", "facts"):
         from rlhfkit.evaluation.gold import TruthReward
