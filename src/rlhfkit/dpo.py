@@ -24,6 +24,19 @@ Data: rankings (consolidated by annotator majority, as reward training does) or 
 completions go through the model once per step and all its pairs are formed from those log-probs. Built on
 `accelerate.Accelerator` as SFT is: the loss of an optimizer step is the mean over every pair in that step (all
 micro-batches of the gradient accumulation, all processes).
+
+A run (`DPOTrainer`; `train_dpo(cfg)` builds one and trains it) goes through these phases, each a method:
+  1. set-up     `__init__`: the train and eval items tokenized, then the output directory, and `_build_model`: the
+                policy (dropout off), optimizer, LR schedule and batches, prepared by accelerate;
+  2. reference  log pi_ref of every train and eval sequence, once: from the starting model (`_compute_reference`),
+                or when resuming from the checkpoint (`_load_reference`, then `_resume`: weights, optimizer,
+                schedule, step);
+  3. evaluate   the held-out figures: at step 0 from log pi_ref alone (`evaluate_reference`), then every
+                `eval_every` steps or each epoch's end (`evaluate`);
+  4. train      `train` runs the epochs (`run_epoch`, skipping what a resumed epoch has done) of optimizer steps
+                (`step`: each micro-batch's pair losses and backward in `micro_batch`, then the update); after each,
+                `after_step` logs (`log_train`), evaluates and saves (`save_checkpoint`) where their schedules fall;
+  5. finish     `finish`: the final held-out figures, the last checkpoint and the model (adapter or full weights).
 """
 
 from __future__ import annotations
@@ -287,150 +300,229 @@ class DPOResult:
     eval_after: dict[str, float] = field(default_factory=dict)
 
 
-def train_dpo(cfg: DPOConfig) -> DPOResult:
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
-    checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
-    set_seed(cfg.seed)
+class DPOTrainer:
+    """The data, model, optimizer, reference log-probs and state of one run, and its phases (see the module
+    docstring)."""
 
-    # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
-    tokenizer = load_tokenizer(cfg.model)
-    train_items = tokenize_items(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt, cfg.soft_labels)
-    eval_items = (tokenize_items(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt, cfg.soft_labels)
-                  if cfg.eval_file else [])
-    logger.info("%d training prompts with %d pairs", len(train_items), sum(len(i.pairs) for i in train_items))
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
-    model = PolicyModel(trainable_start_model(cfg))
-    # No dropout: the policy's log-probs must be comparable with the reference's, computed once without it.
-    disable_dropout(model)
-    if cfg.lora.enabled:
-        accelerator.register_save_state_pre_hook(save_trainable_only)
-    model.to(accelerator.device)
+    def __init__(self, cfg: DPOConfig):
+        self.cfg = cfg
+        self.accelerator = accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
+        self.checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+        resuming = self.checkpoint is not None
+        check_output_dir(cfg.output_dir, cfg.overwrite, resuming=resuming)  # fail fast, write nothing yet
+        set_seed(cfg.seed)
+        self.device = accelerator.device
+        # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_items = self._tokenize(cfg.train_file)
+        self.eval_items = self._tokenize(cfg.eval_file) if cfg.eval_file else []
+        logger.info("%d training prompts with %d pairs", len(self.train_items),
+                    sum(len(i.pairs) for i in self.train_items))
+        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=resuming)
+        if accelerator.is_main_process:
+            dump_config(cfg, cfg.output_dir / "config.yaml")
+        self._build_model()
+        start_tracking(accelerator, cfg)
+        state = read_checkpoint_state(self.checkpoint) if resuming else {}
+        self.metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                     resumed_at=state.get("global_step"))
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
+        # log pi_ref, once: from the checkpoint when resuming (the policy has moved since), else the starting model.
+        self.reference = self._load_reference() if resuming else self._compute_reference()
+        self.result = DPOResult(output_dir=cfg.output_dir, steps=0)
+        self.global_step = 0
+        self.evaluated_at: int | None = None  # the step of the latest held-out figures
+        self.window = torch.zeros(len(PAIR_STATS) + 1, device=self.device)  # pair_stat_sums since the last log
+        if resuming:
+            self._resume(state)
 
-    pad_id = tokenizer.pad_token_id
-    train_dl = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True,
-                          collate_fn=lambda items: collate_items(items, pad_id))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)  # len: this process's batches
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
-    start_tracking(accelerator, cfg)
-    state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                            resumed_at=state.get("global_step"))
-    guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
-    unwrapped = accelerator.unwrap_model(model)
+    # --- set-up --------------------------------------------------------------------------------------------------
 
-    def log(step: int, values: dict[str, float]) -> None:
-        metrics.write(step, values)
-        accelerator.log(values, step=step)
+    def _tokenize(self, path: Path) -> list[TokenizedItem]:
+        cfg = self.cfg
+        return tokenize_items(path, self.tokenizer, cfg.max_length, cfg.system_prompt, cfg.soft_labels)
 
-    # log pi_ref, once: from the checkpoint when resuming (the policy has moved since), else from the starting model.
-    if checkpoint is not None:
-        reference = {k: v.to(accelerator.device) for k, v in load_file(checkpoint / REFERENCE_FILE).items()}
-        if reference["train"].numel() != sum(len(i.sequences) for i in train_items) or \
-                reference["eval"].numel() != sum(len(i.sequences) for i in eval_items):
-            raise ConfigError(f"resume_from={checkpoint}: its reference log-probs are for other train_file or "
+    def _build_model(self) -> None:
+        """The policy (dropout off), its optimizer, LR schedule and training batches, prepared by accelerate."""
+        cfg, accelerator = self.cfg, self.accelerator
+        model = PolicyModel(trainable_start_model(cfg))
+        # No dropout: the policy's log-probs must be comparable with the reference's, computed once without it.
+        disable_dropout(model)
+        if cfg.lora.enabled:
+            accelerator.register_save_state_pre_hook(save_trainable_only)
+        model.to(self.device)
+        pad_id = self.pad_id
+        train_dl = DataLoader(self.train_items, batch_size=cfg.batch_size, shuffle=True,
+                              collate_fn=lambda items: collate_items(items, pad_id))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer, self.train_dl = accelerator.prepare(model, optimizer, train_dl)
+        # len(train_dl): this process's batches
+        self.steps_per_epoch = math.ceil(len(self.train_dl) / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        accelerator.register_for_checkpointing(self.scheduler)  # stepped once per optimizer step, by us
+        self.unwrapped = accelerator.unwrap_model(self.model)
+
+    def _compute_reference(self) -> dict[str, torch.Tensor]:
+        """log pi_ref of every train and eval sequence, from the starting model (before any update)."""
+        cfg = self.cfg
+        return {name: reference_logps(self.unwrapped, items, cfg.eval_batch_size, self.pad_id, self.accelerator,
+                                      cfg.lora.enabled) if items else torch.zeros(0, device=self.device)
+                for name, items in (("train", self.train_items), ("eval", self.eval_items))}
+
+    def _load_reference(self) -> dict[str, torch.Tensor]:
+        """log pi_ref as the checkpoint saved it, refused if it is for other data than this run's."""
+        reference = {k: v.to(self.device) for k, v in load_file(self.checkpoint / REFERENCE_FILE).items()}
+        if reference["train"].numel() != sum(len(i.sequences) for i in self.train_items) or \
+                reference["eval"].numel() != sum(len(i.sequences) for i in self.eval_items):
+            raise ConfigError(f"resume_from={self.checkpoint}: its reference log-probs are for other train_file or "
                               "eval_file data than this run's")
-    else:
-        reference = {name: reference_logps(unwrapped, items, cfg.eval_batch_size, pad_id, accelerator, cfg.lora.enabled)
-                     if items else torch.zeros(0, device=accelerator.device)
-                     for name, items in (("train", train_items), ("eval", eval_items))}
+        return reference
 
-    result = DPOResult(output_dir=cfg.output_dir, steps=0)
-    evaluated_at = None
+    def _resume(self, state: dict) -> None:
+        """Weights, optimizer, schedule and RNG from the checkpoint; the step and the figures of the run's start."""
+        self.accelerator.load_state(str(self.checkpoint), strict=False)
+        self.global_step = state["global_step"]
+        self.result.train_loss_first = state.get("train_loss_first")
+        self.result.eval_before = state.get("eval_before", {})
+        logger.info("resumed from %s at step %d", self.checkpoint, self.global_step)
 
-    def evaluate(step: int) -> None:
-        nonlocal evaluated_at
-        policy = all_sequence_logps(unwrapped, eval_items, cfg.eval_batch_size, pad_id, accelerator)
-        result.eval_after = held_out_metrics(policy, reference["eval"], eval_items, cfg)
-        log(step, {f"eval/{k}": v for k, v in result.eval_after.items()})
-        evaluated_at = step
-
-    global_step = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint), strict=False)
-        global_step = state["global_step"]
-        result.train_loss_first, result.eval_before = state.get("train_loss_first"), state.get("eval_before", {})
-        logger.info("resumed from %s at step %d", checkpoint, global_step)
-    elif eval_items:  # before any update the policy is the reference: its held-out figures need no forward
-        result.eval_before = held_out_metrics(reference["eval"], reference["eval"], eval_items, cfg)
-        log(0, {f"eval/{k}": v for k, v in result.eval_before.items()})
-
-    def save_checkpoint(step: int) -> None:
-        tmp = checkpoint_tmp_path(cfg.output_dir, step)
+    def save_checkpoint(self) -> None:
+        """accelerate's state, log pi_ref (REFERENCE_FILE) and the run's state, committed at once."""
+        accelerator, step, result = self.accelerator, self.global_step, self.result
+        tmp = checkpoint_tmp_path(self.cfg.output_dir, step)
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_file({k: v.contiguous().cpu() for k, v in reference.items()}, tmp / REFERENCE_FILE)
-            commit_checkpoint(cfg.output_dir, step, {"global_step": step, "train_loss_first": result.train_loss_first,
-                                                     "eval_before": result.eval_before, "nonfinite_updates": guard.count},
-                              cfg.save_total_limit)
+            save_file({k: v.contiguous().cpu() for k, v in self.reference.items()}, tmp / REFERENCE_FILE)
+            state = {"global_step": step, "train_loss_first": result.train_loss_first,
+                     "eval_before": result.eval_before, "nonfinite_updates": self.guard.count}
+            commit_checkpoint(self.cfg.output_dir, step, state, self.cfg.save_total_limit)
         accelerator.wait_for_everyone()
 
-    progress = tqdm(total=total_steps, initial=global_step, desc="dpo", disable=not accelerator.is_local_main_process)
-    ga = cfg.gradient_accumulation_steps
-    window = torch.zeros(len(PAIR_STATS) + 1, device=accelerator.device)
-    model.train()
-    while global_step < total_steps:
-        epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
-        train_dl.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dl, done_in_epoch * ga) if done_in_epoch else train_dl
+    # --- evaluation and logging ---------------------------------------------------------------------------------
+
+    def log(self, values: dict[str, float]) -> None:
+        self.metrics.write(self.global_step, values)
+        self.accelerator.log(values, step=self.global_step)
+
+    def evaluate_reference(self) -> None:
+        """The held-out figures at step 0: before any update the policy is the reference, so they need no forward."""
+        reference = self.reference["eval"]
+        self.result.eval_before = held_out_metrics(reference, reference, self.eval_items, self.cfg)
+        self.log({f"eval/{k}": v for k, v in self.result.eval_before.items()})
+
+    def evaluate(self) -> None:
+        """The held-out figures of the policy now (`held_out_metrics`), logged as eval/*."""
+        policy = all_sequence_logps(self.unwrapped, self.eval_items, self.cfg.eval_batch_size, self.pad_id,
+                                    self.accelerator)
+        self.result.eval_after = held_out_metrics(policy, self.reference["eval"], self.eval_items, self.cfg)
+        self.log({f"eval/{k}": v for k, v in self.result.eval_after.items()})
+        self.evaluated_at = self.global_step
+
+    def log_train(self, grad_norm: float) -> None:
+        """The mean PAIR_STATS of the steps since the last log (skipped updates left out), then a fresh window."""
+        values = {("train/loss" if k == "loss" else k): v for k, v in mean_stats(self.window).items()}
+        self.result.train_loss_first = self.result.train_loss_first or values["train/loss"]
+        self.result.train_loss_last = values["train/loss"]
+        self.window.zero_()
+        self.log(values | {"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                           "train/epoch": self.global_step / self.steps_per_epoch})
+        self.progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
+
+    # --- training -----------------------------------------------------------------------------------------------
+
+    def train(self) -> DPOResult:
+        """The held-out figures of the start (a fresh run), the epochs of optimizer steps, then `finish`."""
+        if self.checkpoint is None and self.eval_items:
+            self.evaluate_reference()
+        self.progress = tqdm(total=self.total_steps, initial=self.global_step, desc="dpo",
+                             disable=not self.accelerator.is_local_main_process)
+        self.model.train()
+        while self.global_step < self.total_steps:
+            self.run_epoch()
+        self.progress.close()
+        return self.finish()
+
+    def run_epoch(self) -> None:
+        """The optimizer steps left in the current epoch; resuming mid-epoch skips the batches already trained on."""
+        ga = self.cfg.gradient_accumulation_steps
+        epoch, done_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        self.train_dl.set_epoch(epoch)
+        batches = self.accelerator.skip_first_batches(self.train_dl, done_in_epoch * ga) if done_in_epoch \
+            else self.train_dl
         iterator = iter(batches)
-        while global_step < total_steps:
+        while self.global_step < self.total_steps:
             group = [b for _, b in zip(range(ga), iterator)]
             if not group:
                 break
-            seed_step(cfg.seed, global_step)
-            # Normaliser: pairs in the whole optimizer step, over all processes (DDP averages gradients across
-            # processes, hence the factor num_processes).
-            n_pairs = accelerator.reduce(torch.tensor(sum(b.chosen.numel() for b in group), device=accelerator.device),
-                                         "sum").clamp(min=1)
-            step_sums = torch.zeros_like(window)
-            for i, batch in enumerate(group):
-                batch = batch.to(accelerator.device)
-                with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
-                    policy = sequence_logps(model, **batch.tokens())
-                    ref = reference["train"][batch.sequence_ids]
-                    losses, rw, rl = preference_loss(policy[batch.chosen], policy[batch.rejected], ref[batch.chosen],
-                                                     ref[batch.rejected], cfg.beta, cfg.loss, cfg.label_smoothing,
-                                                     batch.target)
-                    accelerator.backward(losses.sum() * accelerator.num_processes / n_pairs)
-                step_sums += pair_stat_sums(losses, rw, rl, policy[batch.chosen], policy[batch.rejected])
-            outcome = optimizer_step(accelerator, optimizer, scheduler, params, cfg.max_grad_norm, step_sums[0])
-            global_step += 1
-            progress.update(1)
-            if outcome.ok:
-                window += accelerator.reduce(step_sums, "sum")
-            else:
-                guard.failed(global_step)
-            end_of_epoch = global_step % steps_per_epoch == 0 or global_step == total_steps
-            if global_step % cfg.log_every == 0 or end_of_epoch:
-                values = {("train/loss" if k == "loss" else k): v for k, v in mean_stats(window).items()}
-                result.train_loss_first = result.train_loss_first or values["train/loss"]
-                result.train_loss_last = values["train/loss"]
-                window.zero_()
-                log(global_step, values | {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": outcome.grad_norm,
-                                           "train/epoch": global_step / steps_per_epoch})
-                progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
-            if eval_items and (global_step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):
-                evaluate(global_step)
-            if (global_step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and global_step < total_steps:
-                save_checkpoint(global_step)
-    progress.close()
+            grad_norm = self.step(group)
+            self.after_step(grad_norm)
 
-    if eval_items and evaluated_at != global_step:  # the final figures, where eval_every did not end on them
-        evaluate(global_step)
-    result.steps = global_step
-    save_checkpoint(global_step)
-    save_final_model(unwrapped.lm, tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
-                     merge=cfg.merge_adapter)
-    metrics.close()
-    accelerator.end_training()
-    return result
+    def step(self, group: list[DPOBatch]) -> float:
+        """One optimizer step over the micro-batches of `group`; a NaN/Inf loss skips the update (and counts against
+        `max_nonfinite_updates`). Returns the gradient norm."""
+        accelerator = self.accelerator
+        seed_step(self.cfg.seed, self.global_step)
+        # Normaliser: pairs in the whole optimizer step, over all processes (DDP averages gradients across
+        # processes, hence the factor num_processes).
+        n_pairs = accelerator.reduce(torch.tensor(sum(b.chosen.numel() for b in group), device=self.device),
+                                     "sum").clamp(min=1)
+        step_sums = torch.zeros_like(self.window)
+        for i, batch in enumerate(group):
+            step_sums += self.micro_batch(batch.to(self.device), n_pairs, sync=i == len(group) - 1)
+        outcome = optimizer_step(accelerator, self.optimizer, self.scheduler, self.params, self.cfg.max_grad_norm,
+                                 step_sums[0])
+        self.global_step += 1
+        self.progress.update(1)
+        if outcome.ok:
+            self.window += accelerator.reduce(step_sums, "sum")
+        else:
+            self.guard.failed(self.global_step)
+        return outcome.grad_norm
+
+    def micro_batch(self, batch: DPOBatch, n_pairs: torch.Tensor, sync: bool) -> torch.Tensor:
+        """The pair losses of one micro-batch, backward as their share of the step's mean (gradients synchronised
+        across processes on the step's last micro-batch only); returns their pair_stat_sums."""
+        cfg = self.cfg
+        with nullcontext() if sync else self.accelerator.no_sync(self.model):
+            policy = sequence_logps(self.model, **batch.tokens())
+            ref = self.reference["train"][batch.sequence_ids]
+            losses, rw, rl = preference_loss(policy[batch.chosen], policy[batch.rejected], ref[batch.chosen],
+                                             ref[batch.rejected], cfg.beta, cfg.loss, cfg.label_smoothing,
+                                             batch.target)
+            self.accelerator.backward(losses.sum() * self.accelerator.num_processes / n_pairs)
+        return pair_stat_sums(losses, rw, rl, policy[batch.chosen], policy[batch.rejected])
+
+    def after_step(self, grad_norm: float) -> None:
+        """Log, evaluate and save where their schedules fall (each `*_every` steps, else at each epoch's end); the
+        last step's checkpoint is `finish`'s."""
+        cfg, step = self.cfg, self.global_step
+        end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
+        if step % cfg.log_every == 0 or end_of_epoch:
+            self.log_train(grad_norm)
+        if self.eval_items and (step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):
+            self.evaluate()
+        if (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and step < self.total_steps:
+            self.save_checkpoint()
+
+    def finish(self) -> DPOResult:
+        """The final held-out figures (where the last step was not evaluated), the last checkpoint, the model."""
+        if self.eval_items and self.evaluated_at != self.global_step:
+            self.evaluate()
+        self.result.steps = self.global_step
+        self.save_checkpoint()
+        save_final_model(self.unwrapped.lm, self.tokenizer, self.cfg.output_dir, self.accelerator,
+                         adapter=self.cfg.lora.enabled, merge=self.cfg.merge_adapter)
+        self.metrics.close()
+        self.accelerator.end_training()
+        return self.result
+
+
+def train_dpo(cfg: DPOConfig) -> DPOResult:
+    """Train a policy by DPO as `cfg` says (resuming where it names a checkpoint); see `DPOTrainer`."""
+    return DPOTrainer(cfg).train()
