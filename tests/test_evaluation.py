@@ -21,6 +21,7 @@ from rlhfkit.evaluation import evaluate, simulate
 from rlhfkit.evaluation.metrics import (
     bootstrap,
     distinct_n,
+    distinct_n_interval,
     mean_interval,
     percent_change_interval,
     win_rate_interval,
@@ -81,6 +82,19 @@ def test_distinct_n_by_hand():
     assert distinct_n(texts, 1) == pytest.approx(3 / 7)  # a, b, c of 7 tokens
     assert distinct_n(texts, 2) == pytest.approx(3 / 5)  # (a b), (b a), (b c) of 5 bigrams
     assert distinct_n(["one"], 2) == 0.0
+
+
+def test_distinct_n_interval_resamples_the_answers():
+    texts = ["a b a b", "b c", "a b c d", "d d d", "", "c a"]
+
+    def by_hand(index):  # each resample's distinct-2 from its texts, one at a time
+        return np.array([distinct_n([texts[i] for i in row], 2) for row in index])
+
+    interval = distinct_n_interval(texts, 2, n_resamples=3000, seed=3)
+    assert interval == bootstrap(by_hand, len(texts), n_resamples=3000, seed=3)
+    assert interval.value == pytest.approx(distinct_n(texts, 2))
+    assert interval.low < interval.value < interval.high
+    assert distinct_n_interval([""], 2, n_resamples=10).as_dict() == {"value": 0.0, "low": 0.0, "high": 0.0}
 
 
 # --- KL from samples against the exact KL -------------------------------------------------------------------------
@@ -175,7 +189,7 @@ def test_eval_compares_models_on_the_same_prompts_and_writes_its_outputs(tiny_mo
     assert abs(kl["value"]) > 1e-4 and kl["low"] < kl["value"] < kl["high"]
     for m in (base, other_m):
         assert 0.0 <= m["toxicity_mean"]["low"] <= m["toxicity_mean"]["value"] <= m["toxicity_mean"]["high"] <= 1.0
-        assert 1 <= m["response_tokens"] <= 8 and 0 <= m["distinct_2"] <= 1 and m["reference_perplexity"] > 1
+        assert 1 <= m["response_tokens"] <= 8 and 0 <= m["distinct_2"]["value"] <= 1 and m["reference_perplexity"] > 1
 
     samples = [r for _, r in read_jsonl(out / "samples.jsonl")]
     assert len(samples) == 36 and {r["model"] for r in samples} == {"base", "again", "other"}

@@ -238,6 +238,5 @@ def test_detox_recipe_quick_profile_on_the_bundled_model(tmp_path):
     evaluation = json.loads((tmp_path / "detox" / "eval" / "eval.json").read_text())
     assert list(evaluation["metrics"]) == ["base", "detox"]
     for m in evaluation["metrics"].values():
-        for measure in ("toxicity_mean", "refusal_rate", "relevance"):
+        for measure in ("toxicity_mean", "refusal_rate", "relevance", "distinct_2"):
             assert m[measure]["low"] <= m[measure]["value"] <= m[measure]["high"], (measure, m[measure])
-        assert 0 < m["distinct_2"] <= 1

@@ -35,7 +35,7 @@ from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.evaluation.gold import GoldScores, MEASURES, eval_truth, score_against_truth, summarise_gold
-from rlhfkit.evaluation.metrics import distinct_n, mean_interval, percent_change_interval, win_rate_interval
+from rlhfkit.evaluation.metrics import distinct_n_interval, mean_interval, percent_change_interval, win_rate_interval
 from rlhfkit.evaluation.refusal import refusals, relevance
 from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
@@ -143,8 +143,8 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
             "reference_perplexity": None,
             "response_tokens": sum(a.lengths) / len(a.lengths),
             "eos_rate": sum(a.ended) / len(a.ended),
-            "distinct_1": distinct_n(a.responses, 1),
-            "distinct_2": distinct_n(a.responses, 2),
+            "distinct_1": distinct_n_interval(a.responses, 1, **boot).as_dict(),
+            "distinct_2": distinct_n_interval(a.responses, 2, **boot).as_dict(),
             "refusal_rate": None,
             "relevance": None,
         }
@@ -270,7 +270,8 @@ def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: s
                                                  else f"{m['reference_perplexity']:.2f}")),
         ("length (tokens)", each(lambda m: f"{m['response_tokens']:.1f}")),
         ("EOS rate", each(lambda m: f"{m['eos_rate']:.2f}")),
-        ("distinct-1 / distinct-2", each(lambda m: f"{m['distinct_1']:.3f} / {m['distinct_2']:.3f}")),
+        ("distinct-1", each(lambda m: format_interval(m["distinct_1"]))),
+        ("distinct-2", each(lambda m: format_interval(m["distinct_2"]))),
         ("refusal / evasion rate", each(lambda m: format_interval(m.get("refusal_rate"), 2))),
         ("relevance to the prompt", each(lambda m: format_interval(m.get("relevance")))),
     ]

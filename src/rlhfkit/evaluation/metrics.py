@@ -1,4 +1,5 @@
-"""Evaluation statistics: percentile-bootstrap intervals, the paired change against a baseline, distinct-n, win rate.
+"""Evaluation statistics: percentile-bootstrap intervals, the paired change against a baseline, distinct-n (with its
+interval over the answers), win rate.
 
 Every model answers the same prompts, so comparisons between models are paired: a bootstrap resample draws prompt
 indices once and takes both models' scores on those prompts (Efron & Tibshirani 1993, ch. 13). The interval is
@@ -85,12 +86,39 @@ def win_rate_interval(scores: Sequence[float], reference_scores: Sequence[float]
     return bootstrap(lambda i: wins[i].mean(-1), len(wins), **kwargs)
 
 
+def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    tokens = text.split()
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct n-grams over all n-grams in all texts (Li et al. 2016); whitespace tokens. 0 when there are none."""
-    total, seen = 0, set()
-    for text in texts:
-        tokens = text.split()
-        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else 0.0
+    grams = [_ngrams(text, n) for text in texts]
+    total = sum(len(g) for g in grams)
+    return len({gram for g in grams for gram in g}) / total if total else 0.0
+
+
+def distinct_n_interval(texts: Sequence[str], n: int, **kwargs) -> Interval:
+    """`distinct_n` with a bootstrap interval over the texts: a resample's distinct n-grams are those of the texts
+    it drew, over all the n-grams of its draws (a text drawn twice counts twice in the total)."""
+    from scipy.sparse import csr_matrix
+
+    grams = [_ngrams(text, n) for text in texts]
+    ids: dict[tuple[str, ...], int] = {}
+    rows, cols = [], []
+    for i, g in enumerate(grams):
+        for gram in set(g):
+            rows.append(i)
+            cols.append(ids.setdefault(gram, len(ids)))
+    has = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), max(1, len(ids))))  # text i has gram j
+    lengths = np.array([len(g) for g in grams], dtype=np.float64)
+
+    def statistic(index: np.ndarray) -> np.ndarray:  # [R, N] -> [R]
+        r, n_texts = index.shape[0], len(texts)
+        draws = np.bincount((np.arange(r)[:, None] * n_texts + index).ravel(), minlength=r * n_texts)
+        draws = draws.reshape(r, n_texts).astype(np.float64)
+        seen = (csr_matrix(draws > 0) @ has).getnnz(axis=1)  # grams of the texts drawn at least once
+        total = draws @ lengths
+        return np.divide(seen, total, out=np.zeros(r), where=total > 0)
+
+    return bootstrap(statistic, len(texts), **kwargs)
