@@ -1,12 +1,16 @@
-"""SFT in 2 CPU processes (gloo) gives the same weights as one process with the same global batch."""
+"""SFT and DPO in 2 CPU processes (gloo) give the same weights as one process with the same global batch."""
 
 import os
 import shutil
 import subprocess
 import sys
 
+import json
+
 import torch
 from safetensors.torch import load_file
+
+from test_dpo import toy_preferences
 
 
 def run_sft(launcher, tiny_model, sft_files, out, batch_size):
@@ -23,11 +27,39 @@ def run_sft(launcher, tiny_model, sft_files, out, batch_size):
     return proc.stdout
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, sft_files, tmp_path):
+def test_sft_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, sft_files, tmp_path):
     torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
     two = run_sft(torchrun, tiny_model, sft_files, tmp_path / "two", batch_size=2)
     run_sft([sys.executable], tiny_model, sft_files, tmp_path / "one", batch_size=4)
     assert two.count("held-out loss per response token") == 1  # only the main process reports
+    one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in one_w:
+        torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-4, atol=1e-5)
+
+
+def run_dpo(launcher, tiny_model, pairs, out, batch_size):
+    train, test = pairs
+    settings = [f"model={tiny_model}", f"train_file={train}", f"eval_file={test}", f"output_dir={out}",
+                f"batch_size={batch_size}", "max_steps=3", "lora.enabled=false", "learning_rate=1e-3",
+                "warmup_ratio=0", "log_every=1", "report_to=none", "eval_batch_size=3"]
+    proc = subprocess.run([*launcher, "-m", "rlhfkit.cli", "dpo", "--config", os.devnull, *settings],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, tmp_path):
+    """Each process computes the reference log-probs of its share and the loss is the mean over every pair of the
+    step on every process: two processes of 2 prompts train as one of 4 and report the same figures."""
+    pairs = toy_preferences(tmp_path)
+    torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
+    two = run_dpo(torchrun, tiny_model, pairs, tmp_path / "two", batch_size=2)
+    one = run_dpo([sys.executable], tiny_model, pairs, tmp_path / "one", batch_size=4)
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(two, one):
+        for key in ("train/loss", "rewards/accuracies", "eval/loss", "eval/rewards/margins"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
     one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for key in one_w:
         torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-4, atol=1e-5)
