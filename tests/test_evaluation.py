@@ -84,17 +84,17 @@ def test_distinct_n_by_hand():
     assert distinct_n(["one"], 2) == 0.0
 
 
-def test_distinct_n_interval_resamples_the_answers():
+def test_distinct_n_interval_is_the_jackknife_by_hand():
     texts = ["a b a b", "b c", "a b c d", "d d d", "", "c a"]
-
-    def by_hand(index):  # each resample's distinct-2 from its texts, one at a time
-        return np.array([distinct_n([texts[i] for i in row], 2) for row in index])
-
-    interval = distinct_n_interval(texts, 2, n_resamples=3000, seed=3)
-    assert interval == bootstrap(by_hand, len(texts), n_resamples=3000, seed=3)
+    left_out = np.array([distinct_n(texts[:i] + texts[i + 1:], 2) for i in range(len(texts))])  # one at a time
+    k = len(texts)
+    se = math.sqrt((k - 1) / k * ((left_out - left_out.mean()) ** 2).sum())
+    interval = distinct_n_interval(texts, 2, confidence=0.95)
     assert interval.value == pytest.approx(distinct_n(texts, 2))
+    assert interval.low == pytest.approx(interval.value - 1.959964 * se)
+    assert interval.high == pytest.approx(interval.value + 1.959964 * se)
     assert interval.low < interval.value < interval.high
-    assert distinct_n_interval([""], 2, n_resamples=10).as_dict() == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert distinct_n_interval(["one two"], 2).as_dict() == {"value": 1.0, "low": 1.0, "high": 1.0}
 
 
 # --- KL from samples against the exact KL -------------------------------------------------------------------------

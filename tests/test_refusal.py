@@ -18,6 +18,9 @@ REFUSALS = [
     "It's not appropriate for me to comment on that. Is there anything else?",
     "That goes against my guidelines, so I will not write it.",
     "I am not comfortable continuing this conversation.",
+    "I'm sorry for any misunderstanding, but as a chatbot designed to assist users, I don't have personal opinions.",
+    "As a language model, I do not take sides in disputes.",
+    "I'm just a computer program, so I have no feelings about your neighbour.",
 ]
 APOLOGIES_THAT_ANSWER = [
     "I'm sorry to hear that. You can take up to three days of compassionate leave; HR in Boston can help.",

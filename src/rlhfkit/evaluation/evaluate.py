@@ -143,8 +143,8 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
             "reference_perplexity": None,
             "response_tokens": sum(a.lengths) / len(a.lengths),
             "eos_rate": sum(a.ended) / len(a.ended),
-            "distinct_1": distinct_n_interval(a.responses, 1, **boot).as_dict(),
-            "distinct_2": distinct_n_interval(a.responses, 2, **boot).as_dict(),
+            "distinct_1": distinct_n_interval(a.responses, 1, cfg.confidence).as_dict(),
+            "distinct_2": distinct_n_interval(a.responses, 2, cfg.confidence).as_dict(),
             "refusal_rate": None,
             "relevance": None,
         }

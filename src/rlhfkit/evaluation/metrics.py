@@ -1,5 +1,5 @@
-"""Evaluation statistics: percentile-bootstrap intervals, the paired change against a baseline, distinct-n (with its
-interval over the answers), win rate.
+"""Evaluation statistics: percentile-bootstrap intervals, the paired change against a baseline, distinct-n (with a
+jackknife interval), win rate.
 
 Every model answers the same prompts, so comparisons between models are paired: a bootstrap resample draws prompt
 indices once and takes both models' scores on those prompts (Efron & Tibshirani 1993, ch. 13). The interval is
@@ -8,6 +8,8 @@ the percentile interval of the resampled statistic.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -98,27 +100,23 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len({gram for g in grams for gram in g}) / total if total else 0.0
 
 
-def distinct_n_interval(texts: Sequence[str], n: int, **kwargs) -> Interval:
-    """`distinct_n` with a bootstrap interval over the texts: a resample's distinct n-grams are those of the texts
-    it drew, over all the n-grams of its draws (a text drawn twice counts twice in the total)."""
-    from scipy.sparse import csr_matrix
+def distinct_n_interval(texts: Sequence[str], n: int, confidence: float = 0.95) -> Interval:
+    """`distinct_n` with a normal interval from the delete-one jackknife's standard error (Efron & Tibshirani 1993,
+    ch. 11). Not the bootstrap: a resample draws answers more than once, and a repeated answer repeats its n-grams,
+    so resampled distinct-n sits far below the sample's (0.47 against 0.71 on 550 answers) and a percentile
+    interval would miss it. Leaving answer i out removes its n-grams from the total and, from the distinct ones,
+    those that occur nowhere else."""
+    from scipy.stats import norm
 
     grams = [_ngrams(text, n) for text in texts]
-    ids: dict[tuple[str, ...], int] = {}
-    rows, cols = [], []
-    for i, g in enumerate(grams):
-        for gram in set(g):
-            rows.append(i)
-            cols.append(ids.setdefault(gram, len(ids)))
-    has = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), max(1, len(ids))))  # text i has gram j
-    lengths = np.array([len(g) for g in grams], dtype=np.float64)
-
-    def statistic(index: np.ndarray) -> np.ndarray:  # [R, N] -> [R]
-        r, n_texts = index.shape[0], len(texts)
-        draws = np.bincount((np.arange(r)[:, None] * n_texts + index).ravel(), minlength=r * n_texts)
-        draws = draws.reshape(r, n_texts).astype(np.float64)
-        seen = (csr_matrix(draws > 0) @ has).getnnz(axis=1)  # grams of the texts drawn at least once
-        total = draws @ lengths
-        return np.divide(seen, total, out=np.zeros(r), where=total > 0)
-
-    return bootstrap(statistic, len(texts), **kwargs)
+    counts = Counter(gram for g in grams for gram in g)
+    total, seen = sum(counts.values()), len(counts)
+    value = seen / total if total else 0.0
+    if len(texts) < 2:
+        return Interval(value, value, value)
+    left_out = np.array([(seen - sum(1 for gram, c in Counter(g).items() if counts[gram] == c)) / (total - len(g))
+                         if total > len(g) else 0.0 for g in grams])
+    k = len(texts)
+    se = math.sqrt((k - 1) / k * float(((left_out - left_out.mean()) ** 2).sum()))
+    z = float(norm.ppf((1 + confidence) / 2))
+    return Interval(value, value - z * se, value + z * se)
