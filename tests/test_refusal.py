@@ -21,6 +21,9 @@ REFUSALS = [
     "I'm sorry for any misunderstanding, but as a chatbot designed to assist users, I don't have personal opinions.",
     "As a language model, I do not take sides in disputes.",
     "I'm just a computer program, so I have no feelings about your neighbour.",
+    "I'm sorry for any confusion, I can assist you with any kind of business or business-related issues.",
+    "I'm sorry for the misunderstanding. I'm here to assist you with whatever you're struggling with.",
+    "Well, as a text-based AI, I don't have the ability to see your device.",
 ]
 APOLOGIES_THAT_ANSWER = [
     "I'm sorry to hear that. You can take up to three days of compassionate leave; HR in Boston can help.",
