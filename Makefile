@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline run configs/company_assistant.yaml
 
-# The company assistant grounded in its documents (retrieval): SFT without and with passages, evaluated side by
-# side on the held-out questions, into runs/grounded.
+# The company assistant grounded in its documents (retrieval): SFT without and with passages, GRPO on top, all
+# evaluated side by side on the held-out questions, into runs/grounded (97 min measured on one core; README).
 grounded: $(STAMP)
 	$(BIN)/rlhfkit pipeline run configs/company_grounded.yaml
 
