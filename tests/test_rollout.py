@@ -15,6 +15,7 @@ from rlhfkit.config import LoraSettings
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.rollout.prefix import PromptPlan, forward_responses
 from rlhfkit.rollout import (
     Sampling,
     encode_prompts,
@@ -152,6 +153,45 @@ def test_the_shared_prefix_and_each_prompt_are_encoded_once_for_k_samples(tiny):
     assert seen[0][0] == 1 and prefix >= 4  # "<|im_start|>user\n" at least
     assert seen[1] == (3, query_ids.shape[1] - prefix)
     assert seen[2:] == [(15, 1)] * 3
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=["distinct-prompts", "k3"])
+def test_shared_prompt_forwards_equal_a_plain_forward_with_gradients(monkeypatch, tiny_model, tiny, k):
+    """The prefix once and each prompt once (k3), or the prefix once and each row's prompt with its response (every
+    prompt distinct): the same logits, hidden states and gradients as one plain forward of the padded batch."""
+    tokenizer, _ = tiny
+    lm = apply_lora(load_causal_lm(tiny_model, dtype="float32"), LoraSettings(r=4, dropout=0.0))
+    with torch.no_grad():  # a non-trivial adapter: its gradients pass through the prompts' keys and values
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    rows = torch.arange(len(PROMPTS)).repeat_interleave(k)
+    query_ids, query_mask = (t[rows] for t in encode_prompts(tokenizer, PROMPTS))
+    response_ids = torch.randint(4, lm.config.vocab_size, (len(rows), 5), generator=torch.Generator().manual_seed(k))
+    response_mask = torch.ones_like(response_ids)
+    response_mask[0, 3:] = 0  # a row that stopped early: padding after its stop token
+    assert PromptPlan.of(query_ids, query_mask).repeats == (k > 1)
+
+    def outputs():
+        lm.zero_grad()
+        logits, hidden = forward_responses(lm, query_ids, query_mask, response_ids, response_mask,
+                                           lambda out: (out.logits, out.hidden_states[-1]), output_hidden_states=True)
+        mask = response_mask[..., None].float()
+        loss = (logits.log_softmax(-1) * mask).sum() + (hidden * mask).square().sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
+        return logits.detach() * mask, hidden.detach() * mask, grads
+
+    shared = outputs()
+    monkeypatch.setattr(PromptPlan, "worthwhile", property(lambda self: False))
+    plain = outputs()
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
+    assert shared[2].keys() == plain[2].keys() and len(shared[2]) > 0
+    for name in plain[2]:
+        assert plain[2][name].abs().sum() > 0, name
+        scale = plain[2][name].abs().max().item()  # float32 sums in another order: close relative to the scale
+        torch.testing.assert_close(shared[2][name], plain[2][name], atol=1e-4 * scale, rtol=1e-3)
 
 
 def test_greedy_decoding_is_the_argmax_path_generate_takes(tiny):

@@ -9,6 +9,11 @@ short exchange; with K samples per prompt, (K - 1) / K of the prompt tokens are 
 
 Layout: a left-padded prompt [pad | prefix | own] is laid out as [prefix | pad | own]; position ids come from the
 mask, so the reordering changes nothing a token sees.
+
+Each forward is a pass over all the weights (and one more in the backward), whatever its rows: on a CPU, where a
+short forward is bound by reading the weights, passes cost as much as FLOPs. So a batch whose prompts are all
+distinct (PPO: one sample per prompt) takes two forwards, the prefix then each row's own prompt tokens and response
+together; only repeated prompts (K samples) get a forward of their own.
 """
 
 from __future__ import annotations
@@ -56,22 +61,32 @@ class PromptPlan:
 
     @property
     def worthwhile(self) -> bool:
-        return len(self.prefix) >= MIN_SHARED_PREFIX or len(self.own_ids) < len(self.rows)
+        return len(self.prefix) >= MIN_SHARED_PREFIX or self.repeats
 
     def prompt_positions(self) -> torch.Tensor:
         """Position ids of the distinct prompts' own tokens, [G, P']."""
         return len(self.prefix) + (self.own_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def repeats(self) -> bool:
+        """Whether some prompt is answered by several rows (K samples per prompt)."""
+        return len(self.own_ids) < len(self.rows)
+
+    def encode_prefix(self, model, cache, rows: int, **kwargs) -> None:
+        """Run the shared prefix through `model` (once) into `cache`, repeated for `rows` rows."""
+        shared = len(self.prefix)
+        if shared:
+            model(input_ids=self.prefix[None], position_ids=torch.arange(shared, device=self.prefix.device)[None],
+                  attention_mask=torch.ones_like(self.prefix)[None], cache=cache, use_cache=True,
+                  **_keep(model, 1, shared), **kwargs)
+            cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self.prefix.device))
 
     def encode(self, model, cache, **kwargs):
         """Run the prefix (once) and the distinct prompts' own tokens through `model` into `cache`, which then holds
         G rows; returns the second forward's output, with vocabulary logits at each prompt's last token only, and
         the attention mask of the cached columns."""
         shared, width = len(self.prefix), self.own_ids.shape[1]
-        if shared:
-            model(input_ids=self.prefix[None], position_ids=torch.arange(shared, device=self.prefix.device)[None],
-                  attention_mask=torch.ones_like(self.prefix)[None], cache=cache, use_cache=True,
-                  **_keep(model, 1, shared), **kwargs)
-            cache.reorder_cache(torch.zeros(len(self.own_ids), dtype=torch.long, device=self.prefix.device))
+        self.encode_prefix(model, cache, len(self.own_ids), **kwargs)
         mask = torch.cat([self.own_mask.new_ones((len(self.own_ids), shared)), self.own_mask], dim=1)
         return model(input_ids=self.own_ids, attention_mask=mask, position_ids=self.prompt_positions(), cache=cache,
                      use_cache=True, **_keep(model, 1, width), **kwargs), mask
@@ -95,6 +110,17 @@ def forward_responses(model, query_ids, query_mask, response_ids, response_mask,
                     **_keep(model, width + 1, mask.shape[1]), **kwargs)
         return tuple(None if t is None else t[:, -(width + 1):-1] for t in select(out))
     cache = DynamicCache(config=model.config)
+    if not plan.repeats:
+        # every row its own prompt: after the prefix, each row's prompt and response in one forward (encoding the
+        # prompts apart would cost one more pass over the weights, forwards and backwards, and save nothing)
+        plan.encode_prefix(model, cache, len(plan.rows), **kwargs)
+        own_ids, own_mask = plan.own_ids[plan.rows], plan.own_mask[plan.rows]
+        mask = torch.cat([own_mask.new_ones((len(plan.rows), len(plan.prefix))), own_mask, response_mask], dim=1)
+        prompt_positions = plan.prompt_positions()[plan.rows]
+        positions = torch.cat([prompt_positions, prompt_positions[:, -1:] + response_mask.cumsum(-1)], dim=1)
+        out = model(input_ids=torch.cat([own_ids, response_ids], dim=1), attention_mask=mask, position_ids=positions,
+                    cache=cache, use_cache=True, **_keep(model, width + 1, own_ids.shape[1] + width), **kwargs)
+        return tuple(None if t is None else t[:, -(width + 1):-1] for t in select(out))
     prompt_out, prompt_mask = plan.encode(model, cache, **kwargs)
     cache.reorder_cache(plan.rows)
     last = plan.prompt_positions()[:, -1][plan.rows]
