@@ -381,6 +381,9 @@ class PPOConfig(Strict):
     batch_size: int = Field(16, gt=0)  # rollouts per iteration, per process: batch_size / sampling.num_samples prompts
     mini_batch_size: int = Field(4, gt=0)  # rollouts per optimizer step, per process
     micro_batch_size: int | None = Field(None, gt=0)  # rollouts per forward (gradient accumulation); None: mini_batch_size
+    # rollouts per no-grad forward of the scoring phase (reference, separate critic, recomputed log-probs): fewer
+    # passes over the weights; memory grows with rows x max_new_tokens x vocabulary (TRL's default, 64)
+    rollout_forward_batch_size: int = Field(64, gt=0)
     ppo_epochs: int = Field(4, gt=0)
     learning_rate: float = Field(1e-5, gt=0)
     critic_learning_rate: float | None = Field(None, gt=0)  # None: learning_rate

@@ -298,9 +298,10 @@ class OnlineTrainer:
         """3. (log pi_ref, log pi_old, V_old): the reference forward; the critic's and pi_old's where the sampler
         could not record them (a separate critic; `recompute_logprobs`)."""
         ref, old, values = [], [], []
+        size = self.cfg.rollout_forward_batch_size
         with self.accelerator.autocast():
-            for _, rows in self.micro_batches(torch.arange(len(rollout), device=self.device)):
-                part = rollout.select(rows)
+            for start in range(0, len(rollout), size):
+                part = rollout.select(torch.arange(start, min(start + size, len(rollout)), device=self.device))
                 ref.append(self.reference_logprobs(part))
                 if self.cfg.recompute_logprobs:
                     logprobs, part_values = self.forward(part, train=False)
