@@ -34,6 +34,34 @@ def test_score_is_the_same_unpadded_left_padded_and_right_padded(tiny_model):
     torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-5)
 
 
+def test_the_prefix_all_rows_share_is_computed_once_with_the_same_scores_and_gradients(tiny_model):
+    model = RewardModel.from_base(tiny_model)
+    enc = model.tokenize(["Where is HQ?", "Parking?", "Who is Wren?"], ["Edinburgh.", "Yes, behind it.", "A robot."])
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    shared = model._shared_prefix(ids, mask)
+    assert shared >= 4  # the chat template's opening at least
+    seen = []
+    hook = model.body.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        scores = model(ids, mask)
+    finally:
+        hook.remove()
+    assert seen == [(1, shared), (3, ids.shape[1] - shared)]
+
+    def gradients(score_sum):
+        model.zero_grad()
+        score_sum.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = gradients(scores.sum())
+    plain = model.classifier(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 0]
+    theirs = gradients(plain.sum())
+    torch.testing.assert_close(scores, plain, rtol=1e-4, atol=1e-5)
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-4 * grad.abs().max().item(), rtol=1e-3)
+
+
 def test_head_initialisation_and_no_dropout(tiny_model, tmp_path):
     config = AutoConfig.from_pretrained(tiny_model)
     config.attention_dropout = 0.5

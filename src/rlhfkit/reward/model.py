@@ -27,12 +27,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhfkit.data.chat import answered_messages
 from rlhfkit.errors import ConfigError, ModelNotFoundError
 from rlhfkit.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
+from rlhfkit.rollout.prefix import MIN_SHARED_PREFIX
 
 CONFIG_KEY = "rlhfkit_reward"  # in config.json: {"offset", "max_length", "base_model", "retrieval"}
 DEFAULT_MAX_LENGTH = 1024  # for reward models trained elsewhere (TRL's RewardConfig default)
@@ -98,6 +105,7 @@ class RewardModel(nn.Module):
         self.max_length = max_length
         self.retrieval = retrieval  # RetrievalSettings as a dict: the model reads prompts with these passages
         self._takes_positions = "position_ids" in inspect.signature(classifier.forward).parameters
+        self._caches = "cache" in inspect.signature(classifier.forward).parameters  # a decoder: a prefix is cacheable
 
     @property
     def grounding(self):
@@ -142,11 +150,34 @@ class RewardModel(nn.Module):
         return cls(classifier, tokenizer, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits, one per row: what transformers' `model(**inputs).logits[:, 0]` gives."""
+        """Logits, one per row: what transformers' `model(**inputs).logits[:, 0]` gives. On a decoder, the tokens
+        every row starts with (the chat template's system prompt) are computed once for the batch (their keys and
+        values repeated for every row, gradients included), then the rest of each row: the same function."""
         extra = {}
         if self._takes_positions:  # from the mask, so that a left-padded row sees the positions it would alone
             extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
+        shared = self._shared_prefix(input_ids, attention_mask) if self._caches else 0
+        if shared < MIN_SHARED_PREFIX:
+            return self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
+        cache = DynamicCache(config=self.classifier.config)
+        self.classifier(input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared], cache=cache,
+                        use_cache=True, **{k: v[:1, :shared] for k, v in extra.items()})
+        cache.reorder_cache(torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device))
+        # transformers reads the score at the rightmost token that is not padding: in the rest, at the same token
+        return self.classifier(input_ids=input_ids[:, shared:], attention_mask=attention_mask, cache=cache,
+                               use_cache=True, **{k: v[:, shared:] for k, v in extra.items()}).logits[:, 0]
+
+    def _shared_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """How many leading tokens every (right-padded) row shares, leaving each row the token its score is read at;
+        0 for a single row or left padding."""
+        if len(input_ids) < 2 or not attention_mask[:, 0].all():
+            return 0
+        pad = self.classifier.config.get_text_config().pad_token_id
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        read_at = (columns * (input_ids != pad)).argmax(-1) if pad is not None else attention_mask.sum(-1) - 1
+        limit = int(min(read_at.min(), attention_mask.sum(-1).min()))  # every row keeps its scored token
+        differs = ((input_ids[:, :limit] != input_ids[:1, :limit]) | (attention_mask[:, :limit] == 0)).any(0)
+        return int(differs.nonzero()[0]) if differs.any() else limit
 
     def tokenize(self, prompts: list, responses: list[str]) -> dict[str, torch.Tensor]:
         """Prompt + response in the chat template, right-padded; overlong texts keep their end (where the score is
