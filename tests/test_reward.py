@@ -62,6 +62,16 @@ def test_the_prefix_all_rows_share_is_computed_once_with_the_same_scores_and_gra
         torch.testing.assert_close(ours[name], grad, atol=1e-4 * grad.abs().max().item(), rtol=1e-3)
 
 
+def test_with_gradient_checkpointing_a_training_forward_scores_every_row_whole(tiny_model):
+    """Gradient checkpointing switches the cache off in training; the shared prefix must not be lost with it."""
+    model = RewardModel.from_base(tiny_model)
+    enc = model.tokenize(["Where is HQ?", "Parking?"], ["Edinburgh.", "Yes, behind it."])
+    expected = model(enc["input_ids"], enc["attention_mask"]).detach()
+    model.classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"]), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_head_initialisation_and_no_dropout(tiny_model, tmp_path):
     config = AutoConfig.from_pretrained(tiny_model)
     config.attention_dropout = 0.5

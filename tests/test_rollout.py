@@ -194,6 +194,18 @@ def test_shared_prompt_forwards_equal_a_plain_forward_with_gradients(monkeypatch
         torch.testing.assert_close(shared[2][name], plain[2][name], atol=1e-4 * scale, rtol=1e-3)
 
 
+def test_with_gradient_checkpointing_a_training_forward_computes_every_row_whole(tiny_model, tiny):
+    tokenizer, _ = tiny
+    lm = load_causal_lm(tiny_model, dtype="float32")
+    query_ids, query_mask = encode_prompts(tokenizer, PROMPTS)
+    response_ids = torch.randint(4, lm.config.vocab_size, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(0))
+    args = (query_ids, query_mask, response_ids, torch.ones_like(response_ids), lambda out: (out.logits,))
+    (expected,) = forward_responses(lm.eval(), *args)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    (logits,) = forward_responses(lm.train(), *args)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_greedy_decoding_is_the_argmax_path_generate_takes(tiny):
     """The engine's cache, masks and positions against HF generate's, on a left-padded batch."""
     tokenizer, lm = tiny

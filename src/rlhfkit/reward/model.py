@@ -156,7 +156,10 @@ class RewardModel(nn.Module):
         extra = {}
         if self._takes_positions:  # from the mask, so that a left-padded row sees the positions it would alone
             extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        shared = self._shared_prefix(input_ids, attention_mask) if self._caches else 0
+        # (gradient checkpointing turns the cache off in training: then every row is computed whole)
+        checkpointing = self.training and getattr(self.classifier, "is_gradient_checkpointing", False)
+        cacheable = self._caches and not checkpointing
+        shared = self._shared_prefix(input_ids, attention_mask) if cacheable else 0
         if shared < MIN_SHARED_PREFIX:
             return self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
         cache = DynamicCache(config=self.classifier.config)

@@ -103,7 +103,8 @@ def forward_responses(model, query_ids, query_mask, response_ids, response_mask,
     docstring); `kwargs` go to every forward (e.g. output_hidden_states=True)."""
     width = response_ids.shape[1]
     plan = PromptPlan.of(query_ids, query_mask)
-    if not plan.worthwhile:
+    # gradient checkpointing turns the cache off in training: then every row is computed whole
+    if not plan.worthwhile or (model.training and getattr(model, "is_gradient_checkpointing", False)):
         mask = torch.cat([query_mask, response_mask], dim=1)
         out = model(input_ids=torch.cat([query_ids, response_ids], dim=1), attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
