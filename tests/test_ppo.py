@@ -21,6 +21,7 @@ from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo import NonFiniteError, train_ppo
+from rlhfkit.ppo.trainer import OnlineTrainer
 from rlhfkit.ppo.models import PolicyModel, build_critic, build_policy
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import FunctionReward
@@ -229,6 +230,22 @@ def test_the_samplers_log_probs_are_the_training_forwards(tiny_model, tmp_path):
     assert any(h["policy/clipfrac"] > 0 or h["policy/approx_kl"] > 1e-6 for h in recorded.history)  # it did move
     for key, value in adapter(tmp_path / "recorded").items():
         torch.testing.assert_close(adapter(tmp_path / "recomputed")[key], value, atol=1e-5, rtol=1e-3)
+
+
+@torch.no_grad()
+def test_the_scoring_forwards_give_the_same_numbers_in_chunks_as_in_one_batch(tiny_model, tmp_path):
+    """Reference log-probs, a separate critic's values and recomputed log-probs, `rollout_forward_batch_size` rows
+    at a time (prompts of different lengths, so chunks are padded differently)."""
+    trainer = OnlineTrainer(ppo_config(tiny_model, tmp_path / "run", critic="separate", recompute_logprobs=True),
+                            FunctionReward(frac_e))
+    trainer.critic.head.weight.normal_(generator=torch.Generator().manual_seed(0))  # starts at zero: make it read
+    rollout = trainer.rollout(PROMPTS + PROMPTS[:1])
+    whole = trainer.reference(rollout)
+    trainer.cfg = trainer.cfg.model_copy(update={"rollout_forward_batch_size": 1})
+    chunked = trainer.reference(rollout)
+    for a, b in zip(whole, chunked):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_nan_rewards_skip_updates_then_stop_the_run_leaving_checkpoints_whole(tiny_model, tmp_path):

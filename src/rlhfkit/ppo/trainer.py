@@ -260,8 +260,9 @@ class OnlineTrainer:
                 logits, _ = policy(**batch.tokens())
         return token_logprobs(logits, batch.response_ids, self.sampling.untruncated)
 
-    def micro_batches(self, rows: torch.Tensor):
-        size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
+    def micro_batches(self, rows: torch.Tensor, size: int | None = None):
+        """(last?, chunk) over `rows` in chunks of `size` (default: the training forward's micro-batch)."""
+        size = size or self.cfg.micro_batch_size or self.cfg.mini_batch_size
         for start in range(0, len(rows), size):
             yield start + size >= len(rows), rows[start:start + size]
 
@@ -298,10 +299,10 @@ class OnlineTrainer:
         """3. (log pi_ref, log pi_old, V_old): the reference forward; the critic's and pi_old's where the sampler
         could not record them (a separate critic; `recompute_logprobs`)."""
         ref, old, values = [], [], []
-        size = self.cfg.rollout_forward_batch_size
         with self.accelerator.autocast():
-            for start in range(0, len(rollout), size):
-                part = rollout.select(torch.arange(start, min(start + size, len(rollout)), device=self.device))
+            for _, rows in self.micro_batches(torch.arange(len(rollout), device=self.device),
+                                              self.cfg.rollout_forward_batch_size):
+                part = rollout.select(rows)
                 ref.append(self.reference_logprobs(part))
                 if self.cfg.recompute_logprobs:
                     logprobs, part_values = self.forward(part, train=False)

@@ -39,7 +39,7 @@ from rlhfkit.data.chat import answered_messages
 from rlhfkit.errors import ConfigError, ModelNotFoundError
 from rlhfkit.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
-from rlhfkit.rollout.prefix import MIN_SHARED_PREFIX
+from rlhfkit.rollout.prefix import MIN_SHARED_PREFIX, caches, encode_prefix
 
 CONFIG_KEY = "rlhfkit_reward"  # in config.json: {"offset", "max_length", "base_model", "retrieval"}
 DEFAULT_MAX_LENGTH = 1024  # for reward models trained elsewhere (TRL's RewardConfig default)
@@ -156,16 +156,12 @@ class RewardModel(nn.Module):
         extra = {}
         if self._takes_positions:  # from the mask, so that a left-padded row sees the positions it would alone
             extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # (gradient checkpointing turns the cache off in training: then every row is computed whole)
-        checkpointing = self.training and getattr(self.classifier, "is_gradient_checkpointing", False)
-        cacheable = self._caches and not checkpointing
+        cacheable = self._caches and caches(self.classifier)
         shared = self._shared_prefix(input_ids, attention_mask) if cacheable else 0
         if shared < MIN_SHARED_PREFIX:
             return self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
         cache = DynamicCache(config=self.classifier.config)
-        self.classifier(input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared], cache=cache,
-                        use_cache=True, **{k: v[:1, :shared] for k, v in extra.items()})
-        cache.reorder_cache(torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device))
+        encode_prefix(self.classifier, input_ids[0, :shared], cache, len(input_ids))
         # transformers reads the score at the rightmost token that is not padding: in the rest, at the same token
         return self.classifier(input_ids=input_ids[:, shared:], attention_mask=attention_mask, cache=cache,
                                use_cache=True, **{k: v[:, shared:] for k, v in extra.items()}).logits[:, 0]
@@ -178,7 +174,7 @@ class RewardModel(nn.Module):
         pad = self.classifier.config.get_text_config().pad_token_id
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)
         read_at = (columns * (input_ids != pad)).argmax(-1) if pad is not None else attention_mask.sum(-1) - 1
-        limit = int(min(read_at.min(), attention_mask.sum(-1).min()))  # every row keeps its scored token
+        limit = int(read_at.min())  # every row keeps the token its score is read at
         differs = ((input_ids[:, :limit] != input_ids[:1, :limit]) | (attention_mask[:, :limit] == 0)).any(0)
         return int(differs.nonzero()[0]) if differs.any() else limit
 

@@ -72,24 +72,31 @@ class PromptPlan:
         """Whether some prompt is answered by several rows (K samples per prompt)."""
         return len(self.own_ids) < len(self.rows)
 
-    def encode_prefix(self, model, cache, rows: int, **kwargs) -> None:
-        """Run the shared prefix through `model` (once) into `cache`, repeated for `rows` rows."""
-        shared = len(self.prefix)
-        if shared:
-            model(input_ids=self.prefix[None], position_ids=torch.arange(shared, device=self.prefix.device)[None],
-                  attention_mask=torch.ones_like(self.prefix)[None], cache=cache, use_cache=True,
-                  **_keep(model, 1, shared), **kwargs)
-            cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self.prefix.device))
-
     def encode(self, model, cache, **kwargs):
         """Run the prefix (once) and the distinct prompts' own tokens through `model` into `cache`, which then holds
         G rows; returns the second forward's output, with vocabulary logits at each prompt's last token only, and
         the attention mask of the cached columns."""
         shared, width = len(self.prefix), self.own_ids.shape[1]
-        self.encode_prefix(model, cache, len(self.own_ids), **kwargs)
+        encode_prefix(model, self.prefix, cache, len(self.own_ids), **kwargs)
         mask = torch.cat([self.own_mask.new_ones((len(self.own_ids), shared)), self.own_mask], dim=1)
         return model(input_ids=self.own_ids, attention_mask=mask, position_ids=self.prompt_positions(), cache=cache,
                      use_cache=True, **_keep(model, 1, width), **kwargs), mask
+
+
+def encode_prefix(model, prefix: torch.Tensor, cache, rows: int, **kwargs) -> None:
+    """Run `prefix` ([L] tokens at positions 0..L-1, which every row starts with) through `model` once into `cache`,
+    then repeat its keys and values for `rows` rows (gradients flow back through the repeat)."""
+    if len(prefix):
+        model(input_ids=prefix[None], position_ids=torch.arange(len(prefix), device=prefix.device)[None],
+              attention_mask=torch.ones_like(prefix)[None], cache=cache, use_cache=True,
+              **_keep(model, 1, len(prefix)), **kwargs)
+        cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=prefix.device))
+
+
+def caches(model) -> bool:
+    """Whether a forward of `model` fills the cache it is given: gradient checkpointing turns the cache off in
+    training, and a prefix computed apart would then be lost, so callers compute every row whole instead."""
+    return not (model.training and getattr(model, "is_gradient_checkpointing", False))
 
 
 Select = Callable[[object], tuple[torch.Tensor | None, ...]]
@@ -103,8 +110,7 @@ def forward_responses(model, query_ids, query_mask, response_ids, response_mask,
     docstring); `kwargs` go to every forward (e.g. output_hidden_states=True)."""
     width = response_ids.shape[1]
     plan = PromptPlan.of(query_ids, query_mask)
-    # gradient checkpointing turns the cache off in training: then every row is computed whole
-    if not plan.worthwhile or (model.training and getattr(model, "is_gradient_checkpointing", False)):
+    if not plan.worthwhile or not caches(model):
         mask = torch.cat([query_mask, response_mask], dim=1)
         out = model(input_ids=torch.cat([query_ids, response_ids], dim=1), attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
@@ -114,7 +120,7 @@ def forward_responses(model, query_ids, query_mask, response_ids, response_mask,
     if not plan.repeats:
         # every row its own prompt: after the prefix, each row's prompt and response in one forward (encoding the
         # prompts apart would cost one more pass over the weights, forwards and backwards, and save nothing)
-        plan.encode_prefix(model, cache, len(plan.rows), **kwargs)
+        encode_prefix(model, plan.prefix, cache, len(plan.rows), **kwargs)
         own_ids, own_mask = plan.own_ids[plan.rows], plan.own_mask[plan.rows]
         mask = torch.cat([own_mask.new_ones((len(plan.rows), len(plan.prefix))), own_mask, response_mask], dim=1)
         prompt_positions = plan.prompt_positions()[plan.rows]
