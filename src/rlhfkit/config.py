@@ -312,9 +312,10 @@ class SamplingConfig(Strict):
 class RewardTerm(Strict):
     """One reward in the weighted sum PPO maximises.
 
-    `scorer`: `toxicity` (offline P(toxic); give it a negative weight), a reward-model directory, or
+    `scorer`: `toxicity` (offline P(toxic); give it a negative weight), a reward-model directory,
     `hf:MODEL:LABEL[:logit|prob]` (one label of a sequence classifier; by default a one-label head's logit, else the
-    label's probability).
+    label's probability), `truth:PATH` (facts stated, contradictions, declining: rlhfkit.reward.truth), `refusal`,
+    `relevance`, or `similarity:PATH`, `rouge_l:PATH`, `facts:PATH` (gold measures against the ideal answers).
     """
 
     scorer: str
@@ -338,7 +339,7 @@ class PPOConfig(Strict):
     retrieval: RetrievalSettings | None = None  # grounded prompts: passages cut to fit max_prompt_length
     sampling: SamplingConfig = SamplingConfig()
 
-    rewards: list[RewardTerm] = Field(min_length=1)  # [{scorer, weight, name}]: scorer toxicity, a reward-model directory or hf:MODEL:LABEL[:logit|prob]
+    rewards: list[RewardTerm] = Field(min_length=1)  # [{scorer, weight, name}]: scorer toxicity, a reward-model directory, hf:MODEL:LABEL[:logit|prob], truth:PATH, ...
     missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of a response that never stops
     reward_clip: float | None = Field(None, gt=0)  # clip the (normalised) score to [-c, c]
     normalize_reward: bool = False  # divide scores by a running std (and subtract the running mean)

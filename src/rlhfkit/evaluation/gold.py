@@ -3,8 +3,8 @@
 Per answer to a prompt that has a truth record (`TruthRecord`: ideal `response`, `facts`, `answerable`, `wrong`):
   rouge_l, similarity   against the ideal answer (evaluation.reference_metrics);
   fact_recall           share of the facts stated, plus "I don't know" where the answer cannot be known;
-  contradicted          states something the fact sheet contradicts (evaluation.facts);
-  declined              says it does not know (evaluation.facts.abstains), counted apart for the questions the
+  contradicted          states something the fact sheet contradicts (text.facts);
+  declined              says it does not know (text.facts.abstains), counted apart for the questions the
                         knowledge source cannot answer (right) and for those it can (a needless refusal).
 
 The gold judge prefers, of two answers to the same prompt:
@@ -32,12 +32,9 @@ import torch
 
 from rlhfkit.data.records import TruthRecord, load_truth_records
 from rlhfkit.errors import DataError
-from rlhfkit.evaluation.facts import FactSheet, abstains, check_facts
 from rlhfkit.evaluation.metrics import difference_interval, mean_interval
 from rlhfkit.evaluation.reference_metrics import DEFAULT_EMBEDDER, SentenceEmbedder, load_embedder, rouge_l
-
-FACT_SHEET_NAME = "FACTS.md"
-
+from rlhfkit.text.facts import FactSheet, abstains, check_facts, load_truth
 
 @dataclass
 class GoldScores:
@@ -171,26 +168,6 @@ def what_moved(metrics: dict[str, dict[str, Any]], reference: str) -> list[str]:
         if parts:
             lines += [f"{name} vs {reference}:"] + [f"  {p}" for p in parts]
     return lines
-
-
-def load_truth(path: str | Path) -> tuple[dict[str, TruthRecord], FactSheet | None]:
-    """Truth records by prompt from a JSONL file or a directory of them, and the directory's FACTS.md if any."""
-    path = Path(path)
-    if path.is_dir():
-        files, sheet_file = sorted(path.glob("*.jsonl")), path / FACT_SHEET_NAME
-        if not files:
-            raise DataError(f"{path} holds no *.jsonl files of prompts with their truth")
-    elif path.is_file():
-        files, sheet_file = [path], None
-    else:
-        raise DataError(f"truth file {path} not found (a JSONL file, or a directory of them)")
-    by_prompt: dict[str, TruthRecord] = {}
-    for f in files:
-        for record in load_truth_records(f):
-            if by_prompt.setdefault(record.prompt, record) != record:
-                raise DataError(f"{f}: the prompt {record.prompt[:60]!r} appears twice in {path} with different truth")
-    sheet = FactSheet.from_text(sheet_file.read_text(encoding="utf-8")) if sheet_file and sheet_file.is_file() else None
-    return by_prompt, sheet
 
 
 def eval_truth(prompts_source: str, prompts: list[str], facts_sheet: str | Path | None

@@ -1,7 +1,7 @@
 """Retrievers over a knowledge base's passages, and their recall on questions whose facts are known.
 
 - `BM25Retriever`: Okapi BM25 (Robertson & Zaragoza 2009) from the `bm25s` package, over the passages' titles and
-  texts in the gold evaluation's normalised tokens (case, number formats; rlhfkit.evaluation.facts), stop words out:
+  texts in the gold evaluation's normalised tokens (case, number formats; rlhfkit.text.facts), stop words out:
   score(q, d) = sum over query terms t of IDF(t) * f(t, d) (k1 + 1) / (f(t, d) + k1 (1 - b + b |d| / avgdl)).
 - `DenseRetriever`: the cosine of sentence embeddings (all-MiniLM-L6-v2 by default, the gold evaluation's embedder,
   loaded offline the same way).
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhfkit.retrieval.knowledge import Passage
+from rlhfkit.text.facts import states, tokens
 
 # a short English stop list: words that carry no topic (BM25's IDF already discounts them; out, they cost nothing)
 STOP_WORDS = frozenset(
@@ -25,8 +26,6 @@ STOP_WORDS = frozenset(
 
 
 def _terms(text: str) -> list[str]:
-    from rlhfkit.evaluation.facts import tokens  # here: the evaluation package imports the trainers, which ground
-
     return [t for t in tokens(text) if t not in STOP_WORDS]
 
 
@@ -70,11 +69,9 @@ def _top(passages: list[Passage], scores: np.ndarray, k: int) -> list[Passage]:
 
 def fact_recall_at_k(retriever, questions: Sequence[str], facts: Sequence[Sequence[str]], k: int) -> float:
     """Retrieval recall@k against the facts a right answer states: per question, the share of its facts that the
-    top-k passages state (the gold evaluation's matching: `rlhfkit.evaluation.facts.states`), averaged over the
+    top-k passages state (the gold evaluation's matching: `rlhfkit.text.facts.states`), averaged over the
     questions. With k = all passages it is the knowledge base's ceiling: facts phrased otherwise in the documents
     than in the truth never count."""
-    from rlhfkit.evaluation.facts import states, tokens
-
     if not questions:
         raise ValueError("no questions with facts to measure recall on")
     shares = []

@@ -10,6 +10,8 @@
   (a linear SVM on bag-of-words, calibrated); `score` is P(toxic), and as a reward it counts negatively.
 - `FunctionReward`: a plain Python function.
 - `WeightedSum`: sum of weight * reward over several rewards.
+- `TruthReward` (`truth:PATH`): facts stated, contradictions and declining checked against the truth: see
+  rlhfkit.reward.truth.
 - Gold measures against the truth (`similarity:PATH`, `rouge_l:PATH`, `facts:PATH`): see rlhfkit.evaluation.gold.
 - What a harm score can cost (`refusal`: 1 for an answer that refuses or evades; `relevance`: prompt-answer
   similarity): see rlhfkit.evaluation.refusal.
@@ -138,7 +140,8 @@ class WeightedSum:
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
     """A scorer by name: `toxicity` (offline), `refusal` or `relevance` (rlhfkit.evaluation.refusal), a reward-model
     directory, `hf:MODEL:LABEL[:logit|prob]` (one label of a classifier; without the last part, the logit of a
-    one-label head and the probability otherwise), or a gold measure against the truth, `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
+    one-label head and the probability otherwise), the truth reward `truth:PATH` (rlhfkit.reward.truth), or a gold
+    measure against the truth, `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
     if spec == "toxicity":
         return ToxicityScorer()
     if spec in ("refusal", "relevance"):
@@ -146,6 +149,13 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
 
         return EngagementReward(spec, device=str(device))
     metric, sep, path = spec.partition(":")
+    if sep and metric == "truth":
+        from rlhfkit.reward.truth import TruthReward
+
+        if not path:
+            raise ConfigError(f"scorer {spec!r} needs the truth: truth:PATH, a JSONL file or directory of prompts with "
+                              "their `facts` (e.g. truth:data/company)")
+        return TruthReward(path)
     if sep and metric in ("similarity", "rouge_l", "facts"):
         from rlhfkit.evaluation.gold import TruthReward
 

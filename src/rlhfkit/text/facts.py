@@ -39,6 +39,10 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit.data.records import TruthRecord, load_truth_records
+from rlhfkit.errors import DataError
 
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -46,6 +50,7 @@ _TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "sev
 _ORDINAL_UNITS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
                   "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
                   "eighteenth", "nineteenth"]
+FACT_SHEET_NAME = "FACTS.md"  # the fact sheet of a truth directory
 _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december"]
 
@@ -251,3 +256,23 @@ def check_facts(answer: str, facts: Iterable[str], prompt: str = "", answerable:
     if sheet is not None:
         found += [f"unknown contact {c}" for c in sheet.unknown_contacts(answer)]
     return FactCheck(stated, None if answerable else abstains(answer), tuple(found))
+
+
+def load_truth(path: str | Path) -> tuple[dict[str, TruthRecord], FactSheet | None]:
+    """Truth records by prompt from a JSONL file or a directory of them, and the directory's FACTS.md if any."""
+    path = Path(path)
+    if path.is_dir():
+        files, sheet_file = sorted(path.glob("*.jsonl")), path / FACT_SHEET_NAME
+        if not files:
+            raise DataError(f"{path} holds no *.jsonl files of prompts with their truth")
+    elif path.is_file():
+        files, sheet_file = [path], None
+    else:
+        raise DataError(f"truth file {path} not found (a JSONL file, or a directory of them)")
+    by_prompt: dict[str, TruthRecord] = {}
+    for f in files:
+        for record in load_truth_records(f):
+            if by_prompt.setdefault(record.prompt, record) != record:
+                raise DataError(f"{f}: the prompt {record.prompt[:60]!r} appears twice in {path} with different truth")
+    sheet = FactSheet.from_text(sheet_file.read_text(encoding="utf-8")) if sheet_file and sheet_file.is_file() else None
+    return by_prompt, sheet
