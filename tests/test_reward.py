@@ -95,7 +95,7 @@ def test_bradley_terry_loss_against_a_hand_computation():
     batch = PreferenceBatch(
         input_ids=torch.zeros(4, 1), attention_mask=torch.ones(4, 1), chosen=torch.tensor([0, 0, 1]),
         rejected=torch.tensor([1, 2, 2]), margin=torch.tensor([0.0, 1.0, 0.0]), target=torch.ones(3),
-        tie_a=torch.tensor([3]), tie_b=torch.tensor([1]),
+        tie_a=torch.tensor([3]), tie_b=torch.tensor([1]), lengths=torch.zeros(4),
     )
     log_sigmoid = lambda x: -math.log(1 + math.exp(-x))  # noqa: E731
     tie = -0.5 * (log_sigmoid(0.1) + log_sigmoid(-0.1))

@@ -130,6 +130,9 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)  # strength of the KL to the reference (IPO: tau)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a pair's label is flipped
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
+    length_debias: bool = False  # learn a length term beside the reward and leave it out of the saved model
+    fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training
+    facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
 
     lora: LoraSettings = LoraSettings(dropout=0.0)  # no dropout in DPO (the model's own is switched off too)
     load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
@@ -260,6 +263,9 @@ class RewardConfig(Strict):
 
     keep_ties: bool = False  # ties as pairs with label 1/2
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
+    length_debias: bool = False  # learn a length term beside the reward and leave it out of the saved model
+    fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training
+    facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
     retrieval: RetrievalSettings | None = None  # grounded prompts (passages cut to fit max_length); saved with the model
     lora: LoraSettings = LoraSettings(enabled=False)
@@ -281,6 +287,13 @@ class RewardConfig(Strict):
     log_every: int = Field(5, gt=0)
     save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
     save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
+
+    @model_validator(mode="after")
+    def _fact_swap_needs_a_sheet(self) -> RewardConfig:
+        if (self.fact_swap_file is None) != (self.facts_sheet is None):
+            raise ValueError("the fact-swap test needs both fact_swap_file (truth records with ideal answers and "
+                             "facts) and facts_sheet (where its wrong numbers come from)")
+        return self
 
 
 class SamplingConfig(Strict):

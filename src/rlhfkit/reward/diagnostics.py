@@ -15,6 +15,10 @@ On items of K completions ranked by one or more annotators (rank 1 = best, equal
                         higher beside the share where the annotators preferred it;
   agreement             Krippendorff's alpha (ordinal; unit: a completion of an item) and the pairwise agreement
                         rate of the annotators (rlhfkit.feedback.agreement).
+
+With truth records (ideal answers with their facts) and the fact sheet, also the fact-swap test
+(rlhfkit.reward.fact_swap): the share of answers the reward prefers to the same answer with one number made wrong
+(chance 0.5), beside the length correlation: what the reward sees of the content, against what it sees of the form.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from rlhfkit.data.preference import RankingRecord, consolidate_rankings, detect_format, load_rankings
 from rlhfkit.feedback.agreement import krippendorff_alpha, pairwise_agreement, records_by_item
+from rlhfkit.reward.fact_swap import FactSwap, right_preferred
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -53,6 +58,8 @@ class RewardDiagnostics:
     longer_preferred_by_annotators: float | None = None
     annotator_alpha: float | None = None
     annotator_pairwise_agreement: float | None = None
+    fact_swap_pairs: int | None = None  # answers with a right fact and the same with a wrong one
+    fact_swap_right_preferred: float | None = None  # the share where the reward prefers the right one (chance 0.5)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +68,11 @@ class RewardDiagnostics:
         """A short printable account."""
         f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
         per = ", ".join(f"{a} {f(t)}" for a, t in self.kendall_tau_per_annotator.items())
+        swap = ([f"fact swap: the right fact preferred in {f(self.fact_swap_right_preferred)} of "
+                 f"{self.fact_swap_pairs} answers with one number made wrong (chance 0.500)"]
+                if self.fact_swap_pairs else [])
+        if not self.items:
+            return swap
         return [
             f"held-out: {self.items} items, {self.completions} completions, {self.pairs} consensus pairs",
             f"pairwise accuracy {f(self.pairwise_accuracy)} (length alone: {f(self.length_only_pairwise_accuracy)}); "
@@ -72,7 +84,7 @@ class RewardDiagnostics:
             f"length: Spearman(reward, words) {f(self.length_spearman)}; the longer answer of a pair is preferred "
             f"by the reward {f(self.longer_preferred_by_reward)}, by the annotators "
             f"{f(self.longer_preferred_by_annotators)}",
-        ]
+        ] + swap
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -147,9 +159,15 @@ def write_diagnostics(diagnostics: RewardDiagnostics, output_dir: str | Path) ->
     return path
 
 
-def diagnose_reward_model(model, eval_file: str | Path, batch_size: int, output_dir: str | Path) -> RewardDiagnostics | None:
-    """After training: the diagnostics of a `RewardModel` on held-out rankings, written to output_dir."""
-    diagnostics = diagnose_file(eval_file, lambda prompts, texts: model.raw_scores(prompts, texts, batch_size).tolist())
+def diagnose_reward_model(model, eval_file: str | Path | None, batch_size: int, output_dir: str | Path,
+                          swaps: Sequence[FactSwap] = ()) -> RewardDiagnostics | None:
+    """After training: the diagnostics of a `RewardModel` on held-out rankings and on fact swaps (either may be
+    absent), written to output_dir."""
+    score = lambda prompts, texts: model.raw_scores(prompts, texts, batch_size).tolist()  # noqa: E731
+    diagnostics = diagnose_file(eval_file, score) if eval_file else None
+    if swaps:
+        diagnostics = diagnostics or RewardDiagnostics(0, 0, 0, None, None, None, None, None)
+        diagnostics.fact_swap_pairs, diagnostics.fact_swap_right_preferred = len(swaps), right_preferred(swaps, score)
     if diagnostics is not None:
         write_diagnostics(diagnostics, output_dir)
     return diagnostics

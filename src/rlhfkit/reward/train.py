@@ -3,6 +3,11 @@
     loss = -log sigmoid(r_chosen - r_rejected - margin)          for a pair with a preference
     loss = -1/2 [log sigmoid(d) + log sigmoid(-d)], d = r_a - r_b   for a kept tie (label 1/2)
 
+With `length_debias`, a length term is learnt beside the reward and left out of the saved model (a product of
+experts, as in Shen et al. 2023's "Loose lips sink ships"): d = r_chosen - r_rejected + beta (l_chosen - l_rejected)
+with l a completion's length in words / 10 and beta one learnt number, so the part of the preferences that length
+explains is fitted by beta instead of by the reward, and the saved reward is r alone.
+
 With `soft_labels`, a pair's label is its vote share q (2 of 3 annotators preferred chosen: q = 2/3), and its loss
 -q log sigmoid(d) - (1 - q) log sigmoid(-d), d = r_chosen - r_rejected - margin: the loss of a tie at q = 1/2,
 of a hard pair at q = 1.
@@ -29,6 +34,7 @@ from rlhfkit.config import RewardConfig, dump_config
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.errors import DataError
 from rlhfkit.reward.diagnostics import diagnose_reward_model
+from rlhfkit.reward.fact_swap import load_fact_swaps
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.runs import (
     MetricsWriter,
@@ -63,6 +69,7 @@ class PreferenceBatch:
     target: torch.Tensor  # P(chosen preferred) per pair: 1, or its vote share with soft labels
     tie_a: torch.Tensor
     tie_b: torch.Tensor
+    lengths: torch.Tensor  # per row: the completion's length in words / 10 (the length term's input)
 
     def to(self, device) -> PreferenceBatch:
         return PreferenceBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -84,7 +91,18 @@ def collate_items(items: list[PreferenceItem], model: RewardModel, soft_labels: 
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PreferenceBatch(enc["input_ids"], enc["attention_mask"], as_long(chosen), as_long(rejected),
                            torch.tensor(margin, dtype=torch.float32), torch.tensor(target, dtype=torch.float32),
-                           as_long(tie_a), as_long(tie_b))
+                           as_long(tie_a), as_long(tie_b), torch.tensor([len(r.split()) / 10 for r in responses]))
+
+
+class LengthTerm(torch.nn.Module):
+    """beta * l: the length term of `length_debias` (trained beside the reward, never saved with it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.beta * lengths
 
 
 def bradley_terry_loss(rewards: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
@@ -149,6 +167,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
     train_items = load_comparisons(cfg.train_file, cfg.keep_ties)
     eval_items = load_comparisons(cfg.eval_file, keep_ties=False) if cfg.eval_file else []
+    swaps = load_fact_swaps(cfg.fact_swap_file, cfg.facts_sheet) if cfg.fact_swap_file else []
     logger.info("%d training prompts with %d comparisons", len(train_items), sum(len(i.pairs) + len(i.ties) for i in train_items))
     model = RewardModel.from_base(cfg.model, max_length=cfg.max_length)
     if cfg.retrieval is not None:  # saved with the model: wherever it scores, it reads prompts as it was trained
@@ -167,9 +186,12 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     model.train()
 
     loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=lambda b: collate_items(b, model, cfg.soft_labels))
-    params = [p for p in model.parameters() if p.requires_grad]
+    length_term = LengthTerm().to(accelerator.device) if cfg.length_debias else None
+    params = [p for m in (model, length_term) if m is not None for p in m.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if length_term is not None:
+        length_term = accelerator.prepare(length_term)  # trained and checkpointed with the model, never saved with it
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
@@ -214,6 +236,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
             seed_step(cfg.seed, step)
             batch = batch.to(accelerator.device)
             rewards = model(batch.input_ids, batch.attention_mask)
+            if length_term is not None:
+                rewards = rewards + length_term(batch.lengths)
             loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
             # mean over the comparisons of the step, across processes (DDP averages gradients, hence the factor)
             total_pairs = accelerator.reduce(torch.tensor(n_pairs, device=accelerator.device), "sum").clamp(min=1)
@@ -229,6 +253,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
             if step % cfg.log_every == 0 or step == total_steps:
                 values = {"train/loss": window_loss / max(window_pairs, 1), "train/accuracy": window_correct / max(window_pairs, 1),
                           "train/lr": scheduler.get_last_lr()[0]}
+                if length_term is not None:
+                    values["train/length_beta"] = accelerator.unwrap_model(length_term).beta.item()
                 metrics.write(step, values)
                 accelerator.log(values, step=step)
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
@@ -251,8 +277,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
         tmp = cfg.output_dir / ".final.tmp"
         final.save_pretrained(tmp)
         install_files(tmp, cfg.output_dir, last=("config.json",))
-        if cfg.eval_file:  # rankings: best-of-K, Kendall's tau, length bias, the annotators' own agreement
-            diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir)
+        # rankings: best-of-K, Kendall's tau, length bias, the annotators' own agreement; fact swaps
+        diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir, swaps)
     metrics.close()
     accelerator.end_training()
     return {"before_" + k: v for k, v in before.items()} | after

@@ -137,7 +137,7 @@ def tokens(text: str) -> list[str]:
     return [t.removesuffix("'s") for t in _TOKEN.findall(normalise_text(text))]
 
 
-def _contains(haystack: Sequence[str], needle: Sequence[str]) -> bool:
+def contains(haystack: Sequence[str], needle: Sequence[str]) -> bool:
     needle, n = tuple(needle), len(needle)
     return n > 0 and any(tuple(haystack[i:i + n]) == needle for i in range(len(haystack) - n + 1))
 
@@ -149,13 +149,24 @@ def alternatives(fact: str) -> list[list[str]]:
 
 def states(answer_tokens: Sequence[str], fact: str) -> bool:
     """Whether the answer (its tokens) states one of the fact's alternatives."""
-    return any(_contains(answer_tokens, alt) for alt in alternatives(fact))
+    return any(contains(answer_tokens, alt) for alt in alternatives(fact))
 
 
 def abstains(answer: str) -> bool:
     """Whether the answer says that it does not know (ABSTENTION)."""
     text = normalise_text(answer)
     return any(p.search(text) for p in ABSTENTION)
+
+
+def number_shape(token: str) -> tuple[str, str, bool] | None:
+    """A number token's kind: (leading £/€/+, trailing %, whether it is a time); None for a word."""
+    match = _NUMBER_TOKEN.match(token)
+    return None if match is None else (match.group(1), match.group(3), ":" in match.group(2))
+
+
+def number_value(token: str) -> str:
+    """The digits of a number token ("£54" -> "54", "6%" -> "6", "7:30" -> "7:30")."""
+    return _NUMBER_TOKEN.match(token).group(2)
 
 
 def _different_number(answer_tokens: Sequence[str], fact_tokens: Sequence[str], prompt_tokens: set[str],
@@ -184,7 +195,7 @@ def _different_number(answer_tokens: Sequence[str], fact_tokens: Sequence[str], 
                 break
             changed |= got != want and got not in prompt_tokens
         else:
-            if changed and (sheet is None or not _contains(sheet.tokens, window)):
+            if changed and (sheet is None or not contains(sheet.tokens, window)):
                 return True
     return False
 
