@@ -247,7 +247,7 @@ def test_simulate_writes_valid_rankings_from_a_gold_scorer(tmp_path):
     write_jsonl(tmp_path / "items.jsonl", [{"id": "q1", "prompt": "When does the office open?", "completions": completions}])
     cfg = SimulateConfig(gold=[{"scorer": "toxicity", "weight": -1.0}], completions_file=tmp_path / "items.jsonl",
                          annotators=3, noise=0.0, output_file=tmp_path / "rankings.jsonl")
-    records = simulate(cfg)
+    records, _ = simulate(cfg)
     rankings = [RankingRecord.model_validate(r) for _, r in read_jsonl(tmp_path / "rankings.jsonl")]
     assert len(rankings) == len(records) == 3 and {r.annotator for r in rankings} == {"sim-1", "sim-2", "sim-3"}
     for r in rankings:

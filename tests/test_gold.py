@@ -286,3 +286,11 @@ def test_ppo_logs_a_gold_reward_of_weight_zero_beside_the_learned_one(tiny_model
     for row in logged:
         assert -1.0 <= row["reward/gold_similarity"] <= 1.0 and row["reward/gold_similarity"] != 0.0
         assert row["reward/score"] == pytest.approx(-row["reward/toxicity"], abs=1e-6)  # weight 0: logged, not optimised
+
+
+def test_a_number_that_is_another_fact_of_the_question_is_no_contradiction():
+    """"27 days" has the shape of the fact "2 days" with another number, but it is the question's other fact."""
+    facts = ["27 days|27", "2 extra days|2 days"]
+    check = check_facts("Yes, you get 27 days now.", facts)
+    assert check.stated == (True, False) and not check.contradicted
+    assert check_facts("Yes, you get 30 days now.", facts).contradicted

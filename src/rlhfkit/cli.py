@@ -295,9 +295,15 @@ def simulate(
     from rlhfkit.evaluation.simulate import simulate as run_simulation
 
     cfg = configs.load_config(configs.SimulateConfig, config, overrides or [])
-    records = run_simulation(cfg)
+    records, noise = run_simulation(cfg)
     items = len({r["id"] for r in records})
-    console.print(f"{len(records)} rankings ({items} items x {cfg.annotators} annotators) in {cfg.output_file}")
+    from rlhfkit.data.preference import load_rankings
+    from rlhfkit.feedback.agreement import pairwise_agreement
+
+    agreement = pairwise_agreement(load_rankings(cfg.output_file))
+    console.print(f"{len(records)} simulated rankings ({items} items x {cfg.annotators} annotators) in "
+                  f"{cfg.output_file}; noise {noise:.4g}, pairwise agreement {agreement or 0:.3f}"
+                  + (f"; completions for the feedback app in {cfg.items_file}" if cfg.items_file else ""))
 
 
 @app.command()

@@ -515,9 +515,14 @@ class SimulateConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, gt=0)
 
+    max_prompt_length: int | None = Field(None, gt=0)  # tokens; with retrieval, the passages are cut to fit
+    retrieval: RetrievalSettings | None = None  # sample with passages in the prompt, as a grounded policy answers
+
     annotators: int = Field(3, ge=1)
     noise: float = Field(0.1, ge=0)  # Gumbel scale, in units of the gold utility
+    match_agreement: Path | None = None  # rankings by people: set the noise so that the simulated annotators agree as often as they do
     output_file: Path
+    items_file: Path | None = None  # also write the sampled completions for the feedback app (rlhfkit feedback import)
     overwrite: bool = False
     seed: int = 0
 

@@ -1,4 +1,4 @@
-"""`rlhfkit feedback ...`: serve the app, create the first admin, export from the command line."""
+"""`rlhfkit feedback ...`: serve the app, create the first admin, import and export from the command line."""
 
 from __future__ import annotations
 
@@ -109,19 +109,49 @@ def export(
                            "answered none)")] = None,
 ) -> None:
     """Write a project's rankings, consensus pairs or SFT examples as JSONL (the same files as the admin page)."""
-    from sqlalchemy import select
-
     from rlhfkit.data.jsonl import write_jsonl
-    from rlhfkit.feedback.db import Project
     from rlhfkit.feedback.export import EXPORTS
 
     if output.exists():
         raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
     with _sessions(database_url)() as db:
-        found = db.scalar(select(Project).where(Project.name == project))
-        if found is None:
-            names = ", ".join(db.scalars(select(Project.name))) or "none"
-            raise ConfigError(f"no project named {project!r} (projects: {names})")
-        records = EXPORTS[kind.value](db, found, min_accuracy=min_accuracy)
+        records = EXPORTS[kind.value](db, _project(db, project), min_accuracy=min_accuracy)
     write_jsonl(output, records)
     typer.echo(f"{len(records)} {kind.value} records written to {output}")
+
+
+def _project(db, name: str):
+    """The project named `name`, or a ConfigError that lists the projects there are."""
+    from sqlalchemy import select
+
+    from rlhfkit.feedback.db import Project
+
+    found = db.scalar(select(Project).where(Project.name == name))
+    if found is None:
+        names = ", ".join(db.scalars(select(Project.name))) or "none"
+        raise ConfigError(f"no project named {name!r} (projects: {names})")
+    return found
+
+
+@feedback_app.command("import")
+def import_file(
+    project: Annotated[str, typer.Option(help="the project's name")],
+    file: Annotated[Path, typer.Argument(help="JSONL: {prompt, completions: [K], id?, model?} per line (e.g. the "
+                                              "items_file of `rlhfkit simulate`), or prompts with --prompts")],
+    prompts: Annotated[bool, typer.Option(help="the file holds prompts ({prompt, id?} JSONL, or CSV)")] = False,
+    database_url: DatabaseUrl = DEFAULT_DATABASE,
+) -> None:
+    """Import completions to rank (or prompts to sample for) into a project, as its admin page does: all or nothing."""
+    from rlhfkit.errors import DataError, RlhfkitError
+    from rlhfkit.feedback.importing import import_completions, import_prompts
+    from rlhfkit.feedback.jobs import JobRunning
+
+    if not file.is_file():
+        raise DataError(f"{file} not found")
+    with _sessions(database_url)() as db:
+        try:
+            count = (import_prompts if prompts else import_completions)(db, _project(db, project), file.name,
+                                                                       file.read_bytes())
+        except JobRunning as e:
+            raise RlhfkitError(str(e)) from None
+    typer.echo(f"imported {count} {'prompts' if prompts else 'completions'} records from {file} into {project!r}")

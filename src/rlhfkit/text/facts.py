@@ -25,8 +25,8 @@ not know (ABSTENTION: "I don't know", "I'm not sure", "I have no information abo
 
 An answer contradicts the knowledge source (`contradiction`) when it
   - states a number with the words of one of its facts but a different value, and states no alternative of
-    that fact: fact "27 days", answer "... 30 days ..." (numbers that the prompt itself contains, and statements
-    that the fact sheet makes itself, do not count);
+    that fact: fact "27 days", answer "... 30 days ..." (numbers that the prompt itself contains, statements
+    that the fact sheet makes itself, and the question's other facts do not count);
   - gives contact details (an e-mail address at the sheet's domains, a phone number, an extension) that the
     fact sheet does not contain, when a fact sheet is given: made-up contacts are wrong contacts;
   - states one of the record's `wrong` statements (written by hand: another office's address, the wrong
@@ -170,10 +170,11 @@ def number_value(token: str) -> str:
 
 
 def _different_number(answer_tokens: Sequence[str], fact_tokens: Sequence[str], prompt_tokens: set[str],
-                      sheet: FactSheet | None) -> bool:
+                      sheet: FactSheet | None, facts: set[tuple[str, ...]] = frozenset()) -> bool:
     """Whether the answer holds the fact's token pattern with a number in it changed: to one the prompt does not
     contain, in a statement the fact sheet does not make itself ("25 days" is no contradiction of "27 days" when
-    the sheet says "25 days" of something else).
+    the sheet says "25 days" of something else) nor another of the question's `facts` states (an answer that gives
+    "27 days" does not contradict the same question's "2 days").
 
     Only facts with a number and a word apply: "27 days" yes, "£54" or "10:00" alone no (an answer may name other
     amounts and times for good reasons)."""
@@ -195,7 +196,7 @@ def _different_number(answer_tokens: Sequence[str], fact_tokens: Sequence[str], 
                 break
             changed |= got != want and got not in prompt_tokens
         else:
-            if changed and (sheet is None or not contains(sheet.tokens, window)):
+            if changed and tuple(window) not in facts and (sheet is None or not contains(sheet.tokens, window)):
                 return True
     return False
 
@@ -259,9 +260,11 @@ def check_facts(answer: str, facts: Iterable[str], prompt: str = "", answerable:
     answer_tokens = tokens(answer)
     prompt_tokens = set(tokens(prompt))
     stated = tuple(states(answer_tokens, f) for f in facts)
+    every_alternative = {tuple(alt) for f in facts for alt in alternatives(f)}
     found = []
     for fact, ok in zip(facts, stated):
-        if not ok and any(_different_number(answer_tokens, alt, prompt_tokens, sheet) for alt in alternatives(fact)):
+        if not ok and any(_different_number(answer_tokens, alt, prompt_tokens, sheet, every_alternative)
+                          for alt in alternatives(fact)):
             found.append(f"a different number than {fact!r}")
     found += [f"{w!r}" for w in wrong if states(answer_tokens, w)]
     if sheet is not None:
