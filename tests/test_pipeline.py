@@ -240,3 +240,31 @@ def test_detox_recipe_quick_profile_on_the_bundled_model(tmp_path):
     for m in evaluation["metrics"].values():
         for measure in ("toxicity_mean", "refusal_rate", "relevance", "distinct_2"):
             assert m[measure]["low"] <= m[measure]["value"] <= m[measure]["high"], (measure, m[measure])
+
+
+def test_the_feedback_stage_ranks_the_sft_policys_own_answers_for_the_reward_model(tiny_model, tmp_path, monkeypatch):
+    """sft -> feedback (K answers per prompt from the SFT model, ranked by simulated annotators who check the facts)
+    -> reward trained on those rankings beside people's; the reward model's diagnostics count the simulated ones."""
+    out = tmp_path / "run"
+    cfg = tiny_pipeline(tiny_model, out)
+    cfg = cfg.model_copy(update={
+        "feedback": {"model": "{sft}", "prompts_file": str(COMPANY_TEST), "limit": 3, "k": 3, "max_new_tokens": 6,
+                     "gold": [{"scorer": f"truth:{REPO / 'data' / 'company'}"},
+                              {"scorer": f"rouge_l:{REPO / 'data' / 'company'}", "weight": 0.1}],
+                     "annotators": 2, "noise": 0.05},
+        "reward": {**cfg.reward, "train_file": ["{feedback}/rankings.jsonl", str(RANKINGS)]},
+        "ppo": None, "eval": None})
+    with pytest.raises(ConfigError, match="feedback: output_file is set by the pipeline"):
+        stage_configs(cfg.model_copy(update={"feedback": {**cfg.feedback, "output_file": "x.jsonl"}}))
+    result = run_pipeline(cfg)
+    assert [s.name for s in result.stages] == ["sft", "feedback", "reward"]
+    rankings = [r for _, r in read_jsonl(out / "feedback" / "rankings.jsonl")]
+    items = [r for _, r in read_jsonl(out / "feedback" / "completions.jsonl")]
+    assert rankings and all(r["simulated"] and r["annotator"] in ("sim-1", "sim-2") for r in rankings)
+    assert {r["prompt"] for r in rankings} == {i["prompt"] for i in items} and len(rankings) == 2 * len(items)
+    diagnostics = json.loads((out / "reward" / "diagnostics.json").read_text())
+    people = len(list(read_jsonl(RANKINGS)))
+    assert diagnostics["train_rankings"] == people + len(rankings)
+    assert diagnostics["train_rankings_simulated"] == len(rankings)
+    again = run_pipeline(cfg)
+    assert [s.status for s in again.stages] == ["skipped"] * 3

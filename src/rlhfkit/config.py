@@ -255,7 +255,7 @@ class RewardConfig(Strict):
     """Reward-model training from rankings (consolidated by majority) or pairs; Bradley-Terry loss."""
 
     model: str = DEFAULT_MODEL  # backbone: alias, directory (e.g. an SFT run), or hub id
-    train_file: Path  # rankings or pairs (ours or TRL's, detected from the keys): JSONL, or a datasets directory / hub id (NAME:SPLIT)
+    train_file: Path | list[Path]  # rankings or pairs (ours or TRL's, detected from the keys): JSONL, or a datasets directory / hub id (NAME:SPLIT); a list: all of them
     eval_file: Path | None = None  # held-out rankings or pairs: accuracy, margin, calibration
     output_dir: Path
     overwrite: bool = False

@@ -2,6 +2,8 @@
 
   sft_ungrounded  SFT without the pipeline's retrieval (the ungrounded model to compare with) -> OUT/sft_ungrounded
   sft     supervised fine-tuning of the base model            -> OUT/sft
+  feedback  K answers per prompt sampled from a policy, ranked by simulated annotators (`rlhfkit simulate`)
+          -> OUT/feedback/rankings.jsonl, and the answers for the feedback app in OUT/feedback/completions.jsonl
   reward  reward model from human rankings                     -> OUT/reward
   ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
   rloo    RLOO, the same trainer (`rlhfkit ppo algorithm=rloo`) -> OUT/rloo
@@ -11,7 +13,7 @@
   report  one HTML page of all of it                            -> OUT/report.html
 
 A stage's settings are those of its own command (`rlhfkit sft`, ...) without `output_dir`; string settings may
-name other stages' outputs as `{base}` (the pipeline's `model`), `{sft_ungrounded}`, `{sft}`, `{reward}`, `{ppo}`,
+name other stages' outputs as `{base}` (the pipeline's `model`), `{sft_ungrounded}`, `{sft}`, `{feedback}`, `{reward}`, `{ppo}`,
 `{rloo}`, `{grpo}` and `{dpo}`. A top-level `retrieval:` block (rlhfkit.config.RetrievalSettings) grounds the
 prompts of every stage that renders them (all but sft_ungrounded; dpo does not ground yet and is refused beside
 it); a stage's own `retrieval:` (null: none) overrides it. The rloo and grpo stages take `rlhfkit ppo`'s settings
@@ -37,19 +39,33 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rlhfkit.config import DPOConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, Strict, load_config, merge_settings, parse_overrides
+from rlhfkit.config import (
+    DPOConfig,
+    EvalConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    SimulateConfig,
+    Strict,
+    load_config,
+    merge_settings,
+    parse_overrides,
+)
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-STAGES: dict[str, type[BaseModel]] = {"sft_ungrounded": SFTConfig, "sft": SFTConfig, "reward": RewardConfig,
+STAGES: dict[str, type[BaseModel]] = {"sft_ungrounded": SFTConfig, "sft": SFTConfig, "feedback": SimulateConfig,
+                                       "reward": RewardConfig,
                                        "ppo": PPOConfig, "rloo": PPOConfig, "grpo": PPOConfig, "dpo": DPOConfig,
                                        "eval": EvalConfig}
 ONLINE = ("ppo", "rloo", "grpo")  # the online trainer's stages; the name is the algorithm
 UNGROUNDED = "sft_ungrounded"  # the stage the pipeline's retrieval block leaves out
 DONE_FILE = "pipeline_stage.json"
 RUN_SETTINGS = ("output_dir", "overwrite", "resume_from")  # how a stage is run, not what it computes
+# the stages that write files, not a directory: their files in output_dir/<stage>
+OUTPUT_FILES = {"feedback": {"output_file": "rankings.jsonl", "items_file": "completions.jsonl"}}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -59,6 +75,7 @@ class PipelineConfig(Strict):
     retrieval: dict[str, Any] | None = None  # grounds every stage's prompts but sft_ungrounded's (see the docstring)
     sft_ungrounded: dict[str, Any] | None = None
     sft: dict[str, Any] | None = None
+    feedback: dict[str, Any] | None = None
     reward: dict[str, Any] | None = None
     ppo: dict[str, Any] | None = None
     rloo: dict[str, Any] | None = None
@@ -120,9 +137,10 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
         settings = getattr(cfg, stage)
         if settings is None:
             continue
-        if set(settings) & set(RUN_SETTINGS):
-            raise ConfigError(f"{stage}: {', '.join(sorted(set(settings) & set(RUN_SETTINGS)))} is set by the "
-                              "pipeline (each stage runs in output_dir/<stage>); remove it")
+        outputs = {k: cfg.output_dir / stage / name for k, name in OUTPUT_FILES.get(stage, {}).items()}
+        if set(settings) & (set(RUN_SETTINGS) | set(outputs)):
+            raise ConfigError(f"{stage}: {', '.join(sorted(set(settings) & (set(RUN_SETTINGS) | set(outputs))))} is "
+                              "set by the pipeline (each stage runs in output_dir/<stage>); remove it")
         resolved = _substitute(settings, names, stage)
         if cfg.retrieval is not None and stage != UNGROUNDED:
             if "retrieval" not in STAGES[stage].model_fields:
@@ -135,7 +153,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
             if resolved.setdefault("algorithm", stage) != stage:
                 raise ConfigError(f"{stage}: the {stage} stage runs algorithm {stage}, not {resolved['algorithm']}")
         try:
-            configs[stage] = load_config(cls, None, settings={**resolved, "output_dir": cfg.output_dir / stage})
+            where = outputs or {"output_dir": cfg.output_dir / stage}
+            configs[stage] = load_config(cls, None, settings={**resolved, **where})
         except ConfigError as e:
             raise ConfigError(str(e).replace("overrides: invalid configuration", f"stage {stage}: invalid settings", 1)) from None
         names[stage] = str(cfg.output_dir / stage)
@@ -145,7 +164,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
 
 
 def _fingerprint(stage_cfg: BaseModel) -> dict[str, Any]:
-    return {k: v for k, v in stage_cfg.model_dump(mode="json").items() if k not in RUN_SETTINGS}
+    outputs = {k for files in OUTPUT_FILES.values() for k in files}
+    return {k: v for k, v in stage_cfg.model_dump(mode="json").items() if k not in RUN_SETTINGS and k not in outputs}
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -164,6 +184,10 @@ def _run_stage(stage: str, stage_cfg: Any) -> None:
         from rlhfkit.sft import train_sft
 
         train_sft(stage_cfg)
+    elif stage == "feedback":
+        from rlhfkit.evaluation.simulate import simulate
+
+        simulate(stage_cfg)
     elif stage == "reward":
         from rlhfkit.reward.train import train_reward_model
 
@@ -193,7 +217,7 @@ def run_pipeline(cfg: PipelineConfig, restart_from: str | None = None) -> Pipeli
     result = PipelineResult(cfg.output_dir)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     for stage, stage_cfg in configs.items():
-        out: Path = stage_cfg.output_dir
+        out: Path = cfg.output_dir / stage
         marker = out / DONE_FILE
         rerun = restart_from is not None and order.index(stage) >= order.index(restart_from)
         if marker.is_file() and not rerun:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
+from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.data.preference import RankingRecord, consolidate_rankings, detect_format, load_rankings
 from rlhfkit.feedback.agreement import krippendorff_alpha, pairwise_agreement, records_by_item
 from rlhfkit.reward.fact_swap import FactSwap, right_preferred
@@ -58,6 +59,8 @@ class RewardDiagnostics:
     longer_preferred_by_annotators: float | None = None
     annotator_alpha: float | None = None
     annotator_pairwise_agreement: float | None = None
+    train_rankings: int | None = None  # the rankings the model was trained on (JSONL rankings files only)
+    train_rankings_simulated: int | None = None  # of them, those marked `"simulated": true` (rlhfkit simulate)
     fact_swap_pairs: int | None = None  # answers with a right fact and the same with a wrong one
     fact_swap_right_preferred: float | None = None  # the share where the reward prefers the right one (chance 0.5)
 
@@ -71,9 +74,11 @@ class RewardDiagnostics:
         swap = ([f"fact swap: the right fact preferred in {f(self.fact_swap_right_preferred)} of "
                  f"{self.fact_swap_pairs} answers with one number made wrong (chance 0.500)"]
                 if self.fact_swap_pairs else [])
+        trained = ([f"trained on {self.train_rankings} rankings, {self.train_rankings_simulated} of them by "
+                    "simulated annotators"] if self.train_rankings else [])
         if not self.items:
-            return swap
-        return [
+            return trained + swap
+        return trained + [
             f"held-out: {self.items} items, {self.completions} completions, {self.pairs} consensus pairs",
             f"pairwise accuracy {f(self.pairwise_accuracy)} (length alone: {f(self.length_only_pairwise_accuracy)}); "
             f"annotators' pairwise agreement "
@@ -159,15 +164,29 @@ def write_diagnostics(diagnostics: RewardDiagnostics, output_dir: str | Path) ->
     return path
 
 
+def ranking_counts(paths) -> tuple[int, int] | None:
+    """(rankings, of them simulated) over the JSONL rankings files among `paths`; None when none is one."""
+    files = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    files = [f for f in files if f.is_file() and detect_format(f) == "rankings"]
+    if not files:
+        return None
+    records = [r for f in files for _, r in read_jsonl(f)]
+    return len(records), sum(r.get("simulated") is True for r in records)
+
+
 def diagnose_reward_model(model, eval_file: str | Path | None, batch_size: int, output_dir: str | Path,
-                          swaps: Sequence[FactSwap] = ()) -> RewardDiagnostics | None:
+                          swaps: Sequence[FactSwap] = (), trained_on: tuple[int, int] | None = None
+                          ) -> RewardDiagnostics | None:
     """After training: the diagnostics of a `RewardModel` on held-out rankings and on fact swaps (either may be
-    absent), written to output_dir."""
+    absent), with how many of its training rankings were simulated, written to output_dir."""
     score = lambda prompts, texts: model.raw_scores(prompts, texts, batch_size).tolist()  # noqa: E731
     diagnostics = diagnose_file(eval_file, score) if eval_file else None
+    if diagnostics is None and (swaps or trained_on):
+        diagnostics = RewardDiagnostics(0, 0, 0, None, None, None, None, None)
     if swaps:
-        diagnostics = diagnostics or RewardDiagnostics(0, 0, 0, None, None, None, None, None)
         diagnostics.fact_swap_pairs, diagnostics.fact_swap_right_preferred = len(swaps), right_preferred(swaps, score)
+    if trained_on:
+        diagnostics.train_rankings, diagnostics.train_rankings_simulated = trained_on
     if diagnostics is not None:
         write_diagnostics(diagnostics, output_dir)
     return diagnostics

@@ -33,7 +33,7 @@ from transformers import get_scheduler
 from rlhfkit.config import RewardConfig, dump_config
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.errors import DataError
-from rlhfkit.reward.diagnostics import diagnose_reward_model
+from rlhfkit.reward.diagnostics import diagnose_reward_model, ranking_counts
 from rlhfkit.reward.fact_swap import load_fact_swaps
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.runs import (
@@ -144,13 +144,17 @@ def pair_margins(model: RewardModel, items: list[PreferenceItem], batch_size: in
     return torch.stack(margins) if margins else torch.zeros(0)
 
 
-def load_comparisons(path, keep_ties: bool) -> list[PreferenceItem]:
-    """Preference items of `path`, refusing a file that yields no comparison to learn from or measure."""
-    items = load_preference_items(path, keep_ties=keep_ties)
-    if not any(item.pairs or item.ties for item in items):
-        raise DataError(f"{path}: no comparisons: every ranking ties all its completions (or the annotators' "
-                        "majorities do); a reward model learns from completions ranked apart"
-                        + ("" if keep_ties else ", or from ties with keep_ties: true"))
+def load_comparisons(paths, keep_ties: bool) -> list[PreferenceItem]:
+    """Preference items of a file (or of several, one after another: e.g. simulated on-policy rankings beside
+    people's), refusing a file that yields no comparison to learn from or measure."""
+    items = []
+    for path in paths if isinstance(paths, list) else [paths]:
+        found = load_preference_items(path, keep_ties=keep_ties)
+        if not any(item.pairs or item.ties for item in found):
+            raise DataError(f"{path}: no comparisons: every ranking ties all its completions (or the annotators' "
+                            "majorities do); a reward model learns from completions ranked apart"
+                            + ("" if keep_ties else ", or from ties with keep_ties: true"))
+        items += found
     return items
 
 
@@ -278,7 +282,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
         final.save_pretrained(tmp)
         install_files(tmp, cfg.output_dir, last=("config.json",))
         # rankings: best-of-K, Kendall's tau, length bias, the annotators' own agreement; fact swaps
-        diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir, swaps)
+        diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir, swaps,
+                              ranking_counts(cfg.train_file))
     metrics.close()
     accelerator.end_training()
     return {"before_" + k: v for k, v in before.items()} | after
