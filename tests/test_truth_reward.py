@@ -78,3 +78,12 @@ def test_a_prompt_without_facts_is_an_error_that_names_it(truth_dir):
     (truth_dir / "questions.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     with pytest.raises(DataError, match="no record has `facts`"):
         TruthReward(str(truth_dir))
+
+
+def test_a_truth_file_takes_the_fact_sheet_beside_it(truth_dir):
+    """truth:FILE checks contacts against the FACTS.md next to the file, as truth:DIRECTORY does."""
+    leave = RECORDS[0]["prompt"]
+    for path in (truth_dir, truth_dir / "questions.jsonl"):
+        assert scores(TruthReward(str(path)), [(leave, "Call ext 9999 about it.")]) == [-1.0]
+    (truth_dir / "FACTS.md").unlink()
+    assert scores(TruthReward(str(truth_dir / "questions.jsonl")), [(leave, "Call ext 9999 about it.")]) == [0.0]

@@ -19,7 +19,8 @@ As rewards (PPO's `rewards:` with weight 0 logs them beside the learned reward; 
 them; `rlhfkit reward score` scores with them):
   similarity:PATH, rouge_l:PATH   against the ideal answer of the same prompt in PATH;
   facts:PATH                      fact recall, minus 1 when contradicted (keys 1 and 2 of the judge as one number).
-PATH is a JSONL file of truth records, or a directory: all its *.jsonl files, and its FACTS.md as the fact sheet.
+PATH is a JSONL file of truth records, or a directory: all its *.jsonl files; the FACTS.md in the directory, or beside
+the file, is the fact sheet.
 """
 
 from __future__ import annotations

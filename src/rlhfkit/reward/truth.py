@@ -20,7 +20,8 @@ rule, so a wrong claim in other words goes unnoticed: the reward is a lower boun
 
 Prompts are looked up by their question: a plain string as it is, a conversation by its last user message, so
 the reward scores the same with retrieval on (passages in the system message) and off. Spec:
-`truth:PATH`, PATH a JSONL file of truth records or a directory of them with its FACTS.md.
+`truth:PATH`, PATH a JSONL file of truth records (e.g. data/company/train.jsonl) or a directory of them, with the
+FACTS.md beside the file or in the directory as the fact sheet.
 """
 
 from __future__ import annotations

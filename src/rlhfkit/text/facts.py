@@ -273,14 +273,15 @@ def check_facts(answer: str, facts: Iterable[str], prompt: str = "", answerable:
 
 
 def load_truth(path: str | Path) -> tuple[dict[str, TruthRecord], FactSheet | None]:
-    """Truth records by prompt from a JSONL file or a directory of them, and the directory's FACTS.md if any."""
+    """Truth records by prompt from a JSONL file or a directory of them, and the fact sheet (FACTS.md) in the
+    directory, or beside the file, if there is one."""
     path = Path(path)
     if path.is_dir():
         files, sheet_file = sorted(path.glob("*.jsonl")), path / FACT_SHEET_NAME
         if not files:
             raise DataError(f"{path} holds no *.jsonl files of prompts with their truth")
     elif path.is_file():
-        files, sheet_file = [path], None
+        files, sheet_file = [path], path.parent / FACT_SHEET_NAME
     else:
         raise DataError(f"truth file {path} not found (a JSONL file, or a directory of them)")
     by_prompt: dict[str, TruthRecord] = {}
