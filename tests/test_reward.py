@@ -144,11 +144,16 @@ def test_training_forwards_each_batch_once_and_saves_a_normalised_model(tiny_mod
     data = rankings_file(tmp_path)
     cfg = load_config(RewardConfig, None, [f"model={tiny_model}", f"train_file={data}", f"eval_file={data}",
                                            f"output_dir={tmp_path / 'rm'}", "batch_size=2", "epochs=2",
-                                           "learning_rate=1e-2", "eval_batch_size=64"])
+                                           "learning_rate=1e-2", "eval_batch_size=64", "log_every=1"])
     result = train_reward_model(cfg)
     training = forwards[1:7]  # after the first evaluation: 6 steps (3 per epoch), then normalisation and evaluation
     assert training == [8] * 6  # 2 prompts x 4 completions per forward, all 6 pairs (5 after majority) from them
-    assert result["accuracy"] > result["before_accuracy"]
+    # it learned: the training loss fell (the untrained model may already rank all 5 pairs right, as it does with
+    # some tiny tokenizers, so accuracy need only not fall)
+    assert result["accuracy"] >= result["before_accuracy"]
+    losses = [m["train/loss"] for m in map(json.loads, (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
     monkeypatch.undo()
 
     saved = RewardModel.from_pretrained(tmp_path / "rm")

@@ -104,12 +104,18 @@ def test_sampled_logprobs_equal_a_fresh_forward_under_padding_and_stop_tokens(ti
     stop = frequent_tokens(tokenizer)
     query_ids, query_mask = encode_prompts(tokenizer, PROMPTS)
     assert query_mask[0, 0] == 0 and (query_mask[:, -1] == 1).all()  # left-padded, different lengths
-    torch.manual_seed(1)
-    rollout = sample(lm, query_ids, query_mask, sampling, stop, tokenizer.pad_token_id)
+    # the first seed whose rows stop at different points (which seed does depends on the tiny tokenizer, trained
+    # on the company data: a new record can move it)
+    for seed in range(1, 21):
+        torch.manual_seed(seed)
+        rollout = sample(lm, query_ids, query_mask, sampling, stop, tokenizer.pad_token_id)
+        lengths = rollout.response_mask.sum(-1)
+        if rollout.ended.any() and len(set(lengths.tolist())) > 1:
+            break
+    else:
+        pytest.fail("no seed in 1-20 samples rows that stop at different points")
     k = sampling.num_samples
     assert rollout.group.tolist() == [i for i in range(len(PROMPTS)) for _ in range(k)]
-    lengths = rollout.response_mask.sum(-1)
-    assert rollout.ended.any() and len(set(lengths.tolist())) > 1  # rows stopped at different points
     for row, n in zip(rollout.response_ids, lengths.tolist()):
         assert (row[n:] == tokenizer.pad_token_id).all()
         assert all(t not in stop for t in row[:n - 1].tolist())
