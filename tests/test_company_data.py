@@ -10,7 +10,7 @@ import pytest
 
 from conftest import COMPANY_TEST, COMPANY_TRAIN, REPO
 from rlhfkit.data.records import load_sft_examples, load_truth_records
-from rlhfkit.evaluation.facts import FactSheet, abstains, alternatives, check_facts, states
+from rlhfkit.text.facts import FactSheet, abstains, alternatives, check_facts, states
 
 FACTS_MD = REPO / "data" / "company" / "FACTS.md"
 KEYS = ("id", "prompt", "response", "facts", "answerable", "wrong")
