@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 COMPANY_TRAIN = REPO / "data" / "company" / "train.jsonl"
+COMPANY_VALIDATION = REPO / "data" / "company" / "validation.jsonl"
 COMPANY_TEST = REPO / "data" / "company" / "test.jsonl"
 
 
@@ -29,10 +30,11 @@ def build_tiny_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
 
     from rlhfkit.data.chat import DEFAULT_CHAT_TEMPLATE
 
-    texts = []
-    for line in COMPANY_TRAIN.read_text().splitlines():
-        record = json.loads(line)
-        texts += [record["prompt"], record["response"]]
+    # the training questions in id order, wherever the validation split has put them: moving records between the
+    # two files leaves the tokenizer (and every seeded tiny-model test) as it was
+    records = sorted((json.loads(line) for path in (COMPANY_TRAIN, COMPANY_VALIDATION)
+                      for line in path.read_text().splitlines()), key=lambda r: r["id"])
+    texts = [text for record in records for text in (record["prompt"], record["response"])]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

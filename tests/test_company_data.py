@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import COMPANY_TEST, COMPANY_TRAIN, REPO
+from conftest import COMPANY_TEST, COMPANY_TRAIN, COMPANY_VALIDATION, REPO
 from rlhfkit.data.records import load_sft_examples, load_truth_records
 from rlhfkit.text.facts import FactSheet, abstains, alternatives, check_facts, states
 
@@ -36,7 +36,7 @@ def raw(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("path", [COMPANY_TRAIN, COMPANY_TEST], ids=["train", "test"])
+@pytest.mark.parametrize("path", [COMPANY_TRAIN, COMPANY_VALIDATION, COMPANY_TEST], ids=["train", "validation", "test"])
 def test_every_record_has_facts_or_is_marked_unanswerable(path):
     records = load_truth_records(path)  # also validates the facts (no empty list, no empty alternative)
     for r in records:
@@ -49,7 +49,8 @@ def test_every_record_has_facts_or_is_marked_unanswerable(path):
 
 
 def test_every_training_fact_is_stated_in_facts_md(sheet):
-    off = [(r.id, f) for r in load_truth_records(COMPANY_TRAIN) for f in r.facts or [] if not states(sheet.tokens, f)]
+    records = load_truth_records(COMPANY_TRAIN) + load_truth_records(COMPANY_VALIDATION)
+    off = [(r.id, f) for r in records for f in r.facts or [] if not states(sheet.tokens, f)]
     assert not off
 
 
@@ -63,7 +64,7 @@ def test_the_test_facts_not_in_facts_md_are_the_known_derived_ones(sheet):
     assert off == TEST_FACTS_OFF_THE_SHEET
 
 
-@pytest.mark.parametrize("path", [COMPANY_TRAIN, COMPANY_TEST], ids=["train", "test"])
+@pytest.mark.parametrize("path", [COMPANY_TRAIN, COMPANY_VALIDATION, COMPANY_TEST], ids=["train", "validation", "test"])
 def test_each_ideal_response_states_its_facts_and_contradicts_nothing(path, sheet):
     for r in load_truth_records(path):
         check = check_facts(r.response, r.facts or [], r.prompt, r.answerable, r.wrong or [], sheet)
@@ -75,11 +76,15 @@ def test_each_ideal_response_states_its_facts_and_contradicts_nothing(path, shee
 
 
 def test_unanswerable_training_questions_ids_and_prompts():
-    train, test = load_truth_records(COMPANY_TRAIN), load_truth_records(COMPANY_TEST)
-    assert len(train) == 306 and len(test) == 73
-    assert sum(not r.answerable for r in train) >= 30
-    ids = sorted(int(r.id.removeprefix("company-")) for r in train + test)
-    assert ids == list(range(1, len(ids) + 1))  # unique and consecutive across both files
-    assert all(r.id == f"company-{int(r.id.removeprefix('company-')):04d}" for r in train + test)
-    prompts = [r.prompt.strip().lower() for r in train + test]
+    train, validation = load_truth_records(COMPANY_TRAIN), load_truth_records(COMPANY_VALIDATION)
+    test = load_truth_records(COMPANY_TEST)
+    assert len(train) == 268 and len(validation) == 38 and len(test) == 73
+    assert sum(not r.answerable for r in train) >= 30 and sum(not r.answerable for r in validation) == 9
+    # the validation split: every 8th training question in id order, from the 4th on
+    pool = sorted(train + validation, key=lambda r: r.id)
+    assert [r.id for r in validation] == [r.id for r in pool[3::8]]
+    ids = sorted(int(r.id.removeprefix("company-")) for r in train + validation + test)
+    assert ids == list(range(1, len(ids) + 1))  # unique and consecutive across the three files
+    assert all(r.id == f"company-{int(r.id.removeprefix('company-')):04d}" for r in train + validation + test)
+    prompts = [r.prompt.strip().lower() for r in train + validation + test]
     assert len(set(prompts)) == len(prompts)

@@ -172,7 +172,9 @@ def test_cli_full_fine_tuning_with_ipo_starts_from_the_reference_and_saves_full_
     assert "held-out pairs: implicit-reward accuracy 0.000 ->" in ran.output and "4 steps" in ran.output
     rows = metric_rows(out)
     assert rows[0]["eval/loss"] == pytest.approx(1.0)  # (0 - 1/(2 beta))^2 with h = 0
-    assert rows[1]["train/loss"] == pytest.approx(1.0, abs=1e-6)
+    # the first step's loss is before any update: h = 0 up to float32 rounding of the two forwards (the reference
+    # log-probs come from differently padded batches), which reaches ~1e-5 on some draws of the toy pairs
+    assert rows[1]["train/loss"] == pytest.approx(1.0, abs=1e-4)
     assert rows[-1]["step"] == 4 and rows[-1]["eval/rewards/margins"] > 0
     AutoModelForCausalLM.from_pretrained(out)  # full weights in HF format
     assert not (out / "adapter_config.json").exists()
