@@ -440,3 +440,16 @@ def test_grpo_s_k3_loss_term_adds_the_reference_mass_truncation_removes(tiny_mod
     plain = core.masked_mean(core.kl_estimate(targets.old_logprobs, targets.ref_logprobs, "k3"), mask).item()
     assert corrected > plain + 0.1  # the reference keeps little of its mass in a top-5 of the policy
     assert trainer.update(rollout, targets)["loss/kl"] == pytest.approx(corrected, abs=1e-4)
+
+
+def test_grpo_under_top_k_trains_past_tokens_the_updated_policy_no_longer_keeps(tiny_model, tmp_path):
+    """A sampled token outside the updated policy's top-k has pi_theta = 0: the ratio loss takes it as ratio 0, and
+    the k3 term (infinite there, with no gradient) leaves it out instead of making the loss NaN and skipping the
+    update (before: 53 of 64 updates skipped in this run's longer version)."""
+    result = train_ppo(ppo_config(tiny_model, tmp_path / "run", algorithm="grpo", steps=2, batch_size=8,
+                                  mini_batch_size=2, ppo_epochs=4, learning_rate=5e-2, lora={"enabled": False},
+                                  lr_scheduler="constant", max_nonfinite_updates=0,
+                                  sampling={"temperature": 0.7, "top_k": 3, "num_samples": 2, "max_new_tokens": 8}),
+                       FunctionReward(frac_e))
+    assert any(h["policy/outside_support"] > 0 for h in result.history)
+    assert all(math.isfinite(h["loss/kl"]) for h in result.history)

@@ -416,6 +416,8 @@ class OnlineTrainer:
                         stack.enter_context(accelerator.no_sync(model))
                 with accelerator.autocast():
                     logprobs, values = self.forward(part, train=True)
+                # a sampled token the updated policy no longer keeps (top-k/top-p): log pi = -inf, ratio 0
+                outside = torch.isneginf(logprobs.detach()) & (part_mask > 0)
                 pg = core.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx], part_mask,
                                               cfg.clip_range)
                 per_token = pg.per_token
@@ -426,7 +428,9 @@ class OnlineTrainer:
                     stats["vf"] += vf.sum().detach()
                     stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
                 if cfg.algorithm == "grpo":
-                    kl = core.kl_estimate(logprobs, targets.ref_logprobs[idx], "k3", targets.ref_dropped[idx]) * part_mask
+                    # k3 is infinite there, with no gradient: left out, as the ratio loss takes it as ratio 0
+                    kl = core.kl_estimate(logprobs.masked_fill(outside, 0.0), targets.ref_logprobs[idx], "k3",
+                                          targets.ref_dropped[idx]) * part_mask * ~outside
                     per_token = per_token + self.kl_ctl.value * kl
                     stats["kl"] += kl.sum().detach()
                 # DDP averages gradients over processes; the factor makes the weights' sum over all of them count.
@@ -436,8 +440,7 @@ class OnlineTrainer:
                     gaps.append(((logprobs.detach() - rollout.logprobs[idx]).abs() * part_mask, part_mask))
                 stats["pg"] += pg.loss_sum.detach()
                 stats["clipfrac"] += core.masked_sum(pg.clipped, part_mask)
-                # a sampled token the updated policy no longer keeps (top-k/top-p) has ratio 0: counted apart
-                outside = torch.isneginf(pg.log_ratio.detach()) & (part_mask > 0)
+                # tokens outside the updated policy's support are counted apart
                 stats["approx_kl"] += core.masked_sum(core.approx_kl(pg.log_ratio.detach().masked_fill(outside, 0.0)),
                                                       part_mask)
                 stats["outside_support"] += outside.sum()
