@@ -154,7 +154,7 @@ def test_training_forwards_each_batch_once_and_saves_a_normalised_model(tiny_mod
     saved = RewardModel.from_pretrained(tmp_path / "rm")
     items = [json.loads(line) for line in data.read_text().splitlines()[::2]]
     scores = saved.score([r["prompt"] for r in items for _ in range(4)], [c for r in items for c in r["completions"]])
-    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)  # the level is the logit's: no bias in `score`
     metrics = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert {"eval/accuracy", "eval/mean_margin", "eval/calibration_error"} <= metrics[-1].keys()
 
@@ -232,7 +232,9 @@ def trained_reward_model(tiny_model, tmp_path, *overrides):
 TEXTS = (["Where is HQ?", "Parking?", "Holidays?"], ["Edinburgh, at 14 Example Street.", "Level -1.", "28 days a year."])
 
 
-def test_a_saved_reward_model_loads_in_transformers_with_its_head_and_scores(tiny_model, tmp_path):
+def test_a_saved_reward_model_gives_rlhfkit_s_scores_in_plain_transformers(tiny_model, tmp_path):
+    """Plain `AutoModelForSequenceClassification` gives exactly rlhfkit's score (not the score minus a stored
+    offset): the decoder's `score` layer has no bias, so normalisation folds only the scale into it."""
     from transformers import AutoModelForSequenceClassification
 
     path = trained_reward_model(tiny_model, tmp_path)
@@ -240,8 +242,20 @@ def test_a_saved_reward_model_loads_in_transformers_with_its_head_and_scores(tin
     enc = ours.tokenize(*TEXTS)
     logits = [AutoModelForSequenceClassification.from_pretrained(path)(**enc).logits[:, 0] for _ in range(2)]
     torch.testing.assert_close(logits[0], logits[1])  # the trained head is in the file, not drawn at random
-    offset = json.loads((path / "config.json").read_text())["rlhfkit_reward"]["offset"]
-    torch.testing.assert_close(logits[0].detach() + offset, ours.score(*TEXTS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0].detach(), ours.score(*TEXTS), rtol=1e-5, atol=1e-5)
+    assert json.loads((path / "config.json").read_text())["rlhfkit_reward"]["offset"] == 0.0
+
+
+def test_a_reward_model_saved_with_an_offset_still_scores_with_it(tiny_model, tmp_path):
+    """Reward models saved before the offset left (config.json's `rlhfkit_reward.offset`) load with their scores."""
+    path = trained_reward_model(tiny_model, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["rlhfkit_reward"]["offset"] = 0.87463
+    (path / "config.json").write_text(json.dumps(config))
+    older = RewardModel.from_pretrained(path)
+    torch.testing.assert_close(older.score(*TEXTS), older.raw_scores(*TEXTS) + 0.87463)
+    older.save_pretrained(tmp_path / "again")
+    torch.testing.assert_close(RewardModel.from_pretrained(tmp_path / "again").score(*TEXTS), older.score(*TEXTS))
 
 
 def tiny_classifier(tmp_path, tiny_model, name, id2label, problem_type=None):

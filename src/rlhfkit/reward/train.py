@@ -243,7 +243,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     final = accelerator.unwrap_model(model)
     if cfg.lora.enabled:
         final.set_body(final.body.merge_and_unload())
-    # Normalise on the training completions: rewards then have mean 0 and std 1 there.
+    # Normalise on the training completions: rewards then have std 1 there (and mean 0 where the head has a bias).
     final.set_normalization(torch.cat([final.raw_scores([it.prompt] * len(it.completions), it.completions, cfg.eval_batch_size)
                                        for it in train_items]))
     after = evaluate(step)
