@@ -304,6 +304,21 @@ def test_classifier_probabilities_follow_the_head_and_run_on_the_given_device(ti
     assert load_scorer(f"hf:{multi_path}:toxic:logit", device="meta").model.device.type == "meta"
 
 
+def test_a_classifier_whose_config_has_no_pad_id_scores_batches_with_the_tokenizer_s(tiny_model, tmp_path):
+    """config.json `pad_token_id: null` while the tokenizer has one: transformers refuses batches of more than one
+    ("Cannot handle batch sizes > 1 if no padding token is defined"); the scorer gives it the tokenizer's pad id and
+    scores each text as it would alone."""
+    from rlhfkit.reward.scorers import load_scorer
+
+    model, path = tiny_classifier(tmp_path, tiny_model, "no-pad", {0: "good", 1: "bad"})
+    config = json.loads((path / "config.json").read_text())
+    config["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(config))
+    scorer = load_scorer(f"hf:{path}:good")
+    alone = [model(**scorer.tokenizer([t], return_tensors="pt")).logits.softmax(-1)[0, 0].item() for t in TEXTS[1]]
+    torch.testing.assert_close(scorer.score(TEXTS[0], TEXTS[1]), torch.tensor(alone), rtol=1e-5, atol=1e-5)
+
+
 def test_a_reward_model_in_the_earlier_format_still_loads_with_its_scores(tiny_model, tmp_path):
     """rlhfkit 0.1 wrote the transformer, reward_head.safetensors and reward_model.json (gain, bias)."""
     from safetensors.torch import save_file
