@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhfkit.config import DPOConfig, dump_config
+from rlhfkit.config import DPOConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, prompt_text, tokenize_conversation
 from rlhfkit.data.records import Message
 from rlhfkit.errors import ConfigError, DataError
@@ -77,13 +77,12 @@ from rlhfkit.runs import (
     commit_checkpoint,
     make_accelerator,
     optimizer_step,
-    prepare_output_dir,
+    open_run,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
     seed_step,
-    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -339,11 +338,8 @@ class DPOTrainer:
         self.eval_items = self._tokenize(cfg.eval_file) if cfg.eval_file else []
         logger.info("%d training prompts with %d pairs", len(self.train_items),
                     sum(len(i.pairs) for i in self.train_items))
-        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=resuming)
-        if accelerator.is_main_process:
-            dump_config(cfg, cfg.output_dir / "config.yaml")
+        open_run(accelerator, cfg, resuming=resuming)
         self._build_model()
-        start_tracking(accelerator, cfg)
         state = read_checkpoint_state(self.checkpoint) if resuming else {}
         self.metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                      resumed_at=state.get("global_step"))

@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhfkit.config import PPOConfig, dump_config
+from rlhfkit.config import PPOConfig
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import NonFiniteError, RlhfkitError
@@ -56,12 +56,11 @@ from rlhfkit.runs import (
     commit_checkpoint,
     make_accelerator,
     optimizer_step,
-    prepare_output_dir,
+    open_run,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
-    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,9 +156,7 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
-        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)
-        if accelerator.is_main_process:
-            dump_config(cfg, cfg.output_dir / "config.yaml")
+        open_run(accelerator, cfg, resuming=self.checkpoint is not None)
         self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -523,7 +520,6 @@ class OnlineTrainer:
 
     def train(self) -> PPOResult:
         cfg, accelerator = self.cfg, self.accelerator
-        start_tracking(accelerator, cfg)
         metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                 resumed_at=self.step_count if self.checkpoint is not None else None)
         result = PPOResult(output_dir=cfg.output_dir, steps=self.step_count)
