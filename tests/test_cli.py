@@ -98,7 +98,9 @@ def test_bad_input_is_one_error_line_with_status_2_and_leaves_nothing(tiny_model
                           "cannot create output_dir", "a-file is a file")
     rankings = tmp_path / "r.jsonl"
     rankings.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [1, 1], "annotator": "x"}) + "\n")
-    assert_one_error_line(cli("data", "pairs", "--rankings", rankings, "--output", tmp_path / "a-file" / "p.jsonl"),
+    untied = tmp_path / "untied.jsonl"
+    untied.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [1, 2], "annotator": "x"}) + "\n")
+    assert_one_error_line(cli("data", "pairs", "--rankings", untied, "--output", tmp_path / "a-file" / "p.jsonl"),
                           "cannot write", "p.jsonl")
     assert_one_error_line(cli("reward", "train", f"model={tiny_model}", f"train_file={rankings}", f"output_dir={out}"),
                           "no comparisons: every ranking ties")
@@ -128,3 +130,44 @@ def test_version_and_every_command_prints_its_full_config_and_lists_its_settings
         assert "Settings (in the --config YAML or as key=value" in help_text, command
     help_text = runner.invoke(app, ["sft", "--help"], env={"COLUMNS": "200"}).output
     assert "lora.dropout = 0.05" in help_text and "report_to = tensorboard" in help_text
+
+
+def test_a_tracker_that_cannot_start_is_one_error_line_and_leaves_nothing(tiny_model, sft_files, tmp_path, capsys,
+                                                                          monkeypatch):
+    """MLflow 3.13+ refuses its default file store unless MLFLOW_ALLOW_FILE_STORE=true (an MlflowException from
+    accelerate's init_trackers): stand-in here, as mlflow is not a dependency, a tracker whose start raises so."""
+    from accelerate import Accelerator
+
+    class MlflowException(Exception):
+        pass
+
+    def refuse(self, *args, **kwargs):
+        raise MlflowException("The file store is deprecated.\nSet MLFLOW_ALLOW_FILE_STORE=true to use it anyway.")
+
+    monkeypatch.setattr(Accelerator, "init_trackers", refuse)
+    train, _ = sft_files
+    out = tmp_path / "out"
+    assert_one_error_line(run_main(capsys, monkeypatch, "sft", f"model={tiny_model}", f"train_file={train}",
+                                   f"output_dir={out}", "max_steps=1", "report_to=tensorboard"),
+                          "report_to", "tensorboard", "MlflowException: The file store is deprecated.")
+    assert not out.exists()
+
+
+def test_eval_of_a_model_that_does_not_exist_leaves_no_output_directory(tiny_model, tmp_path, capsys, monkeypatch):
+    from conftest import COMPANY_TEST
+
+    out = tmp_path / "out"
+    assert_one_error_line(run_main(capsys, monkeypatch, "eval", "--models", f"a={tiny_model},b={tmp_path / 'nope'}",
+                                   "--prompts", COMPANY_TEST, "--output-dir", out), "nope")
+    assert not out.exists()
+
+
+def test_data_pairs_of_rankings_that_all_tie_is_an_error_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    rankings = tmp_path / "r.jsonl"
+    rankings.write_text("".join(json.dumps({"prompt": f"p{i}", "completions": ["a", "b", "c"], "ranks": [1, 1, 1],
+                                            "annotator": a}) + "\n" for i in range(3) for a in "xy"))
+    out = tmp_path / "pairs.jsonl"
+    for consensus in ("--consensus", "--no-consensus"):
+        assert_one_error_line(run_main(capsys, monkeypatch, "data", "pairs", "--rankings", rankings, "--output", out,
+                                       consensus), "6 rankings give no pairs", "--keep-ties")
+        assert not out.exists()

@@ -1,6 +1,7 @@
 """SFT and DPO in 2 CPU processes (gloo) give the same weights as one process with the same global batch."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,3 +67,42 @@ def test_dpo_in_two_processes_matches_one_process_with_the_same_global_batch(tin
     one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for key in one_w:
         torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-4, atol=5e-5)
+
+
+PROBE = "from accelerate import PartialState; print('processes:', PartialState(cpu=True).num_processes, flush=True)"
+
+
+def started_processes(launcher: list[str], tmp_path) -> int:
+    """How many processes `launcher` (a command up to the script) starts: the world size they report."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no accelerate config of ours
+    proc = subprocess.run([*launcher, str(probe)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"processes: (\d+)", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return int(found.group(1))
+
+
+def test_the_readme_s_multi_process_commands_start_several_processes(tmp_path):
+    """Every launcher command the README shows starts the processes it asks for: torchrun with --nproc_per_node
+    (run here: 2 CPU processes), accelerate with --multi_gpu or a config file. `accelerate launch --cpu
+    --num_processes 2` starts one process (accelerate's simple launcher), so the README shows it only to say so."""
+    from conftest import REPO
+
+    bindir = os.path.dirname(sys.executable)
+    assert started_processes([os.path.join(bindir, "torchrun"), "--nproc_per_node", "2"], tmp_path) == 2
+    assert started_processes([os.path.join(bindir, "accelerate"), "launch", "--cpu", "--num_processes", "2"],
+                             tmp_path) == 1
+    text = (REPO / "README.md").read_text()
+    flat = re.sub(r"\s*\n\s*", " ", text)  # inline commands wrapped across lines
+    commands = re.findall(r"^(?:accelerate launch|torchrun) .*$", text, re.M)  # in code blocks
+    commands += re.findall(r"`((?:accelerate launch|torchrun)(?: [^`]*)?)`", flat)  # inline, bare mentions too
+    assert len(commands) >= 5
+    for command in commands:
+        if "--cpu" in command:
+            assert f"{command}` starts one process" in flat, command
+        elif command.startswith("torchrun"):
+            assert re.search(r"--nproc_per_node [2-9]", command), command
+        else:
+            assert re.search(r"--multi_gpu --num_processes ([2-9]|N)|--config_file", command), command

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import COMPANY_TEST, COMPANY_TRAIN, REPO, build_tiny_model
 from rlhfkit import dpo as dpo_module
 from rlhfkit.config import DPOConfig, load_config
+from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.preference import load_preference_items
 from rlhfkit.dpo import collate_items, preference_loss, sequence_logps, tokenize_items, train_dpo
 from rlhfkit.errors import ConfigError
@@ -101,6 +102,30 @@ def test_dpo_ipo_and_smoothed_losses_match_a_hand_computation(tiny_model, tmp_pa
     q_eps = 2 / 3 * (1 - eps) + 1 / 3 * eps
     assert loss("ipo", target=q, label_smoothing=eps)[0] == approx(
         q_eps * (h - 1 / (2 * beta)) ** 2 + (1 - q_eps) * (h + 1 / (2 * beta)) ** 2)
+
+
+def test_ipo_averages_each_completion_s_log_ratio_over_its_tokens_by_default_as_trl_does(tmp_path):
+    """TRL 1.16 and the IPO authors' code: h = log-ratio(y_w) / |y_w| - log-ratio(y_l) / |y_l|, the default here;
+    `ipo_length_normalize=false` keeps the summed log-ratios. By hand: log-ratios +2 over 4 tokens and -2 over 2,
+    beta 0.5 (margin 1/(2 beta) = 1): per token h = 0.5 + 1 = 1.5, loss 0.25; summed h = 4, loss 9."""
+    pi, ref = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
+    lengths = torch.tensor([4.0, 2.0])
+    losses, r_w, r_l = preference_loss(pi[:1], pi[1:], ref[:1], ref[1:], 0.5, "ipo", lengths=(lengths[:1], lengths[1:]))
+    assert losses.item() == pytest.approx(0.25)
+    assert (r_w.item(), r_l.item()) == pytest.approx((1.0, -1.0))  # implicit rewards: beta x the summed log-ratio
+    assert preference_loss(pi[:1], pi[1:], ref[:1], ref[1:], 0.5, "ipo")[0].item() == pytest.approx(9.0)
+    q = torch.tensor([0.75])  # a soft label: the expectation over the pair's label, per-token h alike
+    assert preference_loss(pi[:1], pi[1:], ref[:1], ref[1:], 0.5, "ipo", target=q, lengths=(lengths[:1], lengths[1:])
+                           )[0].item() == pytest.approx(0.75 * 0.5**2 + 0.25 * 2.5**2)
+
+    # the run's default, through the held-out figures: each completion's own token count (its labelled tokens)
+    cfg = DPOConfig(train_file=tmp_path / "pairs.jsonl", output_dir=tmp_path / "out", loss="ipo", beta=0.5)
+    assert cfg.ipo_length_normalize
+    items = [dpo_module.TokenizedItem([TokenizedExample([1] * 9, [-100] * 5 + [7] * 4),
+                                       TokenizedExample([1] * 7, [-100] * 5 + [7] * 2)], [(0, 1)], [1.0])]
+    assert dpo_module.held_out_metrics(pi, ref, items, cfg)["loss"] == pytest.approx(0.25)
+    summed = cfg.model_copy(update={"ipo_length_normalize": False})
+    assert dpo_module.held_out_metrics(pi, ref, items, summed)["loss"] == pytest.approx(9.0)
 
 
 def test_consolidated_rankings_carry_their_vote_share_as_the_soft_target(tiny_model, tmp_path):

@@ -109,10 +109,9 @@ def test_every_output_loads_in_plain_transformers_peft_and_trl(bundled_alias_is_
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, ours in (("sft_adapter", "sft"), ("sft_merged", "sft_merged"), ("ppo", "ppo"), ("ppo_full", "ppo_full")):
         torch.testing.assert_close(torch.tensor(plain[name]), torch.tensor(expected[ours]), rtol=1e-4, atol=1e-4)
-    offset = plain["reward_config"]["rlhfkit_reward"]["offset"]
     assert plain["reward_config"]["architectures"] == ["LlamaForSequenceClassification"]
     assert len(plain["reward_config"]["id2label"]) == 1
-    torch.testing.assert_close(torch.tensor(plain["reward"]) + offset, expected_reward, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(plain["reward"]), expected_reward, rtol=1e-4, atol=1e-4)  # no offset
 
 
 def test_data_in_trl_formats_trains_sft_and_a_reward_model(tiny_model, tmp_path):

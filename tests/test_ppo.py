@@ -20,12 +20,12 @@ from rlhfkit.config import PPOConfig, load_config
 from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.ppo import NonFiniteError, train_ppo
-from rlhfkit.ppo.trainer import OnlineTrainer
+from rlhfkit.ppo import NonFiniteError, core, train_ppo
+from rlhfkit.ppo.trainer import OnlineTrainer, Scores
 from rlhfkit.ppo.models import PolicyModel, build_critic, build_policy
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import FunctionReward
-from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
+from rlhfkit.rollout import Rollout, Sampling, encode_prompts, sample, sampling_logits, token_logprobs
 
 PROMPTS = ["Hi", "What does Marrowby & Finch make, and where are the factories?", "Who is Wren?"]
 
@@ -234,10 +234,11 @@ def test_the_samplers_log_probs_are_the_training_forwards(tiny_model, tmp_path):
 
 @torch.no_grad()
 def test_the_scoring_forwards_give_the_same_numbers_in_chunks_as_in_one_batch(tiny_model, tmp_path):
-    """Reference log-probs, a separate critic's values and recomputed log-probs, `rollout_forward_batch_size` rows
-    at a time (prompts of different lengths, so chunks are padded differently)."""
-    trainer = OnlineTrainer(ppo_config(tiny_model, tmp_path / "run", critic="separate", recompute_logprobs=True),
-                            FunctionReward(frac_e))
+    """Reference log-probs, k3's reference mass outside the top-k, a separate critic's values and recomputed
+    log-probs, `rollout_forward_batch_size` rows at a time (prompts of different lengths, so chunks are padded
+    differently)."""
+    trainer = OnlineTrainer(ppo_config(tiny_model, tmp_path / "run", critic="separate", recompute_logprobs=True,
+                                       kl_estimator="k3", sampling={"top_k": 40}), FunctionReward(frac_e))
     trainer.critic.head.weight.normal_(generator=torch.Generator().manual_seed(0))  # starts at zero: make it read
     rollout = trainer.rollout(PROMPTS + PROMPTS[:1])
     whole = trainer.reference(rollout)
@@ -366,3 +367,89 @@ def test_a_run_refused_for_bad_input_leaves_nothing_behind(tiny_model, tmp_path)
     result = train_ppo(ppo_config(tiny_model, out, prompts_file=str(bad), steps=1, batch_size=2, mini_batch_size=2),
                        FunctionReward(lambda p, r: float(isinstance(p, list)), name="conversation"))
     assert result.history[0]["reward/conversation"] == 0.5  # one of the two prompts came as a conversation
+
+
+def every_answer(trainer: OnlineTrainer, prompt: str, steps: int):
+    """Every answer the policy can sample to `prompt` in at most `steps` tokens (the stop token ends one), as a
+    rollout of them all, and pi(answer) of each: enumerated through plain forwards of the policy's LM."""
+    lm = trainer.accelerator.unwrap_model(trainer.policy).lm
+    query_ids, query_mask = encode_prompts(trainer.tokenizer, [prompt])
+    done, growing = [], [([], [])]  # (tokens, log pi of each)
+    for _ in range(steps):
+        grown = []
+        for tokens, logps in growing:
+            ids = torch.cat([query_ids[0], torch.tensor(tokens, dtype=torch.long)])[None]
+            log_pi = torch.log_softmax(sampling_logits(lm(input_ids=ids).logits[0, -1], trainer.sampling), -1)
+            for a in torch.nonzero(torch.isfinite(log_pi)).flatten().tolist():
+                (done if a in trainer.stop_ids else grown).append((tokens + [a], logps + [log_pi[a].item()]))
+        growing = grown
+    done += growing
+    n, pad = len(done), trainer.tokenizer.pad_token_id
+    response_ids = torch.full((n, steps), pad, dtype=torch.long)
+    response_mask, logprobs = torch.zeros((n, steps), dtype=torch.long), torch.zeros((n, steps))
+    for i, (tokens, logps) in enumerate(done):
+        response_ids[i, :len(tokens)], response_mask[i, :len(tokens)] = torch.tensor(tokens), 1
+        logprobs[i, :len(tokens)] = torch.tensor(logps)
+    rollout = Rollout(query_ids.repeat(n, 1), query_mask.repeat(n, 1), response_ids, response_mask,
+                      torch.isin(response_ids, torch.tensor(trainer.stop_ids)).any(-1), torch.zeros(n, dtype=torch.long),
+                      logprobs=logprobs)
+    return rollout, logprobs.sum(-1).exp()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampling", [{"max_new_tokens": 1, "temperature": 0.1},
+                                      {"max_new_tokens": 2, "temperature": 0.05, "top_p": 0.9},
+                                      {"max_new_tokens": 2, "temperature": 0.7, "top_k": 5}],
+                         ids=["untruncated", "top_p", "top_k"])
+def test_k3_is_unbiased_for_the_exact_kl_of_every_short_answer_with_and_without_truncation(tiny_model, tmp_path,
+                                                                                            sampling):
+    """E_{y~pi}[sum_t k3_t] over every answer the policy can give equals KL(pi || pi_ref) computed exactly over the
+    same answers, pi being what is sampled (truncated by top-p/top-k) and pi_ref the reference's whole softmax at
+    the sampling temperature. Uncorrected, k3's expectation under truncation falls short of it by the reference
+    mass truncation removes (E_pi[pi_ref / pi] is the reference's mass on the kept set, not 1)."""
+    trainer = OnlineTrainer(ppo_config(tiny_model, tmp_path / "run", algorithm="rloo", kl_estimator="k3",
+                                       sampling={**sampling, "num_samples": 2}), FunctionReward(frac_e))
+    lm = trainer.accelerator.unwrap_model(trainer.policy).lm
+    for name, weight in lm.named_parameters():
+        if "lora_B" in name:  # the adapters start at zero (policy = reference): make the policy another model
+            weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(len(name)))
+    rollout, pi = every_answer(trainer, "Who is Wren?", sampling["max_new_tokens"])
+    assert pi.sum().item() == pytest.approx(1.0, abs=1e-4)
+    ref_logprobs = trainer.reference(rollout)[0]
+    exact = (pi * (rollout.logprobs - ref_logprobs).sum(-1)).sum().item()
+    zeros = torch.zeros(len(rollout))
+    targets = trainer.advantages(rollout, Scores({}, zeros, zeros))
+    estimated = (pi * targets.kl.sum(-1)).sum().item()
+    print(f"{sampling}: {len(rollout)} answers, exact KL {exact:.6f}, E[k3] {estimated:.6f}")
+    assert exact > 0.1
+    assert estimated == pytest.approx(exact, rel=1e-4)
+
+
+def test_grpo_s_k3_loss_term_adds_the_reference_mass_truncation_removes(tiny_model, tmp_path):
+    """GRPO's KL loss term is the corrected k3 under top-k: in the update's one minibatch (pi_theta = pi_old
+    there) its logged mean is that of (rho - pi_ref(S)) - log rho over the rollout's tokens, not (rho - 1) - log rho."""
+    trainer = OnlineTrainer(ppo_config(tiny_model, tmp_path / "run", algorithm="grpo", batch_size=4, mini_batch_size=4,
+                                       sampling={"temperature": 0.7, "top_k": 5, "num_samples": 2}),
+                            FunctionReward(frac_e))
+    rollout = trainer.rollout(PROMPTS[:2])
+    scores = trainer.score([p for p in PROMPTS[:2] for _ in range(2)], rollout)
+    targets = trainer.advantages(rollout, scores)
+    mask = rollout.response_mask.float()
+    corrected = core.masked_mean(core.kl_estimate(targets.old_logprobs, targets.ref_logprobs, "k3", targets.ref_dropped),
+                                 mask).item()
+    plain = core.masked_mean(core.kl_estimate(targets.old_logprobs, targets.ref_logprobs, "k3"), mask).item()
+    assert corrected > plain + 0.1  # the reference keeps little of its mass in a top-5 of the policy
+    assert trainer.update(rollout, targets)["loss/kl"] == pytest.approx(corrected, abs=1e-4)
+
+
+def test_grpo_under_top_k_trains_past_tokens_the_updated_policy_no_longer_keeps(tiny_model, tmp_path):
+    """A sampled token outside the updated policy's top-k has pi_theta = 0: the ratio loss takes it as ratio 0, and
+    the k3 term (infinite there, with no gradient) leaves it out instead of making the loss NaN and skipping the
+    update (before: 53 of 64 updates skipped in this run's longer version)."""
+    result = train_ppo(ppo_config(tiny_model, tmp_path / "run", algorithm="grpo", steps=2, batch_size=8,
+                                  mini_batch_size=2, ppo_epochs=4, learning_rate=5e-2, lora={"enabled": False},
+                                  lr_scheduler="constant", max_nonfinite_updates=0,
+                                  sampling={"temperature": 0.7, "top_k": 3, "num_samples": 2, "max_new_tokens": 8}),
+                       FunctionReward(frac_e))
+    assert any(h["policy/outside_support"] > 0 for h in result.history)
+    assert all(math.isfinite(h["loss/kl"]) for h in result.history)

@@ -159,7 +159,7 @@ def test_training_forwards_each_batch_once_and_saves_a_normalised_model(tiny_mod
     saved = RewardModel.from_pretrained(tmp_path / "rm")
     items = [json.loads(line) for line in data.read_text().splitlines()[::2]]
     scores = saved.score([r["prompt"] for r in items for _ in range(4)], [c for r in items for c in r["completions"]])
-    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)  # the level is the logit's: no bias in `score`
     metrics = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert {"eval/accuracy", "eval/mean_margin", "eval/calibration_error"} <= metrics[-1].keys()
 
@@ -237,7 +237,9 @@ def trained_reward_model(tiny_model, tmp_path, *overrides):
 TEXTS = (["Where is HQ?", "Parking?", "Holidays?"], ["Edinburgh, at 14 Example Street.", "Level -1.", "28 days a year."])
 
 
-def test_a_saved_reward_model_loads_in_transformers_with_its_head_and_scores(tiny_model, tmp_path):
+def test_a_saved_reward_model_gives_rlhfkit_s_scores_in_plain_transformers(tiny_model, tmp_path):
+    """Plain `AutoModelForSequenceClassification` gives exactly rlhfkit's score (not the score minus a stored
+    offset): the decoder's `score` layer has no bias, so normalisation folds only the scale into it."""
     from transformers import AutoModelForSequenceClassification
 
     path = trained_reward_model(tiny_model, tmp_path)
@@ -245,8 +247,20 @@ def test_a_saved_reward_model_loads_in_transformers_with_its_head_and_scores(tin
     enc = ours.tokenize(*TEXTS)
     logits = [AutoModelForSequenceClassification.from_pretrained(path)(**enc).logits[:, 0] for _ in range(2)]
     torch.testing.assert_close(logits[0], logits[1])  # the trained head is in the file, not drawn at random
-    offset = json.loads((path / "config.json").read_text())["rlhfkit_reward"]["offset"]
-    torch.testing.assert_close(logits[0].detach() + offset, ours.score(*TEXTS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0].detach(), ours.score(*TEXTS), rtol=1e-5, atol=1e-5)
+    assert json.loads((path / "config.json").read_text())["rlhfkit_reward"]["offset"] == 0.0
+
+
+def test_a_reward_model_saved_with_an_offset_still_scores_with_it(tiny_model, tmp_path):
+    """Reward models saved before the offset left (config.json's `rlhfkit_reward.offset`) load with their scores."""
+    path = trained_reward_model(tiny_model, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["rlhfkit_reward"]["offset"] = 0.87463
+    (path / "config.json").write_text(json.dumps(config))
+    older = RewardModel.from_pretrained(path)
+    torch.testing.assert_close(older.score(*TEXTS), older.raw_scores(*TEXTS) + 0.87463)
+    older.save_pretrained(tmp_path / "again")
+    torch.testing.assert_close(RewardModel.from_pretrained(tmp_path / "again").score(*TEXTS), older.score(*TEXTS))
 
 
 def tiny_classifier(tmp_path, tiny_model, name, id2label, problem_type=None):
@@ -293,6 +307,21 @@ def test_classifier_probabilities_follow_the_head_and_run_on_the_given_device(ti
     torch.testing.assert_close(ClassifierReward(str(single_path), "toxic").score(TEXTS[1], TEXTS[1]),
                                single(**scorer.tokenizer(TEXTS[1], return_tensors="pt", padding=True)).logits.detach().softmax(-1)[:, 0])
     assert load_scorer(f"hf:{multi_path}:toxic:logit", device="meta").model.device.type == "meta"
+
+
+def test_a_classifier_whose_config_has_no_pad_id_scores_batches_with_the_tokenizer_s(tiny_model, tmp_path):
+    """config.json `pad_token_id: null` while the tokenizer has one: transformers refuses batches of more than one
+    ("Cannot handle batch sizes > 1 if no padding token is defined"); the scorer gives it the tokenizer's pad id and
+    scores each text as it would alone."""
+    from rlhfkit.reward.scorers import load_scorer
+
+    model, path = tiny_classifier(tmp_path, tiny_model, "no-pad", {0: "good", 1: "bad"})
+    config = json.loads((path / "config.json").read_text())
+    config["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(config))
+    scorer = load_scorer(f"hf:{path}:good")
+    alone = [model(**scorer.tokenizer([t], return_tensors="pt")).logits.softmax(-1)[0, 0].item() for t in TEXTS[1]]
+    torch.testing.assert_close(scorer.score(TEXTS[0], TEXTS[1]), torch.tensor(alone), rtol=1e-5, atol=1e-5)
 
 
 def test_a_reward_model_in_the_earlier_format_still_loads_with_its_scores(tiny_model, tmp_path):

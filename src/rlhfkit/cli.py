@@ -441,7 +441,7 @@ def data_pairs(
     """Rankings -> pairwise comparisons: every K-choose-2 pair of each ranking."""
     from rlhfkit.data.jsonl import write_jsonl
     from rlhfkit.data.preference import consolidate_rankings, load_rankings, ranking_to_pairs
-    from rlhfkit.errors import OutputExistsError
+    from rlhfkit.errors import DataError, OutputExistsError
 
     if output.exists():
         raise OutputExistsError(f"{output} exists; choose another --output or remove it first")
@@ -450,6 +450,9 @@ def data_pairs(
         pairs = [p for item in consolidate_rankings(records, keep_ties) for p in item.to_pair_records()]
     else:
         pairs = [p for r in records for p in ranking_to_pairs(r, keep_ties)]
+    if not pairs:
+        raise DataError(f"{rankings}: {len(records)} rankings give no pairs: every compared couple ties"
+                        + ("" if keep_ties else " (--keep-ties writes ties as pairs marked tie: true)"))
     write_jsonl(output, [p.model_dump(exclude_defaults=True) for p in pairs])
     console.print(f"{len(records)} rankings -> {len(pairs)} pairs in {output}")
 

@@ -127,8 +127,9 @@ class DPOConfig(Strict):
     max_length: int = Field(512, gt=0)  # tokens of prompt + response; longer ones are cut on the right
 
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: Azar et al. 2023's squared loss
+    ipo_length_normalize: bool = True  # ipo: each completion's log-ratio averaged over its tokens, as TRL 1.16 does (false: summed)
     beta: float = Field(0.1, gt=0)  # strength of the KL to the reference (IPO: tau)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a pair's label is flipped
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a pair's label is flipped (TRL 1.16's sigmoid and ipo losses ignore theirs)
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
     length_debias: bool = False  # learn a length term beside the reward and leave it out of the saved model
     fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training

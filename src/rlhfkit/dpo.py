@@ -9,11 +9,16 @@ sampling. For a prompt x with a preferred response y_w and a dispreferred one y_
 - Mitchell 2023 (cDPO, label smoothing eps: a label is wrong with probability eps):
   L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
 - Azar et al. 2023 (IPO, beta the paper's tau):  L = (h - 1/(2 beta))^2, which regresses h onto a fixed margin
-  instead of pushing it to infinity.
+  instead of pushing it to infinity. By default (`ipo_length_normalize`) each completion's log-ratio is divided by
+  its number of tokens first, h = [log-ratio(y_w)] / |y_w| - [log-ratio(y_l)] / |y_l|: what TRL 1.16 does, and the
+  form the IPO authors' results were obtained with (summed log-ratios make the loss grow with length, so that one
+  beta suits no length); `ipo_length_normalize: false` keeps the sums.
 - Soft labels: a pair whose vote share is q (2 of 3 annotators preferred y_w: q = 2/3) is the expectation of the
   loss over its label, q L(y_w, y_l) + (1 - q) L(y_l, y_w). With q = 1 - eps this is cDPO; the same expectation
   gives IPO its label smoothing and soft labels. Its optimum is sigma(beta h) = q (DPO) and h = (2q - 1)/(2 beta)
-  (IPO), so a model trained on vote shares is asked for calibrated probabilities, not certainty.
+  (IPO), so a model trained on vote shares is asked for calibrated probabilities, not certainty. (TRL 1.16's
+  `loss_type="sigmoid"` and `"ipo"` ignore its `label_smoothing`: it applies it only to other losses, e.g.
+  `"robust"`, whose loss is cDPO's divided by 1 - 2 eps, an unbiased estimate rather than the expectation.)
 
 log pi(y|x) is summed over the response's tokens only (its end-of-turn token included); the prompt's tokens and
 padding count for nothing. The reference is the starting model: its log-probs are computed once, before the first
@@ -56,7 +61,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhfkit.config import DPOConfig, dump_config
+from rlhfkit.config import DPOConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, prompt_text, tokenize_conversation
 from rlhfkit.data.records import Message
 from rlhfkit.errors import ConfigError, DataError
@@ -72,13 +77,12 @@ from rlhfkit.runs import (
     commit_checkpoint,
     make_accelerator,
     optimizer_step,
-    prepare_output_dir,
+    open_run,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
     seed_step,
-    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,12 +95,14 @@ REFERENCE_FILE = "reference_logps.safetensors"  # in each checkpoint: log pi_ref
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
                     reference_rejected: torch.Tensor, beta: float, loss: str = "sigmoid",
-                    label_smoothing: float = 0.0, target: torch.Tensor | None = None
+                    label_smoothing: float = 0.0, target: torch.Tensor | None = None,
+                    lengths: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the implicit rewards of y_w and y_l (see the module docstring).
 
     Arguments are [N] sequence log-probs: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
-    log pi_ref(y_l|x). `target`: q = P(y_w preferred) per pair, 1 where None.
+    log pi_ref(y_l|x). `target`: q = P(y_w preferred) per pair, 1 where None. `lengths`: (|y_w|, |y_l|) in tokens,
+    for IPO's per-token log-ratios; None: summed.
     """
     chosen_logratio = policy_chosen - reference_chosen  # log pi_theta(y_w|x) - log pi_ref(y_w|x)
     rejected_logratio = policy_rejected - reference_rejected  # log pi_theta(y_l|x) - log pi_ref(y_l|x)
@@ -106,6 +112,8 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     if loss == "sigmoid":  # -q log sigma(beta h) - (1 - q) log sigma(-beta h)
         losses = -q * F.logsigmoid(beta * h) - (1 - q) * F.logsigmoid(-beta * h)
     elif loss == "ipo":  # q (h - 1/(2 beta))^2 + (1 - q) (h + 1/(2 beta))^2
+        if lengths is not None:  # h = log-ratio(y_w) / |y_w| - log-ratio(y_l) / |y_l|
+            h = chosen_logratio / lengths[0].clamp(min=1) - rejected_logratio / lengths[1].clamp(min=1)
         margin = 1 / (2 * beta)
         losses = q * (h - margin) ** 2 + (1 - q) * (h + margin) ** 2
     else:
@@ -275,13 +283,24 @@ def pairs_of(items: list[TokenizedItem]) -> tuple[torch.Tensor, torch.Tensor, to
     return torch.tensor(chosen), torch.tensor(rejected), torch.tensor([q for item in items for q in item.targets])
 
 
+def pair_losses(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
+                chosen: torch.Tensor, rejected: torch.Tensor, target: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`preference_loss` as the run is configured, from [S] sequence log-probs and response lengths in tokens and
+    the rows of each pair's y_w and y_l."""
+    per_token = cfg.loss == "ipo" and cfg.ipo_length_normalize
+    return preference_loss(policy[chosen], policy[rejected], reference[chosen], reference[rejected], cfg.beta,
+                           cfg.loss, cfg.label_smoothing, target,
+                           (lengths[chosen], lengths[rejected]) if per_token else None)
+
+
 def held_out_metrics(policy: torch.Tensor, reference: torch.Tensor, items: list[TokenizedItem],
                      cfg: DPOConfig) -> dict[str, float]:
     """PAIR_STATS over the held-out pairs, and the calibration error of sigma(r_w - r_l) as a probability that y_w
     is preferred (the reward model's measure)."""
     w, l, q = (t.to(policy.device) for t in pairs_of(items))
-    losses, rw, rl = preference_loss(policy[w], policy[l], reference[w], reference[l], cfg.beta, cfg.loss,
-                                     cfg.label_smoothing, q)
+    lengths = torch.tensor([float(s.num_target_tokens) for item in items for s in item.sequences], device=policy.device)
+    losses, rw, rl = pair_losses(cfg, policy, reference, lengths, w, l, q)
     values = mean_stats(pair_stat_sums(losses, rw, rl, policy[w], policy[l]))
     values["calibration_error"] = preference_metrics((rw - rl).cpu())["calibration_error"]
     return values
@@ -319,11 +338,8 @@ class DPOTrainer:
         self.eval_items = self._tokenize(cfg.eval_file) if cfg.eval_file else []
         logger.info("%d training prompts with %d pairs", len(self.train_items),
                     sum(len(i.pairs) for i in self.train_items))
-        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=resuming)
-        if accelerator.is_main_process:
-            dump_config(cfg, cfg.output_dir / "config.yaml")
+        open_run(accelerator, cfg, resuming=resuming)
         self._build_model()
-        start_tracking(accelerator, cfg)
         state = read_checkpoint_state(self.checkpoint) if resuming else {}
         self.metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                      resumed_at=state.get("global_step"))
@@ -492,9 +508,8 @@ class DPOTrainer:
         with nullcontext() if sync else self.accelerator.no_sync(self.model):
             policy = sequence_logps(self.model, **batch.tokens())
             ref = self.reference["train"][batch.sequence_ids]
-            losses, rw, rl = preference_loss(policy[batch.chosen], policy[batch.rejected], ref[batch.chosen],
-                                             ref[batch.rejected], cfg.beta, cfg.loss, cfg.label_smoothing,
-                                             batch.target)
+            losses, rw, rl = pair_losses(cfg, policy, ref, batch.response_mask.sum(-1).float(), batch.chosen,
+                                         batch.rejected, batch.target)
             self.accelerator.backward(losses.sum() * self.accelerator.num_processes / n_pairs)
         return pair_stat_sums(losses, rw, rl, policy[batch.chosen], policy[batch.rejected])
 

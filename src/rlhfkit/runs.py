@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
+from rlhfkit.config import dump_config
 from rlhfkit.errors import ConfigError, NonFiniteError, OutputError, OutputExistsError
 from rlhfkit.models.loading import bf16_supported
 
@@ -59,9 +60,35 @@ def trackers(report_to: list[str] | str) -> list[str]:
     return names
 
 
-def start_tracking(accelerator: Accelerator, config) -> None:
-    """Open the trackers (project `rlhfkit`; TensorBoard writes to output_dir/logs/rlhfkit) with the run's settings."""
-    accelerator.init_trackers("rlhfkit", config=flat_settings(config.model_dump(mode="json")))
+def open_run(accelerator: Accelerator, config, resuming: bool) -> None:
+    """Start a run whose inputs have been read and checked: its output directory (`prepare_output_dir`), the resolved
+    settings in it (config.yaml), and its trackers (`start_tracking`)."""
+    prepare_output_dir(accelerator, config.output_dir, config.overwrite, resuming)
+    if accelerator.is_main_process:
+        dump_config(config, config.output_dir / "config.yaml")
+    start_tracking(accelerator, config, resuming)
+
+
+def start_tracking(accelerator: Accelerator, config, resuming: bool) -> None:
+    """Open the trackers (project `rlhfkit`; TensorBoard writes to output_dir/logs/rlhfkit) with the run's settings.
+
+    A tracker that cannot start (MLflow 3.13+ refuses its default file store unless MLFLOW_ALLOW_FILE_STORE=true or
+    MLFLOW_TRACKING_URI names a database or server) stops the run on every process with a ConfigError, and a
+    directory made for this run is removed again: nothing is left behind.
+    """
+    failure = [None]
+    if accelerator.is_main_process:
+        try:
+            accelerator.init_trackers("rlhfkit", config=flat_settings(config.model_dump(mode="json")))
+        except Exception as e:  # noqa: BLE001 - any tracker's own error type
+            failure = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"]
+            if not resuming:
+                shutil.rmtree(config.output_dir, ignore_errors=True)
+    broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise ConfigError(f"report_to {config.report_to}: a tracker cannot start ({failure[0]}); fix its settings "
+                          "(MLflow: MLFLOW_TRACKING_URI=sqlite:///mlflow.db, or MLFLOW_ALLOW_FILE_STORE=true) or drop "
+                          "it from report_to")
 
 
 def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

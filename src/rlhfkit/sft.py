@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhfkit.config import SFTConfig, dump_config
+from rlhfkit.config import SFTConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, conversation_messages, tokenize_conversation
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
@@ -39,13 +39,12 @@ from rlhfkit.runs import (
     commit_checkpoint,
     make_accelerator,
     optimizer_step,
-    prepare_output_dir,
+    open_run,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
     seed_step,
-    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,9 +136,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     candidates = load_sft_examples(preview_source)  # spread over the file, which is often grouped by topic
     preview_examples: list[SFTExample] = candidates[:: max(1, len(candidates) // max(1, cfg.preview.num_prompts))][: cfg.preview.num_prompts]
     model = load_causal_lm(cfg.model, dtype="float32" if not cfg.load_in_4bit else "auto", load_in_4bit=cfg.load_in_4bit)
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
+    open_run(accelerator, cfg, resuming=checkpoint is not None)
 
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -168,7 +165,6 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     accelerator.register_for_checkpointing(scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
-    start_tracking(accelerator, cfg)
     state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
     metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                             resumed_at=state.get("global_step"))

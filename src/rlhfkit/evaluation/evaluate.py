@@ -183,12 +183,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     truths, fact_sheet = eval_truth(cfg.prompts, prompts, cfg.facts_sheet)
     toxicity_scorer = load_scorer(cfg.toxicity)
     Grounding.from_settings(cfg.retrieval)  # the documents read now: a missing one leaves no output directory
+    tokenizers = {name: load_tokenizer(path) for name, path in cfg.models.items()}  # a model not found: likewise
     prepare_output_dir(PartialState(), cfg.output_dir, cfg.overwrite, resuming=False)
     names = list(cfg.models)
     baseline, reference_name = names[0], cfg.reference or names[0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    ref_tokenizer = load_tokenizer(cfg.models[reference_name])
+    ref_tokenizer = tokenizers[reference_name]
     ref_lm = _load_merged(cfg.models[reference_name], cfg.dtype, device)
     reference = PolicyModel(ref_lm).eval()
     answers: dict[str, ModelAnswers] = {}
@@ -196,7 +197,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         if name == reference_name:
             answers[name] = answer(name, ref_lm, ref_tokenizer, prompts, cfg, reference)
             continue
-        tokenizer = load_tokenizer(cfg.models[name])
+        tokenizer = tokenizers[name]
         same_vocab = tokenizer.get_vocab() == ref_tokenizer.get_vocab()
         if not same_vocab:
             logger.warning("%s has another tokenizer than the reference %s: no KL or reference perplexity for it",

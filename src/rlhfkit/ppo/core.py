@@ -7,7 +7,10 @@ token) and 0 after. Symbols follow the papers:
 - Schulman et al. 2016 (GAE): delta_t = r_t + gamma V(s_{t+1}) - V(s_t); A_t = sum_l (gamma lambda)^l delta_{t+l}.
 - Ziegler et al. 2019: per-token reward -beta * KL_t, plus the score on the last token; adaptive beta.
 - Schulman 2020, "Approximating KL divergence": estimators k1 = -log rho and k3 = (rho - 1) - log rho, with
-  rho = pi_ref / pi evaluated at tokens sampled from pi (k3 is unbiased, never negative, lower variance).
+  rho = pi_ref / pi evaluated at tokens sampled from pi (k3: never negative, lower variance). k3 is unbiased
+  because E_pi[rho] = 1, which holds only where pi's support is the whole vocabulary: with top-p/top-k, pi is the
+  truncated distribution, E_pi[rho] = pi_ref(S) for its kept set S, and k3 falls short of the KL by 1 - pi_ref(S);
+  here that mass is added back, k3 = (rho - pi_ref(S)) - log rho (still >= 0, unbiased again).
 - Ahmadian et al. 2024 (RLOO): K samples per prompt; A_i = R_i - 1/(K-1) sum_{j != i} R_j, the prompt's other
   samples as the baseline, with R_i = score_i - beta * KL_i for the whole response.
 - Shao et al. 2024 (GRPO): A_i = (r_i - mean(r)) / (std(r) + eps) over the prompt's K samples, and
@@ -66,17 +69,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _no_redu
 # --- KL to the reference model --------------------------------------------------------------------------------
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
+                ref_dropped: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) at tokens sampled from pi.
 
     log rho = log pi_ref - log pi.  k1 = -log rho (unbiased, can be negative per token);
-    k3 = (rho - 1) - log rho (unbiased, >= 0, lower variance).
+    k3 = (rho - pi_ref(S)) - log rho = (rho - 1) - log rho + (1 - pi_ref(S)) (unbiased, >= 0, lower variance), with
+    `ref_dropped` = 1 - pi_ref(S), the reference's mass outside the support S that pi samples from (0 untruncated;
+    rlhfkit.rollout.dropped_mass).
     """
     log_rho = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_rho
     if estimator == "k3":
-        return torch.expm1(log_rho) - log_rho
+        return torch.expm1(log_rho) - log_rho + ref_dropped
     raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
 
 

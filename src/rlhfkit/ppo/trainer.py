@@ -7,7 +7,8 @@ One iteration (`OnlineTrainer.step`) runs these phases, each a method of the tra
   2. score       the decoded text is scored by every reward (so reward models with another tokenizer work too);
                  the EOS penalty, normalisation and clipping give the score s the policy maximises;
   3. reference   no-grad forwards: log pi_ref (the policy with its adapter off, or a frozen copy), a separate
-                 critic's V_old, and log pi_old again only when `recompute_logprobs` is set;
+                 critic's V_old, and log pi_old again only when `recompute_logprobs` is set; with k3 under top-p/top-k,
+                 also the reference's mass outside the tokens the policy keeps (k3's correction, rlhfkit.ppo.core);
   4. advantages  the algorithm's: ppo  GAE over r_t = -beta * KL_t (+ s on the last token) and the critic's values;
                  rloo  R_i = s_i - beta * KL_i minus the mean R of the prompt's other samples;
                  grpo  (s_i - mean) / std over the prompt's samples (Dr. GRPO: without the std);
@@ -35,7 +36,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhfkit.config import PPOConfig, dump_config
+from rlhfkit.config import PPOConfig
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import NonFiniteError, RlhfkitError
@@ -44,7 +45,7 @@ from rlhfkit.ppo import core
 from rlhfkit.ppo.models import build_critic, build_policy
 from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
-from rlhfkit.rollout import Rollout, encode_prompts, generate_responses, sample, token_logprobs
+from rlhfkit.rollout import Rollout, dropped_mass, encode_prompts, generate_responses, sample, token_logprobs
 from rlhfkit.rollout.prefix import forward_responses
 from rlhfkit.runs import (
     MetricsWriter,
@@ -55,12 +56,11 @@ from rlhfkit.runs import (
     commit_checkpoint,
     make_accelerator,
     optimizer_step,
-    prepare_output_dir,
+    open_run,
     read_checkpoint_state,
     resolve_checkpoint,
     save_final_model,
     save_trainable_only,
-    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class Targets:
 
     old_logprobs: torch.Tensor  # [B, R] log pi_old(a_t)
     ref_logprobs: torch.Tensor  # [B, R] log pi_ref(a_t)
+    ref_dropped: torch.Tensor  # [B, R] 1 - pi_ref(S_t): the reference's mass outside pi_old's support (0 untruncated)
     kl: torch.Tensor  # [B, R] KL_t estimate to the reference
     token_rewards: torch.Tensor  # [B, R]
     advantages: torch.Tensor  # [B, R]
@@ -155,9 +156,7 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
-        prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)
-        if accelerator.is_main_process:
-            dump_config(cfg, cfg.output_dir / "config.yaml")
+        open_run(accelerator, cfg, resuming=self.checkpoint is not None)
         self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -235,30 +234,45 @@ class OnlineTrainer:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(x.contiguous())
 
-    def forward(self, batch: Rollout, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(log pi(a_t), V(s_t)) at the batch's response tokens, through the prepared (DDP) modules when training."""
+    def policy_logits(self, batch: Rollout, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the policy's logits [B, R, V], V(s_t)) at the batch's response tokens, through the prepared (DDP) modules
+        when training."""
         unwrap = self.accelerator.unwrap_model
         logits, values = (self.policy if train else unwrap(self.policy))(**batch.tokens())
         if self.critic is not None:
             values = (self.critic if train else unwrap(self.critic))(**batch.tokens())
-        # padding after the stop token may lie outside a truncated distribution's support (-inf): zero, as masked
-        logprobs = token_logprobs(logits, batch.response_ids, self.sampling).masked_fill(batch.response_mask == 0, 0.0)
-        return logprobs, values
+        return logits, values
+
+    def logprobs(self, logits: torch.Tensor, batch: Rollout) -> torch.Tensor:
+        """log pi(a_t) under the sampling distribution; padding after the stop token may lie outside a truncated
+        distribution's support (-inf): zero, as masked."""
+        return token_logprobs(logits, batch.response_ids, self.sampling).masked_fill(batch.response_mask == 0, 0.0)
+
+    def forward(self, batch: Rollout, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log pi(a_t), V(s_t)) at the batch's response tokens."""
+        logits, values = self.policy_logits(batch, train)
+        return self.logprobs(logits, batch), values
 
     @torch.no_grad()
     def critic_values(self, batch: Rollout) -> torch.Tensor:
         return self.accelerator.unwrap_model(self.critic)(**batch.tokens())
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
-        """log pi_ref(a_t): the reference's full softmax at the sampling temperature (see rlhfkit.rollout)."""
+    def reference_logits(self, batch: Rollout) -> torch.Tensor:
+        """The reference's logits at the batch's response tokens."""
         if self.ref_model is not None:
             (logits,) = forward_responses(self.ref_model, select=lambda out: (out.logits,), **batch.tokens())
         else:
             policy = self.accelerator.unwrap_model(self.policy)
             with policy.as_reference():
                 logits, _ = policy(**batch.tokens())
-        return token_logprobs(logits, batch.response_ids, self.sampling.untruncated)
+        return logits
+
+    @property
+    def k3_needs_kept_mass(self) -> bool:
+        """Whether k3 is estimated (`kl_estimator: k3`, GRPO's loss term) under truncation, where its correction
+        needs the reference's mass outside the policy's kept tokens (rlhfkit.ppo.core)."""
+        return self.sampling.truncated and (self.cfg.kl_estimator == "k3" or self.cfg.algorithm == "grpo")
 
     def micro_batches(self, rows: torch.Tensor, size: int | None = None):
         """(last?, chunk) over `rows` in chunks of `size` (default: the training forward's micro-batch)."""
@@ -295,24 +309,33 @@ class OnlineTrainer:
         return Scores(components, raw, shaped)
 
     @torch.no_grad()
-    def reference(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """3. (log pi_ref, log pi_old, V_old): the reference forward; the critic's and pi_old's where the sampler
-        could not record them (a separate critic; `recompute_logprobs`)."""
-        ref, old, values = [], [], []
+    def reference(self, rollout: Rollout
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """3. (log pi_ref, 1 - pi_ref(S), log pi_old, V_old): the reference forward, log pi_ref(a_t) its whole softmax
+        at the sampling temperature (see rlhfkit.rollout); the critic's and pi_old's where the sampler could not
+        record them (a separate critic; `recompute_logprobs`); and, for k3 under truncation, the reference's mass
+        outside the set S_t of tokens pi_old keeps, which needs pi_old's logits (a policy forward)."""
+        ref, dropped, old, values = [], [], [], []
+        policy_forward = self.cfg.recompute_logprobs or self.k3_needs_kept_mass
         with self.accelerator.autocast():
             for _, rows in self.micro_batches(torch.arange(len(rollout), device=self.device),
                                               self.cfg.rollout_forward_batch_size):
                 part = rollout.select(rows)
-                ref.append(self.reference_logprobs(part))
-                if self.cfg.recompute_logprobs:
-                    logprobs, part_values = self.forward(part, train=False)
-                    old.append(logprobs)
+                ref_logits = self.reference_logits(part)
+                ref.append(token_logprobs(ref_logits, part.response_ids, self.sampling.untruncated))
+                if policy_forward:
+                    logits, part_values = self.policy_logits(part, train=False)
+                    old.append(self.logprobs(logits, part))
                     values.append(part_values)
+                    if self.k3_needs_kept_mass:
+                        dropped.append(dropped_mass(logits, ref_logits, self.sampling))
                 elif self.critic is not None:
                     values.append(self.critic_values(part))
-        old_logprobs = torch.cat(old) * rollout.response_mask if old else rollout.logprobs
+        old_logprobs = torch.cat(old) * rollout.response_mask if self.cfg.recompute_logprobs else rollout.logprobs
         old_values = torch.cat(values).float() if self.critic is not None else rollout.values
-        return torch.cat(ref), old_logprobs, old_values
+        ref_logprobs = torch.cat(ref)
+        ref_dropped = torch.cat(dropped) * rollout.response_mask if dropped else torch.zeros_like(ref_logprobs)
+        return ref_logprobs, ref_dropped, old_logprobs, old_values
 
     def advantages(self, rollout: Rollout, scores: Scores) -> Targets:
         """4. The algorithm's advantages (rlhfkit.ppo.core has the math):
@@ -321,8 +344,8 @@ class OnlineTrainer:
         grpo  (s - mean) / std over the prompt's samples (Dr. GRPO: s - mean); the KL is a loss term instead.
         Then whitened over the batch where `whiten_advantages` (ppo's default)."""
         cfg, mask = self.cfg, rollout.response_mask.float()
-        ref_logprobs, old_logprobs, old_values = self.reference(rollout)
-        kl = core.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+        ref_logprobs, ref_dropped, old_logprobs, old_values = self.reference(rollout)
+        kl = core.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator, ref_dropped) * mask
         beta = self.kl_ctl.value if cfg.algorithm != "grpo" else 0.0  # grpo's KL is in its loss, not its reward
         token_rewards = core.per_token_rewards(scores.shaped, kl, mask, beta)
         returns = None
@@ -334,7 +357,7 @@ class OnlineTrainer:
             advantages = core.group_advantages(scores.shaped, rollout.group, scale=not cfg.dr_grpo)[:, None] * mask
         if cfg.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask, self.reduce)
-        return Targets(old_logprobs, ref_logprobs, kl, token_rewards, advantages, old_values, returns)
+        return Targets(old_logprobs, ref_logprobs, ref_dropped, kl, token_rewards, advantages, old_values, returns)
 
     def update(self, rollout: Rollout, targets: Targets) -> dict[str, float]:
         """5. `ppo_epochs` passes over shuffled minibatches, one optimizer step each; returns the update's stats."""
@@ -390,6 +413,8 @@ class OnlineTrainer:
                         stack.enter_context(accelerator.no_sync(model))
                 with accelerator.autocast():
                     logprobs, values = self.forward(part, train=True)
+                # a sampled token the updated policy no longer keeps (top-k/top-p): log pi = -inf, ratio 0
+                outside = torch.isneginf(logprobs.detach()) & (part_mask > 0)
                 pg = core.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx], part_mask,
                                               cfg.clip_range)
                 per_token = pg.per_token
@@ -400,7 +425,9 @@ class OnlineTrainer:
                     stats["vf"] += vf.sum().detach()
                     stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
                 if cfg.algorithm == "grpo":
-                    kl = core.kl_estimate(logprobs, targets.ref_logprobs[idx], "k3") * part_mask
+                    # k3 is infinite there, with no gradient: left out, as the ratio loss takes it as ratio 0
+                    kl = core.kl_estimate(logprobs.masked_fill(outside, 0.0), targets.ref_logprobs[idx], "k3",
+                                          targets.ref_dropped[idx]) * part_mask * ~outside
                     per_token = per_token + self.kl_ctl.value * kl
                     stats["kl"] += kl.sum().detach()
                 # DDP averages gradients over processes; the factor makes the weights' sum over all of them count.
@@ -410,8 +437,7 @@ class OnlineTrainer:
                     gaps.append(((logprobs.detach() - rollout.logprobs[idx]).abs() * part_mask, part_mask))
                 stats["pg"] += pg.loss_sum.detach()
                 stats["clipfrac"] += core.masked_sum(pg.clipped, part_mask)
-                # a sampled token the updated policy no longer keeps (top-k/top-p) has ratio 0: counted apart
-                outside = torch.isneginf(pg.log_ratio.detach()) & (part_mask > 0)
+                # tokens outside the updated policy's support are counted apart
                 stats["approx_kl"] += core.masked_sum(core.approx_kl(pg.log_ratio.detach().masked_fill(outside, 0.0)),
                                                       part_mask)
                 stats["outside_support"] += outside.sum()
@@ -494,7 +520,6 @@ class OnlineTrainer:
 
     def train(self) -> PPOResult:
         cfg, accelerator = self.cfg, self.accelerator
-        start_tracking(accelerator, cfg)
         metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                 resumed_at=self.step_count if self.checkpoint is not None else None)
         result = PPOResult(output_dir=cfg.output_dir, steps=self.step_count)

@@ -7,11 +7,14 @@ transformer plus a bias-free `score` layer, Linear(d, 1) initialised N(0, 1/sqrt
 is not padding (transformers' rule). Encoder backbones get their own classification head with one output. The text
 scored is prompt + response in the model's chat template.
 
-After training, the scores of the training completions are normalised to mean 0 and std 1: the scale is folded
-into the last linear layer of the head, and so is the shift where that layer has a bias. Decoder heads have none,
-so the shift is stored in config.json (`rlhfkit_reward.offset`) and added by `score()`; a model's logit is then
-`score() - offset` (shifting every reward by a constant changes no preference, no ranking and no GRPO/RLOO
-advantage).
+After training, the scores of the training completions are normalised to std 1, the scale folded into the last
+linear layer of the head, and to mean 0 where that layer has a bias (encoder classifiers: the shift goes into it).
+Decoder heads (`score`) have none, in every architecture transformers has, and nothing in a plain checkpoint can
+add a constant after them, so their rewards keep the level training left them at: a score is exactly the logit
+that transformers and TRL compute (a Bradley-Terry loss fixes no level, and a constant changes no preference,
+ranking, best-of-n choice or GRPO/RLOO advantage; PPO's `normalize_reward` centres rewards where wanted).
+Reward models saved before this stored the shift in config.json (`rlhfkit_reward.offset`), which `score()` still
+adds: their score is their logit plus that offset.
 """
 
 from __future__ import annotations
@@ -216,19 +219,20 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def set_normalization(self, raw: torch.Tensor) -> None:
-        """Make the rewards of `raw` (logits of the training completions) mean 0 and std 1: the gain goes into the
-        head's last linear layer, the shift into its bias, or into `offset` where it has none."""
+        """Make the rewards of `raw` (logits of the training completions) std 1, and mean 0 where the head's last
+        linear layer has a bias: r' = g (r - mean), g into the layer's weight, -g mean into its bias. A bias-free
+        layer keeps the level (see the module docstring): a shift kept beside the weights would make plain
+        transformers and TRL score otherwise than rlhfkit."""
         scores = raw.float() + self.offset
         std = scores.std().item() if scores.numel() > 1 else 0.0
         gain = 1.0 / std if std > 0 else 1.0
-        shift = (self.offset - scores.mean().item()) * gain
         layer = output_layer(self.classifier)
         layer.weight.mul_(gain)
         if layer.bias is not None:
-            layer.bias.mul_(gain).add_(shift)
+            layer.bias.mul_(gain).add_((self.offset - scores.mean().item()) * gain)
             self.offset = 0.0
         else:
-            self.offset = shift
+            self.offset *= gain  # 0 for every model trained since; an older model's stored shift, on the new scale
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """transformers' layout (config.json, model.safetensors, tokenizer files), the offset in config.json."""

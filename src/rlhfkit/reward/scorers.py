@@ -73,7 +73,9 @@ class ClassifierReward:
             raise ConfigError(f"{model} has no label {label!r}; its labels are {sorted(labels)}")
         if self.tokenizer.pad_token is None:  # a one-sequence-at-a-time model (GPT-2 style): pad with EOS
             self.tokenizer.pad_token = self.tokenizer.eos_token
-            config.pad_token_id = self.tokenizer.pad_token_id
+        # a decoder's head reads each row at its last token that is not the pad id: the id the inputs are padded
+        # with (a config may have none, `pad_token_id: null`, where its tokenizer has one)
+        config.get_text_config().pad_token_id = self.tokenizer.pad_token_id
         self.index = labels[label]
         self.sigmoid = config.num_labels == 1 or config.problem_type == "multi_label_classification"
         self.output = ("logit" if config.num_labels == 1 else "probability") if output == "auto" else output

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhfkit.config import RewardConfig, dump_config
+from rlhfkit.config import RewardConfig
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.errors import DataError
 from rlhfkit.reward.diagnostics import diagnose_reward_model, ranking_counts
@@ -46,12 +46,11 @@ from rlhfkit.runs import (
     install_files,
     make_accelerator,
     optimizer_step,
-    prepare_output_dir,
+    open_run,
     read_checkpoint_state,
     resolve_checkpoint,
     save_trainable_only,
     seed_step,
-    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -176,9 +175,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     model = RewardModel.from_base(cfg.model, max_length=cfg.max_length)
     if cfg.retrieval is not None:  # saved with the model: wherever it scores, it reads prompts as it was trained
         model.retrieval = cfg.retrieval.model_dump(mode="json")
-    prepare_output_dir(accelerator, cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)
-    if accelerator.is_main_process:
-        dump_config(cfg, cfg.output_dir / "config.yaml")
+    open_run(accelerator, cfg, resuming=checkpoint is not None)
 
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -201,7 +198,6 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
-    start_tracking(accelerator, cfg)
     state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
     metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                             resumed_at=state.get("step"))
@@ -273,7 +269,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     final = accelerator.unwrap_model(model)
     if cfg.lora.enabled:
         final.set_body(final.body.merge_and_unload())
-    # Normalise on the training completions: rewards then have mean 0 and std 1 there.
+    # Normalise on the training completions: rewards then have std 1 there (and mean 0 where the head has a bias).
     final.set_normalization(torch.cat([final.raw_scores([it.prompt] * len(it.completions), it.completions, cfg.eval_batch_size)
                                        for it in train_items]))
     after = evaluate(step)

@@ -15,7 +15,9 @@ token the current policy no longer keeps in S has log-prob -inf (ratio 0), exact
 The reference model is a density, not a sampler: it is scored with softmax(z_ref / T) over the whole vocabulary
 (`Sampling.untruncated`). The KL to the reference is then KL(pi || pi_ref), the divergence of what is actually
 sampled from the reference model: finite whatever the supports, and with truncation it includes what truncation
-itself removes (E[-log mass kept] > 0 even for the reference model sampling itself).
+itself removes (E[-log mass kept] > 0 even for the reference model sampling itself). Estimators of it that weigh
+pi_ref / pi at sampled tokens (k3) need the reference's mass outside S, which `dropped_mass` gives: E_pi[pi_ref / pi]
+= sum_{a in S} pi_ref(a) = 1 - that mass, not 1.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Samplin
     """
     z = sampling_logits(logits, sampling)
     return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def dropped_mass(logits: torch.Tensor, ref_logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """1 - pi_ref(S) = sum_{a not in S} pi_ref(a): the reference's mass (its whole softmax at temperature T) on the
+    tokens the truncation of the policy's `logits` leaves out of S. [..., V] logits -> [...]; 0 without truncation."""
+    outside = torch.isneginf(sampling_logits(logits, sampling))
+    z_ref = sampling_logits(ref_logits, sampling.untruncated)
+    return (z_ref.masked_fill(~outside, float("-inf")).logsumexp(-1) - z_ref.logsumexp(-1)).exp()
 
 
 def entropy(z: torch.Tensor) -> torch.Tensor:
