@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -76,15 +77,31 @@ def test_reward_train_writes_and_prints_the_fact_swap_and_learns_a_length_term(t
     assert saved["fact_swap_pairs"] >= 30 and 0.0 <= saved["fact_swap_right_preferred"] <= 1.0
     assert f"right fact preferred in {saved['fact_swap_right_preferred']:.3f} of {saved['fact_swap_pairs']}" \
         in result.output.replace("\n", " ")
-    # every ranking prefers the longer answer: the length term learns a positive beta
+    # every ranking prefers the longer answer: the length term's beta is positive (and finite), the same all run
     betas = [json.loads(line).get("train/length_beta") for line in (out / "metrics.jsonl").read_text().splitlines()]
     betas = [b for b in betas if b is not None]
-    assert betas and betas[-1] > 0
+    assert betas and 0 < betas[0] < 100 and len(set(betas)) == 1
     # the saved model is a plain classifier: no length term in its weights
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not any("beta" in k for k in f.keys())
+
+
+def test_the_length_coefficient_is_the_bradley_terry_fit_of_length_alone():
+    """400 pairs 10 words apart, the longer preferred in 3 of 4: sigmoid(beta) = 3/4, beta = log 3 per 10 words."""
+    from rlhfkit.data.preference import PreferenceItem
+    from rlhfkit.reward.train import fit_length_coefficient
+
+    short, long = "a " * 5, "a " * 15
+    items = [PreferenceItem("p", [long, short], pairs=[(0, 1)], shares=[1.0]) for _ in range(300)]
+    items += [PreferenceItem("p", [short, long], pairs=[(0, 1)], shares=[1.0]) for _ in range(100)]
+    assert fit_length_coefficient(items) == pytest.approx(math.log(3), abs=1e-3)
+    assert fit_length_coefficient(items[:300] + items[:0] + items[300:] * 3) == pytest.approx(0.0, abs=1e-6)
+    # soft labels: each pair's vote share is its label
+    soft = [PreferenceItem("p", [long, short], pairs=[(0, 1)], shares=[0.75]) for _ in range(10)]
+    assert fit_length_coefficient(soft, soft_labels=True) == pytest.approx(math.log(3), abs=1e-3)
+    assert fit_length_coefficient([PreferenceItem("p", [short, short + " "], pairs=[(0, 1)], shares=[1.0])]) == 0.0
 
 
 def test_the_fact_swap_needs_its_sheet():

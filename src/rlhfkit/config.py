@@ -131,7 +131,7 @@ class DPOConfig(Strict):
     beta: float = Field(0.1, gt=0)  # strength of the KL to the reference (IPO: tau)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a pair's label is flipped (TRL 1.16's sigmoid and ipo losses ignore theirs)
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
-    length_debias: bool = False  # learn a length term beside the reward and leave it out of the saved model
+    length_debias: bool = False  # a length term fitted on the training pairs stands beside the reward in the loss, left out of the saved model
     fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training
     facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
 
@@ -264,7 +264,7 @@ class RewardConfig(Strict):
 
     keep_ties: bool = False  # ties as pairs with label 1/2
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
-    length_debias: bool = False  # learn a length term beside the reward and leave it out of the saved model
+    length_debias: bool = False  # a length term fitted on the training pairs stands beside the reward in the loss, left out of the saved model
     fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training
     facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end

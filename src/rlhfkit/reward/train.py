@@ -3,10 +3,11 @@
     loss = -log sigmoid(r_chosen - r_rejected - margin)          for a pair with a preference
     loss = -1/2 [log sigmoid(d) + log sigmoid(-d)], d = r_a - r_b   for a kept tie (label 1/2)
 
-With `length_debias`, a length term is learnt beside the reward and left out of the saved model (a product of
-experts, as in Shen et al. 2023's "Loose lips sink ships"): d = r_chosen - r_rejected + beta (l_chosen - l_rejected)
-with l a completion's length in words / 10 and beta one learnt number, so the part of the preferences that length
-explains is fitted by beta instead of by the reward, and the saved reward is r alone.
+With `length_debias`, a length term stands beside the reward in the loss and is left out of the saved model (a
+product of experts, as in Shen et al. 2023's "Loose lips sink ships"): d = r_chosen - r_rejected + beta (l_chosen -
+l_rejected), l a completion's length in words / 10, beta the Bradley-Terry coefficient of length alone fitted on
+the training pairs before training (`fit_length_coefficient`). The part of the preferences that length explains is
+already explained, so the reward is pushed to learn the rest, and the saved reward is r alone.
 
 With `soft_labels`, a pair's label is its vote share q (2 of 3 annotators preferred chosen: q = 2/3), and its loss
 -q log sigmoid(d) - (1 - q) log sigmoid(-d), d = r_chosen - r_rejected - margin: the loss of a tie at q = 1/2,
@@ -93,15 +94,25 @@ def collate_items(items: list[PreferenceItem], model: RewardModel, soft_labels: 
                            as_long(tie_a), as_long(tie_b), torch.tensor([len(r.split()) / 10 for r in responses]))
 
 
-class LengthTerm(torch.nn.Module):
-    """beta * l: the length term of `length_debias` (trained beside the reward, never saved with it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.beta = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, lengths: torch.Tensor) -> torch.Tensor:
-        return self.beta * lengths
+def fit_length_coefficient(items: list[PreferenceItem], soft_labels: bool = False, iterations: int = 50,
+                           ridge: float = 1e-3) -> float:
+    """beta maximising sum q log sigmoid(beta x) + (1 - q) log sigmoid(-beta x) - ridge beta^2 / 2 over the items'
+    pairs (and kept ties, q = 1/2), x = (l_chosen - l_rejected) in words / 10: Bradley-Terry with length as the only
+    feature (Newton's method; the small ridge keeps beta finite where length alone orders every pair)."""
+    x, q = [], []
+    for item in items:
+        lengths = [len(c.split()) / 10 for c in item.completions]
+        shares = item.shares if soft_labels else [1.0] * len(item.pairs)
+        x += [lengths[i] - lengths[j] for i, j in item.pairs] + [lengths[i] - lengths[j] for i, j in item.ties]
+        q += list(shares) + [0.5] * len(item.ties)
+    x, q, beta = torch.tensor(x, dtype=torch.float64), torch.tensor(q, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    if not bool((x != 0).any()):
+        return 0.0
+    for _ in range(iterations):
+        p = torch.sigmoid(beta * x)
+        gradient, curvature = ((q - p) * x).sum() - ridge * beta, (p * (1 - p) * x * x).sum() + ridge
+        beta = beta + gradient / curvature
+    return float(beta)
 
 
 def bradley_terry_loss(rewards: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
@@ -187,12 +198,12 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     model.train()
 
     loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=lambda b: collate_items(b, model, cfg.soft_labels))
-    length_term = LengthTerm().to(accelerator.device) if cfg.length_debias else None
-    params = [p for m in (model, length_term) if m is not None for p in m.parameters() if p.requires_grad]
+    beta = fit_length_coefficient(train_items, cfg.soft_labels) if cfg.length_debias else 0.0
+    if cfg.length_debias:
+        logger.info("length term: beta %.4f per 10 words (fitted on the training pairs, left out of the saved model)", beta)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if length_term is not None:
-        length_term = accelerator.prepare(length_term)  # trained and checkpointed with the model, never saved with it
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
@@ -236,8 +247,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
             seed_step(cfg.seed, step)
             batch = batch.to(accelerator.device)
             rewards = model(batch.input_ids, batch.attention_mask)
-            if length_term is not None:
-                rewards = rewards + length_term(batch.lengths)
+            if beta:
+                rewards = rewards + beta * batch.lengths  # the length expert of length_debias
             loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
             # mean over the comparisons of the step, across processes (DDP averages gradients, hence the factor)
             total_pairs = accelerator.reduce(torch.tensor(n_pairs, device=accelerator.device), "sum").clamp(min=1)
@@ -253,8 +264,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
             if step % cfg.log_every == 0 or step == total_steps:
                 values = {"train/loss": window_loss / max(window_pairs, 1), "train/accuracy": window_correct / max(window_pairs, 1),
                           "train/lr": scheduler.get_last_lr()[0]}
-                if length_term is not None:
-                    values["train/length_beta"] = accelerator.unwrap_model(length_term).beta.item()
+                if cfg.length_debias:
+                    values["train/length_beta"] = beta
                 metrics.write(step, values)
                 accelerator.log(values, step=step)
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
