@@ -119,6 +119,14 @@ def seeded(app, **project):
     return admin, alice, bob, pid
 
 
+def mark_control(admin, pid: int, external_id: str, known: list[str]):
+    """Make the item `external_id` a control item with the known ranks `known` (one per completion, "" for none)."""
+    page = admin.get(f"/admin/projects/{pid}/items", params={"external_id": external_id})
+    assert page.status_code == 200, page.text
+    item_id = int(re.search(r'/items/(\d+)/control"', page.text).group(1))
+    return admin.form(f"/admin/projects/{pid}/items/{item_id}/control", {"known": known})
+
+
 def annotate_page(client, pid):
     page = client.get(f"/projects/{pid}/annotate")
     assert page.status_code == 200

@@ -27,7 +27,8 @@ def utcnow() -> dt.datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    # None is SQL NULL, not the JSON text 'null': `IS NULL` finds it (a cleared control item is a regular item).
+    type_annotation_map = {dict[str, Any]: JSON(none_as_null=True), list[Any]: JSON(none_as_null=True)}
 
 
 class User(Base):

@@ -1,0 +1,68 @@
+"""The feedback app attacked again (issue 25, item 7): each test reproduces one defect the attack found and checks
+that it is fixed. Tests taking `app` or `database_url` run on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from feedback_helpers import (  # noqa: F401
+    clients, create_project, database_url, jsonl, make_app, mark_control,
+)
+from sqlalchemy import create_engine, select, text
+
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.db import MIGRATIONS, Item, normalize_url
+
+
+@pytest.fixture
+def app(database_url):
+    return make_app(database_url)
+
+
+def control_project(admin, members=("alice", "bob"), annotators: int = 2, items: int = 3, **project) -> int:
+    """A ranking project (K = 2) with `items` items q0, q1, ...; no control item yet."""
+    pid = create_project(admin, k=2, annotators=annotators, questions=("ranking",), members=members, **project)
+    lines = [{"id": f"q{i}", "prompt": f"Question {i}?", "completions": [f"a{i}", f"b{i}"]} for i in range(items)]
+    assert admin.form(f"/admin/projects/{pid}/import/completions", files={"file": ("c.jsonl", jsonl(lines))}).status_code == 200
+    return pid
+
+
+# a. Clearing a control item stored the JSON text 'null', not SQL NULL: the admin page answered 500 for good and the
+#    item left the normal queue.
+
+def test_a_cleared_control_item_is_a_regular_item_again(app):
+    admin, alice = clients(app, "admin", "alice")
+    pid = control_project(admin, members=("alice",), annotators=1, items=1)
+    assert mark_control(admin, pid, "q0", ["1", "2"]).status_code == 200
+    with app.state.sessions() as db:
+        item_id = db.scalar(select(Item.id).where(Item.project_id == pid))
+    r = admin.form(f"/admin/projects/{pid}/items/{item_id}/control/clear")
+    assert r.status_code == 200 and "regular item again" in r.text
+    with app.state.sessions() as db:
+        assert db.scalar(select(Item.id).where(Item.id == item_id, Item.control_ranks.is_(None))) == item_id
+    page = admin.get(f"/admin/projects/{pid}")
+    assert page.status_code == 200 and "0 control items" in page.text
+    assert alice.get(f"/api/projects/{pid}/next").json()["id"] == item_id  # back in the normal queue
+
+
+def test_the_upgrade_turns_json_null_control_ranks_into_sql_null(database_url):
+    """A database written before the fix holds JSON 'null' where a control item was cleared: the migration
+    repairs it, and the project's page works again."""
+    engine = create_engine(normalize_url(database_url))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.execute(text("INSERT INTO projects (name, guidelines, k, annotators_per_item, questions, "
+                                "control_share, created_at) VALUES ('old', '', 2, 1, '[\"ranking\"]', 0, '2026-01-01')"))
+        connection.execute(text("INSERT INTO items (project_id, external_id, prompt, position, control_ranks) VALUES "
+                                "(1, 'cleared', 'Why?', 0, 'null'), (1, 'control', 'How?', 1, '[1, 2]'), "
+                                "(1, 'regular', 'What?', 2, NULL)"))
+    engine.dispose()
+    app = create_app(database_url)
+    with app.state.sessions() as db:
+        rows = dict(db.execute(select(Item.external_id, Item.control_ranks.is_(None))).all())
+        assert rows == {"cleared": True, "control": False, "regular": True}
+        assert db.scalar(select(Item.control_ranks).where(Item.external_id == "control")) == [1, 2]
