@@ -66,3 +66,19 @@ def test_the_upgrade_turns_json_null_control_ranks_into_sql_null(database_url):
         rows = dict(db.execute(select(Item.external_id, Item.control_ranks.is_(None))).all())
         assert rows == {"cleared": True, "control": False, "regular": True}
         assert db.scalar(select(Item.control_ranks).where(Item.external_id == "control")) == [1, 2]
+
+
+# c. The browser form's submit on a ranking item without completions answered 500 (the page's cards[0]); the API
+#    answers 409.
+
+def test_the_form_on_an_item_without_completions_answers_409(app):
+    admin, alice = clients(app, "admin", "alice")
+    pid = create_project(admin, k=2, questions=("ranking",), members=("alice",))
+    admin.form(f"/admin/projects/{pid}/import/prompts", files={"file": ("p.jsonl", jsonl([{"prompt": "p", "id": "a"}]))})
+    with app.state.sessions() as db:
+        item_id = db.scalar(select(Item.id).where(Item.project_id == pid))
+    for form in ({"mode": "new"}, {"mode": "new", "all_equal": "1"}, {"mode": "revise"}):
+        r = alice.form(f"/projects/{pid}/items/{item_id}/submit", form)
+        assert r.status_code == 409 and "no completions" in r.text, (form, r.status_code)
+    r = alice.form(f"/projects/{pid}/items/{item_id}/skip")
+    assert r.status_code == 409 and "no completions" in r.text

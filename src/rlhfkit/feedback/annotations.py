@@ -62,6 +62,12 @@ def item_or_404(db: Session, project: Project, item_id: int) -> Item:
     return item
 
 
+def require_completions(item: Item) -> None:
+    """Refused unless the item has completions enough to compare."""
+    if len(item.completions) < MIN_COMPLETIONS:
+        raise Refused("this item has no completions yet: it cannot be answered")
+
+
 def _is_visible(db: Session, item: Item) -> bool:
     return item.import_job_id is None or bool(db.scalar(select(visible(Item.import_job_id)).where(Item.id == item.id)))
 
@@ -212,8 +218,7 @@ def save_annotation(db: Session, project: Project, item: Item, user: User, answe
         mine.revisions, mine.updated_at = mine.revisions + 1, utcnow()
         db.commit()
         return mine
-    if len(item.completions) < MIN_COMPLETIONS:
-        raise Refused("this item has no completions yet: it cannot be answered")
+    require_completions(item)
     assignment = db.scalar(select(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id))
     if answer is not None:
         if assignment is None:
