@@ -82,3 +82,32 @@ def test_the_form_on_an_item_without_completions_answers_409(app):
         assert r.status_code == 409 and "no completions" in r.text, (form, r.status_code)
     r = alice.form(f"/projects/{pid}/items/{item_id}/skip")
     assert r.status_code == 409 and "no completions" in r.text
+
+
+# d. An annotator could tell control items apart: a control answer could be revised where a regular one could not
+#    (200 vs 409), `progress.available` did not drop after a control answer, and "your latest answers" offered
+#    "revise" only beside control items.
+
+@pytest.mark.parametrize("annotators", [1, 2])
+def test_control_items_cannot_be_told_apart_by_the_annotator(app, annotators):
+    admin, alice = clients(app, "admin", "alice")
+    # Every hand-out a control item while one is left: the test knows q0 comes first, then q1 and q2.
+    pid = control_project(admin, members=("alice",), annotators=annotators, control_percent=100)
+    assert mark_control(admin, pid, "q0", ["1", "2"]).status_code == 200
+    headers = {"X-CSRF-Token": alice.csrf}
+    seen = {}
+    for _ in range(3):
+        before = alice.get(f"/api/projects/{pid}/progress").json()["available"]
+        item = alice.get(f"/api/projects/{pid}/next").json()
+        url = f"/api/projects/{pid}/items/{item['id']}/annotations"
+        assert alice.post(url, json={"ranks": [1, 2]}, headers=headers).status_code == 201
+        after = alice.get(f"/api/projects/{pid}/progress").json()["available"]
+        revised = alice.put(url, json={"ranks": [2, 1]}, headers=headers).status_code
+        revise_page = alice.get(f"/projects/{pid}/items/{item['id']}/revise").status_code
+        listed = alice.get(f"/projects/{pid}/annotate").text
+        offered = f'/projects/{pid}/items/{item["id"]}/revise">revise' in listed
+        seen[item["prompt"]] = (before - after, revised, revise_page, offered)
+    assert set(seen) == {"Question 0?", "Question 1?", "Question 2?"}
+    open_ = annotators > 1  # one answer closes an item of one annotator; two leave it open
+    expected = (1, 200 if open_ else 409, 200 if open_ else 409, open_)
+    assert seen == {prompt: expected for prompt in seen}, seen
