@@ -11,6 +11,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import pytest
 import uvicorn
 from argon2 import PasswordHasher
@@ -166,3 +167,11 @@ def serving(app, **settings):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def logged_in(base: str, username: str, n: int) -> list[tuple[httpx.Client, str]]:
+    """`n` HTTP clients sharing one login of `username`, with its CSRF token."""
+    first = httpx.Client(base_url=base, timeout=60)
+    first.post("/login", data={"username": username, "password": PASSWORD, "csrf_token": csrf_of(first.get("/login").text)})
+    token = csrf_of(first.get("/").text)
+    return [(first, token)] + [(httpx.Client(base_url=base, timeout=60, cookies=first.cookies), token) for _ in range(n - 1)]

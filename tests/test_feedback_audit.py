@@ -3,14 +3,19 @@ that it is fixed. Tests taking `app` or `database_url` run on SQLite and on Post
 
 from __future__ import annotations
 
+import threading
+import time
+
+import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
 from feedback_helpers import (  # noqa: F401
-    clients, create_project, database_url, jsonl, make_app, mark_control,
+    clients, create_project, database_url, jsonl, logged_in, make_app, mark_control, serving,
 )
 from sqlalchemy import create_engine, select, text
 
+from rlhfkit.feedback import auth
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import MIGRATIONS, Item, normalize_url
 
@@ -111,3 +116,43 @@ def test_control_items_cannot_be_told_apart_by_the_annotator(app, annotators):
     open_ = annotators > 1  # one answer closes an item of one annotator; two leave it open
     expected = (1, 200 if open_ else 409, 200 if open_ else 409, open_)
     assert seen == {prompt: expected for prompt in seen}, seen
+
+
+# b. The CSRF check was an async dependency running a blocking database query on the event loop (and so were the
+#    error pages' user look-ups): one browser posting a form while the database was slow stalled every request.
+
+SLOW_QUERY_SECONDS = 1.5
+
+
+@pytest.mark.parametrize("slow_request", ["form post (CSRF check)", "missing page (error page)"])
+def test_a_slow_database_query_does_not_stall_other_requests(tmp_path, monkeypatch, slow_request):
+    app = make_app(f"sqlite:///{tmp_path / 'f.db'}")
+    with serving(app) as base:
+        (browser, csrf), = logged_in(base, "alice", 1)
+        looked_up = auth.current_session
+
+        def slow_session(db, request):  # the database takes its time over this one request
+            if request.headers.get("x-slow"):
+                time.sleep(SLOW_QUERY_SECONDS)
+            return looked_up(db, request)
+
+        monkeypatch.setattr(auth, "current_session", slow_session)
+
+        def slow() -> int:
+            if slow_request.startswith("form"):
+                return browser.post("/account/password", headers={"x-slow": "1"}, data={"csrf_token": csrf}).status_code
+            return browser.get("/projects/999999/guidelines", headers={"x-slow": "1"}).status_code
+
+        answered = {}
+        thread = threading.Thread(target=lambda: answered.update(slow=slow()))
+        thread.start()
+        waits = []
+        with httpx.Client(base_url=base, timeout=30) as other:
+            while thread.is_alive():  # another client's requests meanwhile, one every 0.1 s
+                started = time.perf_counter()
+                assert other.get("/static/app.css").status_code == 200
+                waits.append(time.perf_counter() - started)
+                time.sleep(0.1)
+        thread.join()
+    assert answered["slow"] in (404, 422)  # answered, once its query was done
+    assert len(waits) >= 5 and max(waits) < SLOW_QUERY_SECONDS / 3, f"other requests waited {max(waits):.2f} s"

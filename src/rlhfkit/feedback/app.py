@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError as StorageDataError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.feedback import routes_admin, routes_annotator, routes_api, routes_auth
@@ -140,16 +141,20 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
     for module in (routes_auth, routes_annotator, routes_admin, routes_api):
         app.include_router(module.router)
 
-    def error(request: Request, status: int, detail, headers: dict | None = None, look_up_user: bool = True):
-        """JSON for the API, an error page for the browser."""
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    def error_page(request: Request, status: int, detail, headers: dict | None, look_up_user: bool):
         lines = [f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in detail] if isinstance(detail, list) else [detail]
         with sessions() as db:
             principal = optional_principal(request, db) if look_up_user else None
             response = render(request, "error.html", principal, status_code=status, status=status, problems=lines)
         response.headers.update(headers or {})
         return response
+
+    async def error(request: Request, status: int, detail, headers: dict | None = None, look_up_user: bool = True):
+        """JSON for the API, an error page for the browser; the page looks up its user in the threadpool, as the
+        routes do, so that no database query blocks the event loop."""
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        return await run_in_threadpool(error_page, request, status, detail, headers, look_up_user)
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, _exc: LoginRequired):
@@ -162,21 +167,21 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        return error(request, exc.status_code, exc.detail, exc.headers)
+        return await error(request, exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
-        return error(request, 422, _problems(exc))
+        return await error(request, 422, _problems(exc))
 
     @app.exception_handler(StorageDataError)
     async def _unstorable(request: Request, exc: StorageDataError):
         logger.warning("refused a value the database cannot store: %s", exc.orig)
-        return error(request, 422, "a value is too long or holds characters the database cannot store")
+        return await error(request, 422, "a value is too long or holds characters the database cannot store")
 
     @app.exception_handler(IntegrityError)
     async def _conflict(request: Request, exc: IntegrityError):
         logger.warning("a write conflicted with a concurrent one: %s", exc.orig)
-        return error(request, 409, "this conflicts with a change made at the same moment; reload and try again")
+        return await error(request, 409, "this conflicts with a change made at the same moment; reload and try again")
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
@@ -184,7 +189,7 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
         if not is_transient(exc):
             raise exc
         logger.warning("database busy, answered 503: %s", exc)
-        return error(request, 503, f"the database is busy; try again in {RETRY_AFTER_SECONDS} seconds",
+        return await error(request, 503, f"the database is busy; try again in {RETRY_AFTER_SECONDS} seconds",
                      {"Retry-After": str(RETRY_AFTER_SECONDS)}, look_up_user=False)
 
     app.add_middleware(LimitsAndHeaders, max_body_bytes=max_body_bytes)

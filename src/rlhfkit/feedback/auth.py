@@ -229,19 +229,27 @@ def require_admin(principal: Principal = Depends(require_user)) -> Principal:
     return principal
 
 
-async def verify_csrf(request: Request, db: Session = Depends(get_db)) -> None:
-    """App-wide dependency: every state-changing request carries the right CSRF token (or is a token request)."""
+async def csrf_sent(request: Request) -> str | None:
+    """The CSRF token a state-changing browser request carries (header `X-CSRF-Token`, else the form field
+    `csrf_token`). Reading the body is awaited here, so that the check itself needs no event loop."""
     if request.method not in STATE_CHANGING or _bearer(request) is not None:
-        return
-    session = current_session(db, request)
-    expected = session.csrf_token if session is not None else request.cookies.get(LOGIN_CSRF_COOKIE)
+        return None
     sent = request.headers.get("x-csrf-token")
     if sent is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         sent = (await request.form()).get("csrf_token")
-    if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent.encode("utf-8", "replace"),
-                                                                               expected.encode()):
+    return sent if isinstance(sent, str) else None
+
+
+def verify_csrf(request: Request, sent: str | None = Depends(csrf_sent), db: Session = Depends(get_db)) -> None:
+    """App-wide dependency: every state-changing request carries the right CSRF token (or is a token request).
+    A plain function, so FastAPI runs it in the threadpool: its database query never blocks the event loop."""
+    if request.method not in STATE_CHANGING or _bearer(request) is not None:
+        return
+    session = current_session(db, request)
+    expected = session.csrf_token if session is not None else request.cookies.get(LOGIN_CSRF_COOKIE)
+    if not expected or sent is None or not secrets.compare_digest(sent.encode("utf-8", "replace"), expected.encode()):
         raise HTTPException(403, "CSRF token missing or wrong (the session may have ended); reload the page and try again")
 
 
