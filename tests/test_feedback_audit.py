@@ -3,21 +3,26 @@ that it is fixed. Tests taking `app` or `database_url` run on SQLite and on Post
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import threading
 import time
+import unicodedata
 
 import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
 from feedback_helpers import (  # noqa: F401
-    clients, create_project, database_url, jsonl, logged_in, make_app, mark_control, serving,
+    PASSWORD, Client, clients, create_project, database_url, jsonl, logged_in, make_app, mark_control, serving,
 )
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, func, select, text
 
 from rlhfkit.feedback import auth
 from rlhfkit.feedback.app import create_app
-from rlhfkit.feedback.db import MIGRATIONS, Item, normalize_url
+from rlhfkit.feedback.db import MIGRATIONS, ApiToken, Item, User, normalize_url, utcnow
+
+NEW_PASSWORD = "a brand new passphrase"
 
 
 @pytest.fixture
@@ -156,3 +161,138 @@ def test_a_slow_database_query_does_not_stall_other_requests(tmp_path, monkeypat
         thread.join()
     assert answered["slow"] in (404, 422)  # answered, once its query was done
     assert len(waits) >= 5 and max(waits) < SLOW_QUERY_SECONDS / 3, f"other requests waited {max(waits):.2f} s"
+
+
+# e. Accounts: no attempt limit on the current-password check; reactivating a user brought back their API tokens,
+#    and neither a password reset nor a change revoked them; the password policy checked only the length and did not
+#    normalise Unicode; tokens could live for ever and a leaked admin token could mint admins and tokens.
+
+def user_id(app, name: str) -> int:
+    with app.state.sessions() as db:
+        return db.scalar(select(User.id).where(User.username == name))
+
+
+def new_token(admin, uid: int, **form) -> str:
+    page = admin.form(f"/admin/users/{uid}/tokens", {"name": "script", **form})
+    assert page.status_code == 200, page.text
+    return re.search(r'id="new-token">([^<]+)<', page.text).group(1)
+
+
+def works(app, token: str) -> bool:
+    return Client(app).get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_the_current_password_check_has_an_attempt_limit(app):
+    alice, = clients(app, "alice")
+    wrong = {"current_password": "not it at all", "new_password": NEW_PASSWORD}
+    assert [alice.form("/account/password", wrong).status_code for _ in range(5)] == [422] * 5
+    r = alice.form("/account/password", {"current_password": PASSWORD, "new_password": NEW_PASSWORD})
+    assert r.status_code == 429 and "too many" in r.text and r.headers["retry-after"]
+    assert Client(app).login("alice")  # the password is unchanged, and logging in is not held back
+
+
+def test_tokens_end_with_deactivation_password_reset_and_change(app):
+    admin, alice = clients(app, "admin", "alice")
+    alice_id = user_id(app, "alice")
+    token = new_token(admin, alice_id)
+    admin.form(f"/admin/users/{alice_id}/active", {"active": "false"})
+    admin.form(f"/admin/users/{alice_id}/active", {"active": "true"})
+    assert not works(app, token)  # reactivating her does not bring back the token she had
+
+    token = new_token(admin, alice_id)
+    r = admin.form(f"/admin/users/{alice_id}/password", {"password": NEW_PASSWORD})
+    assert r.status_code == 200 and "API tokens" in r.text
+    assert not works(app, token)
+
+    alice = Client(app).login("alice", NEW_PASSWORD)
+    token = new_token(admin, alice_id)
+    r = alice.form("/account/password", {"current_password": NEW_PASSWORD, "new_password": PASSWORD})
+    assert r.status_code == 200 and "API tokens" in r.text
+    assert not works(app, token)
+    assert works(app, new_token(admin, alice_id))  # a token made afterwards works
+
+
+@pytest.mark.parametrize("password", ["12345678", "password", "Password1", "qwertyuiop", "alice", "alice2026!",
+                                      "ALICE-ALICE", "１２３４５６７８"])
+def test_common_passwords_and_the_username_are_refused(app, password):
+    admin, alice = clients(app, "admin", "alice")
+    r = admin.form(f"/admin/users/{user_id(app, 'alice')}/password", {"password": password})
+    assert r.status_code == 422 and ("common" in r.text or "username" in r.text or "8 to" in r.text), r.text[-400:]
+    r = alice.form("/account/password", {"current_password": PASSWORD, "new_password": password})
+    assert r.status_code == 422
+    assert Client(app).login("alice")  # unchanged
+    for refused in ("12345678", "dave the annotator"):  # and for a new account
+        r = admin.form("/admin/users", {"username": "dave", "password": refused, "role": "annotator"})
+        assert r.status_code == 422, refused
+
+
+def test_passwords_are_unicode_normalised(app):
+    composed = unicodedata.normalize("NFC", "Grüße aus Köln, Ångström")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    admin, = clients(app, "admin")
+    assert admin.form(f"/admin/users/{user_id(app, 'alice')}/password", {"password": composed}).status_code == 200
+    assert Client(app).login("alice", decomposed)  # typed on a keyboard that composes differently
+    assert Client(app).login("alice", composed)
+    with app.state.sessions() as db:  # a hash stored before normalising (of a decomposed password) still logs in
+        db.get(User, user_id(app, "bob")).password_hash = auth._hasher.hash(decomposed)
+        db.commit()
+    assert Client(app).login("bob", decomposed)
+
+
+def test_tokens_expire_and_cannot_manage_accounts(tmp_path):
+    app = make_app(f"sqlite:///{tmp_path / 'f.db'}", max_token_days=30)
+    admin, = clients(app, "admin")
+    admin_id = user_id(app, "admin")
+    page = admin.get("/admin/users").text
+    assert 'name="days"' in page and 'max="30"' in page
+    for days in (0, 31):  # none lives for ever, nor beyond the server's limit
+        assert admin.form(f"/admin/users/{admin_id}/tokens", {"name": "x", "days": days}).status_code == 422
+    r = admin.form(f"/admin/users/{admin_id}/tokens", {"name": "ops"})
+    assert r.status_code == 200 and 'id="admin-token-warning"' in r.text  # an admin's token: a warning beside it
+    token = re.search(r'id="new-token">([^<]+)<', r.text).group(1)
+    assert 'id="admin-token-warning"' not in new_token_page(admin, user_id(app, "alice"))
+    with app.state.sessions() as db:
+        expires = db.scalar(select(ApiToken.expires_at).order_by(ApiToken.id.desc()).limit(1))
+        assert dt.timedelta(days=29) < expires - utcnow() <= dt.timedelta(days=30)
+
+    script = Client(app)
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert script.get("/api/me", headers=bearer).json()["role"] == "admin"  # it does an admin's work
+    assert script.get("/admin/projects/999", headers=bearer).status_code == 404
+    answers = [script.post("/admin/users", headers=bearer, data={"username": "mallory", "password": NEW_PASSWORD,
+                                                                 "role": "admin"}),
+               script.post(f"/admin/users/{admin_id}/tokens", headers=bearer, data={"name": "forever"}),
+               script.post(f"/admin/users/{user_id(app, 'alice')}/role", headers=bearer, data={"role": "admin"}),
+               script.post(f"/admin/users/{user_id(app, 'alice')}/password", headers=bearer, data={"password": NEW_PASSWORD}),
+               script.get("/admin/users", headers=bearer)]
+    assert [r.status_code for r in answers] == [403] * 5 and "browser" in answers[0].text
+    with app.state.sessions() as db:
+        assert db.scalar(select(func.count()).select_from(ApiToken)) == 2
+        assert db.scalar(select(User.role).where(User.username == "alice")) == "annotator"
+
+
+def new_token_page(admin, uid: int) -> str:
+    page = admin.form(f"/admin/users/{uid}/tokens", {"name": "script"})
+    assert page.status_code == 200
+    return page.text
+
+
+def test_the_upgrade_gives_old_tokens_an_expiry_and_revokes_those_of_deactivated_users(database_url):
+    engine = create_engine(normalize_url(database_url))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0005")
+        connection.execute(text("INSERT INTO users (username, username_key, password_hash, role, active, created_at) "
+                                "VALUES ('ann', 'ann', 'x', 'annotator', true, '2026-01-01'), "
+                                "('gone', 'gone', 'x', 'annotator', false, '2026-01-01')"))
+        connection.execute(text("INSERT INTO api_tokens (token_hash, user_id, name, created_at) VALUES "
+                                "('forever', 1, 'script', '2026-01-01'), ('left', 2, 'script', '2026-01-01')"))
+    engine.dispose()
+    app = create_app(database_url)
+    with app.state.sessions() as db:
+        tokens = {t.token_hash: t for t in db.scalars(select(ApiToken))}
+        assert dt.timedelta(days=89) < tokens["forever"].expires_at - utcnow() <= dt.timedelta(days=90)
+        assert tokens["forever"].usable(utcnow()) and tokens["left"].revoked_at is not None

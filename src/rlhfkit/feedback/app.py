@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.feedback import routes_admin, routes_annotator, routes_api, routes_auth
-from rlhfkit.feedback.auth import LoginRateLimiter, LoginRequired, optional_principal, verify_csrf
+from rlhfkit.feedback.auth import MAX_TOKEN_DAYS, LoginRateLimiter, LoginRequired, optional_principal, verify_csrf
 from rlhfkit.feedback.db import make_engine, make_sessionmaker, migrate
 from rlhfkit.feedback.importing import remove_all_leftovers, stop_unfinished_imports
 from rlhfkit.feedback.jobs import interrupt_unfinished_jobs
@@ -111,13 +111,14 @@ def _problems(exc: RequestValidationError) -> list[dict]:
 
 
 def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_dir: Path | None = None,
-               lock_timeout: float = 15.0, retrieval: dict | None = None) -> FastAPI:
+               lock_timeout: float = 15.0, retrieval: dict | None = None, max_token_days: int = MAX_TOKEN_DAYS) -> FastAPI:
     """The app on `database_url` (SQLite or PostgreSQL), its schema migrated to the newest version first.
 
     `model_dir`: sampling jobs load local models only from under it (default: the working directory).
     `retrieval`: RetrievalSettings (as a dict): sampling jobs ground the prompts in these documents, and annotators
     see the passages beside the prompt.
     `lock_timeout`: seconds a request waits for a database lock before it is answered 503 with Retry-After.
+    `max_token_days`: the longest an API token may be valid.
     """
     engine = make_engine(database_url, lock_timeout=lock_timeout)
     migrate(engine)
@@ -136,6 +137,7 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
     app.state.cleanup.start()
     app.state.model_dir = (model_dir or Path.cwd()).resolve()
     app.state.retrieval = retrieval
+    app.state.max_token_days = max_token_days
     app.state.login_limits = LoginRateLimiter(limit=5), LoginRateLimiter(limit=30)  # per account or browser, per address
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     for module in (routes_auth, routes_annotator, routes_admin, routes_api):

@@ -57,8 +57,8 @@ class AuthSession(Base):
 
 
 class ApiToken(Base):
-    """A bearer token for scripts; shown once at creation, stored as SHA-256. It works until it expires or is
-    revoked (revoked tokens are kept, so the list shows what existed and when it was stopped)."""
+    """A bearer token for scripts; shown once at creation, stored as SHA-256. It works until it expires (every
+    token does) or is revoked (revoked tokens are kept, so the list shows what existed and when it was stopped)."""
 
     __tablename__ = "api_tokens"
 
@@ -67,7 +67,7 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # None: never
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # None: never (none since migration 0006)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     user: Mapped[User] = relationship()
