@@ -304,7 +304,7 @@ def set_role(request: Request, user_id: Id, admin: AdminLogin, db: DB, role: Ann
 
 @router.post("/users/{user_id}/active")
 def set_user_active(request: Request, user_id: Id, admin: AdminLogin, db: DB, active: Annotated[bool, Form()]):
-    """Deactivate an account (its logins end, its tokens stop working, its held items go back) or reactivate it."""
+    """Deactivate an account (its logins end, its tokens are revoked, its held items go back) or reactivate it."""
     user = _user_or_404(db, user_id)
     if user.id == admin.user.id and not active:
         return _users_page(request, admin, db, status_code=422, error="you cannot deactivate your own account")
@@ -315,7 +315,7 @@ def set_user_active(request: Request, user_id: Id, admin: AdminLogin, db: DB, ac
 
 @router.post("/users/{user_id}/password")
 def reset_password(request: Request, user_id: Id, admin: AdminLogin, db: DB, password: Annotated[str, Form(max_length=1024)]):
-    """Set a new password (to hand to the user); all of the user's logins end."""
+    """Set a new password (to hand to the user); all of the user's logins end and their tokens are revoked."""
     user = _user_or_404(db, user_id)
     try:
         set_password(db, user, password)

@@ -97,7 +97,8 @@ def account(request: Request, principal: Principal = Depends(require_user), db: 
 def change_password(request: Request, current_password: Annotated[str, Form(max_length=1024)],
                     new_password: Annotated[str, Form(max_length=1024)], principal: Principal = Depends(require_user),
                     db: Session = Depends(get_db)):
-    """A new password (the current one is asked again); the account's other browser logins end."""
+    """A new password (the current one is asked again, at most 5 wrong in 5 minutes); the account's other browser
+    logins end and its API tokens are revoked."""
     if principal.session is None:
         raise HTTPException(403, "change the password in the browser, not with an API token")
     per_account, _ = request.app.state.login_limits  # a stolen session cannot guess the password at leisure
