@@ -259,6 +259,8 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
         """Upload the prompts file; after a kill cut it short (the server removes such an import), upload again."""
         content = prompts_file(args.import_prompts)
         while tally.count() < expected // 4:
+            if time.monotonic() > deadline:
+                return
             time.sleep(0.05)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {made.admin_token}"}, timeout=600) as client:
             while True:
@@ -291,7 +293,7 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
         threads.append(threading.Thread(target=importer, daemon=True))
     for t in threads:
         t.start()
-    while tally.count() < expected // 2 and any(t.is_alive() for t in threads):
+    while tally.count() < expected // 2 and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
         time.sleep(0.01)
     acknowledged_before_restart = tally.count()
     server.send_signal(signal.SIGKILL)  # no graceful shutdown: acknowledged means committed, or the test fails
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
     server = start_server(database_url, port)
     downtime = time.perf_counter() - restart_began
     for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()) + 1)
+        t.join(max(0.0, deadline + 5 - time.monotonic()))
     elapsed = time.perf_counter() - started
     timed_out = any(t.is_alive() for t in threads)
     server.send_signal(signal.SIGTERM)
