@@ -163,6 +163,19 @@ def test_a_slow_database_query_does_not_stall_other_requests(tmp_path, monkeypat
     assert len(waits) >= 5 and max(waits) < SLOW_QUERY_SECONDS / 3, f"other requests waited {max(waits):.2f} s"
 
 
+def test_every_worker_thread_gets_a_database_connection_at_once(database_url):
+    """uvicorn runs the routes on 40 threads: SQLAlchemy's default SQLite pool (15) made the others wait 30 s for a
+    connection under load, then answer 503."""
+    app = make_app(database_url, lock_timeout=2)
+    started = time.perf_counter()
+    connections = [app.state.engine.connect() for _ in range(40)]
+    try:
+        assert time.perf_counter() - started < 2
+    finally:
+        for connection in connections:
+            connection.close()
+
+
 # e. Accounts: no attempt limit on the current-password check; reactivating a user brought back their API tokens,
 #    and neither a password reset nor a change revoked them; the password policy checked only the length and did not
 #    normalise Unicode; tokens could live for ever and a leaked admin token could mint admins and tokens.
