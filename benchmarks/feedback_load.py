@@ -189,6 +189,7 @@ class Tally:
         self.examples: list[str] = []
         self.retried: Counter = Counter()
         self.crashed: list[str] = []  # annotators stopped by an exception
+        self.finished: set[str] = set()  # annotators who got to the end of their queue
         self.lock = threading.Lock()
 
     def count(self) -> int:
@@ -216,33 +217,40 @@ def annotate(kind: Kind, client: httpx.Client, username: str, project_id: int, k
     rng = random.Random(username)
     try:
         while time.monotonic() < deadline:
-            try:
-                item_id = kind.next_item(client, project_id)
-                if item_id is None:
-                    return  # nothing left for this annotator
-                ranks = rng.sample(range(1, k + 1), k)
-                started = time.perf_counter()
-                response = kind.submit(client, project_id, item_id, ranks)
-                elapsed = time.perf_counter() - started
-            except Unexpected as e:
-                tally.failed(kind.name, e.what, e.response)
-                time.sleep(0.2)
-                continue
-            except httpx.TransportError:  # the server is down (being restarted): try again shortly
-                with tally.lock:
-                    tally.retried[kind.name] += 1
-                time.sleep(0.2)
-                continue
-            if response.status_code == kind.ok:
-                tally.ack(kind.name, item_id, username, elapsed)
-            else:
-                tally.failed(kind.name, "submit", response)
+            if not submit_one(kind, client, username, project_id, rng.sample(range(1, k + 1), k), tally):
+                tally.finished.add(username)
+                return
     except Exception as e:  # anything else ends this annotator: the run fails
         with tally.lock:
             tally.crashed.append(f"{username}: {e!r}")
         raise
     finally:
         client.close()
+
+
+def submit_one(kind: Kind, client: httpx.Client, username: str, project_id: int, ranks: list[int], tally: Tally) -> bool:
+    """Ask for the next item and submit `ranks` for it; False when nothing is left for this annotator."""
+    try:
+        item_id = kind.next_item(client, project_id)
+        if item_id is None:
+            return False
+        started = time.perf_counter()
+        response = kind.submit(client, project_id, item_id, ranks)
+        elapsed = time.perf_counter() - started
+    except Unexpected as e:
+        tally.failed(kind.name, e.what, e.response)
+        time.sleep(0.2)
+        return True
+    except httpx.TransportError:  # the server is down (being restarted): try again shortly
+        with tally.lock:
+            tally.retried[kind.name] += 1
+        time.sleep(0.2)
+        return True
+    if response.status_code == kind.ok:
+        tally.ack(kind.name, item_id, username, elapsed)
+    else:
+        tally.failed(kind.name, "submit", response)
+    return True
 
 
 def run(args: argparse.Namespace, database_url: str) -> bool:
@@ -304,7 +312,7 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
     for t in threads:
         t.join(max(0.0, deadline + 5 - time.monotonic()))
     elapsed = time.perf_counter() - started
-    timed_out = any(t.is_alive() for t in threads)
+    timed_out = len(tally.finished) < len(workers)
     server.send_signal(signal.SIGTERM)
     server.wait()
 
