@@ -11,6 +11,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import pytest
 import uvicorn
 from argon2 import PasswordHasher
@@ -119,6 +120,14 @@ def seeded(app, **project):
     return admin, alice, bob, pid
 
 
+def mark_control(admin, pid: int, external_id: str, known: list[str]):
+    """Make the item `external_id` a control item with the known ranks `known` (one per completion, "" for none)."""
+    page = admin.get(f"/admin/projects/{pid}/items", params={"external_id": external_id})
+    assert page.status_code == 200, page.text
+    item_id = int(re.search(r'/items/(\d+)/control"', page.text).group(1))
+    return admin.form(f"/admin/projects/{pid}/items/{item_id}/control", {"known": known})
+
+
 def annotate_page(client, pid):
     page = client.get(f"/projects/{pid}/annotate")
     assert page.status_code == 200
@@ -158,3 +167,11 @@ def serving(app, **settings):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def logged_in(base: str, username: str, n: int) -> list[tuple[httpx.Client, str]]:
+    """`n` HTTP clients sharing one login of `username`, with its CSRF token."""
+    first = httpx.Client(base_url=base, timeout=60)
+    first.post("/login", data={"username": username, "password": PASSWORD, "csrf_token": csrf_of(first.get("/login").text)})
+    token = csrf_of(first.get("/").text)
+    return [(first, token)] + [(httpx.Client(base_url=base, timeout=60, cookies=first.cookies), token) for _ in range(n - 1)]

@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 from feedback_helpers import (  # noqa: F401
-    PASSWORD, Client, clients, create_project, csrf_of, database_url, jsonl, make_app, seeded, serving,
+    PASSWORD, Client, clients, create_project, csrf_of, database_url, jsonl, logged_in, make_app, seeded, serving,
 )
 from sqlalchemy import create_engine, func, select, text
 
@@ -18,14 +18,6 @@ from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Completion, Item, Job, Project, User, normalize_url
 
 RATINGS = [{"helpful": 3, "honest": 3, "harmless": 3}] * 3
-
-
-def logged_in(base: str, username: str, n: int) -> list[tuple[httpx.Client, str]]:
-    """`n` HTTP clients sharing one login of `username`, with its CSRF token."""
-    first = httpx.Client(base_url=base, timeout=60)
-    first.post("/login", data={"username": username, "password": PASSWORD, "csrf_token": csrf_of(first.get("/login").text)})
-    token = csrf_of(first.get("/").text)
-    return [(first, token)] + [(httpx.Client(base_url=base, timeout=60, cookies=first.cookies), token) for _ in range(n - 1)]
 
 
 def at_once(calls) -> list[int]:

@@ -10,7 +10,7 @@ import re
 
 import pytest
 from feedback_helpers import (  # noqa: F401
-    Client, annotate_page, answer_form, clients, create_project, database_url, jsonl, make_app, seeded,
+    Client, annotate_page, answer_form, clients, create_project, database_url, jsonl, make_app, mark_control, seeded,
 )
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -135,13 +135,6 @@ def test_annotators_see_only_their_projects_and_none_that_is_archived(app):
     assert "mine" in bob.get("/").text
     admin.form(f"/admin/projects/{mine}/members/{bob_id}/remove")
     assert "mine" not in bob.get("/").text
-
-
-def mark_control(admin, pid: int, external_id: str, known: list[str]):
-    page = admin.get(f"/admin/projects/{pid}/items", params={"external_id": external_id})
-    assert page.status_code == 200, page.text
-    item_id = int(re.search(r'/items/(\d+)/control"', page.text).group(1))
-    return admin.form(f"/admin/projects/{pid}/items/{item_id}/control", {"known": known})
 
 
 def test_control_items_measure_accuracy_and_the_export_leaves_out_who_falls_below(app, tmp_path):

@@ -3,8 +3,9 @@ submission, revision and skip (each one transaction), progress.
 
 Rules an answer must pass (in one transaction, the item's row locked): the project is open (not archived); the
 item has completions; a first answer is to an item handed to this person and, unless it is a control item, one
-that does not have all its annotators yet; a revision is of one's own answer to an item still open (a regular
-item closes when all its annotators have answered).
+that does not have all its annotators yet; a revision is of one's own answer to an item still open (an item
+closes when it has as many answers as the project's annotators per item). Nothing an annotator sees tells a
+control item from a regular one: not the item, not revising, not the progress counts.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def item_or_404(db: Session, project: Project, item_id: int) -> Item:
     if item is None or item.project_id != project.id or not _is_visible(db, item):
         raise HTTPException(404, "no such item in this project")
     return item
+
+
+def require_completions(item: Item) -> None:
+    """Refused unless the item has completions enough to compare."""
+    if len(item.completions) < MIN_COMPLETIONS:
+        raise Refused("this item has no completions yet: it cannot be answered")
 
 
 def _is_visible(db: Session, item: Item) -> bool:
@@ -144,17 +151,28 @@ def progress(db: Session, project: Project, user: User) -> ProgressOut:
     rows = dict(db.execute(
         select(Annotation.status, func.count()).join(Item).where(Item.project_id == project.id, Annotation.user_id == user.id)
         .group_by(Annotation.status)).all())
-    available = 0 if project.archived_at else db.scalar(
-        select(func.count()).select_from(_open_items(project, user, utcnow()).subquery()))
-    return ProgressOut(submitted=rows.get("submitted", 0), skipped=rows.get("skipped", 0), available=available)
+    return ProgressOut(submitted=rows.get("submitted", 0), skipped=rows.get("skipped", 0),
+                       available=_available(db, project, user))
+
+
+def _available(db: Session, project: Project, user: User) -> int:
+    """The items this person may still be handed: the regular items that need annotators and, while one is left,
+    the control items they have not answered. A control answer lowers the count as any other answer does."""
+    if project.archived_at is not None:
+        return 0
+
+    def count(query) -> int:
+        return db.scalar(select(func.count()).select_from(query.subquery()))
+
+    regular = count(_open_items(project, user, utcnow()))
+    return regular + count(_open_controls(project, user)) if regular else 0
 
 
 def is_closed(db: Session, project: Project, item: Item) -> bool:
-    """No more revisions: the project is archived, or a regular item has all its annotators' answers."""
+    """No more revisions: the project is archived, or the item has its annotators' answers (a control item too,
+    though every member answers it: it must close as a regular item would, or revising would tell it apart)."""
     if project.archived_at is not None:
         return True
-    if item.control_ranks is not None:
-        return False
     answers = db.scalar(select(func.count()).select_from(Annotation)
                         .where(Annotation.item_id == item.id, Annotation.status == "submitted"))
     return answers >= project.annotators_per_item
@@ -212,8 +230,7 @@ def save_annotation(db: Session, project: Project, item: Item, user: User, answe
         mine.revisions, mine.updated_at = mine.revisions + 1, utcnow()
         db.commit()
         return mine
-    if len(item.completions) < MIN_COMPLETIONS:
-        raise Refused("this item has no completions yet: it cannot be answered")
+    require_completions(item)
     assignment = db.scalar(select(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id))
     if answer is not None:
         if assignment is None:

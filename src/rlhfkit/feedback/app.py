@@ -15,10 +15,11 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError as StorageDataError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhfkit.feedback import routes_admin, routes_annotator, routes_api, routes_auth
-from rlhfkit.feedback.auth import LoginRateLimiter, LoginRequired, optional_principal, verify_csrf
+from rlhfkit.feedback.auth import MAX_TOKEN_DAYS, LoginRateLimiter, LoginRequired, optional_principal, verify_csrf
 from rlhfkit.feedback.db import make_engine, make_sessionmaker, migrate
 from rlhfkit.feedback.importing import remove_all_leftovers, stop_unfinished_imports
 from rlhfkit.feedback.jobs import interrupt_unfinished_jobs
@@ -110,13 +111,14 @@ def _problems(exc: RequestValidationError) -> list[dict]:
 
 
 def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_dir: Path | None = None,
-               lock_timeout: float = 15.0, retrieval: dict | None = None) -> FastAPI:
+               lock_timeout: float = 15.0, retrieval: dict | None = None, max_token_days: int = MAX_TOKEN_DAYS) -> FastAPI:
     """The app on `database_url` (SQLite or PostgreSQL), its schema migrated to the newest version first.
 
     `model_dir`: sampling jobs load local models only from under it (default: the working directory).
     `retrieval`: RetrievalSettings (as a dict): sampling jobs ground the prompts in these documents, and annotators
     see the passages beside the prompt.
     `lock_timeout`: seconds a request waits for a database lock before it is answered 503 with Retry-After.
+    `max_token_days`: the longest an API token may be valid.
     """
     engine = make_engine(database_url, lock_timeout=lock_timeout)
     migrate(engine)
@@ -135,21 +137,26 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
     app.state.cleanup.start()
     app.state.model_dir = (model_dir or Path.cwd()).resolve()
     app.state.retrieval = retrieval
+    app.state.max_token_days = max_token_days
     app.state.login_limits = LoginRateLimiter(limit=5), LoginRateLimiter(limit=30)  # per account or browser, per address
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     for module in (routes_auth, routes_annotator, routes_admin, routes_api):
         app.include_router(module.router)
 
-    def error(request: Request, status: int, detail, headers: dict | None = None, look_up_user: bool = True):
-        """JSON for the API, an error page for the browser."""
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    def error_page(request: Request, status: int, detail, headers: dict | None, look_up_user: bool):
         lines = [f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in detail] if isinstance(detail, list) else [detail]
         with sessions() as db:
             principal = optional_principal(request, db) if look_up_user else None
             response = render(request, "error.html", principal, status_code=status, status=status, problems=lines)
         response.headers.update(headers or {})
         return response
+
+    async def error(request: Request, status: int, detail, headers: dict | None = None, look_up_user: bool = True):
+        """JSON for the API, an error page for the browser; the page looks up its user in the threadpool, as the
+        routes do, so that no database query blocks the event loop."""
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        return await run_in_threadpool(error_page, request, status, detail, headers, look_up_user)
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, _exc: LoginRequired):
@@ -162,21 +169,21 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        return error(request, exc.status_code, exc.detail, exc.headers)
+        return await error(request, exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
-        return error(request, 422, _problems(exc))
+        return await error(request, 422, _problems(exc))
 
     @app.exception_handler(StorageDataError)
     async def _unstorable(request: Request, exc: StorageDataError):
         logger.warning("refused a value the database cannot store: %s", exc.orig)
-        return error(request, 422, "a value is too long or holds characters the database cannot store")
+        return await error(request, 422, "a value is too long or holds characters the database cannot store")
 
     @app.exception_handler(IntegrityError)
     async def _conflict(request: Request, exc: IntegrityError):
         logger.warning("a write conflicted with a concurrent one: %s", exc.orig)
-        return error(request, 409, "this conflicts with a change made at the same moment; reload and try again")
+        return await error(request, 409, "this conflicts with a change made at the same moment; reload and try again")
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
@@ -184,7 +191,7 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
         if not is_transient(exc):
             raise exc
         logger.warning("database busy, answered 503: %s", exc)
-        return error(request, 503, f"the database is busy; try again in {RETRY_AFTER_SECONDS} seconds",
+        return await error(request, 503, f"the database is busy; try again in {RETRY_AFTER_SECONDS} seconds",
                      {"Retry-After": str(RETRY_AFTER_SECONDS)}, look_up_user=False)
 
     app.add_middleware(LimitsAndHeaders, max_body_bytes=max_body_bytes)

@@ -4,7 +4,10 @@ CSRF tokens, roles, and the login rate limit.
 Browsers authenticate with an HttpOnly, SameSite=Lax session cookie and must send the session's CSRF token with
 every state-changing request (form field `csrf_token` or header `X-CSRF-Token`). Scripts send
 `Authorization: Bearer <token>`; a browser cannot attach that header cross-site, so token requests need no CSRF.
-A deactivated user's sessions end and their tokens stop working.
+Tokens expire; they act with their user's role but cannot manage users or tokens (that takes a browser login).
+Deactivating a user, resetting or changing their password end their sessions and revoke their tokens.
+Passwords are NFKC-normalised before hashing and checking, so that one password typed on keyboards that compose
+characters differently is one password.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from rlhfkit.feedback.common_passwords import COMMON_PASSWORDS
 from rlhfkit.feedback.db import ROLES, ApiToken, Assignment, AuthSession, LoginDevice, User, utcnow
 
 SESSION_COOKIE = "rlhfkit_session"
@@ -35,6 +40,7 @@ SESSION_LIFETIME = dt.timedelta(hours=12)
 DEVICE_LIFETIME = dt.timedelta(days=180)
 TOKEN_USE_RECORDED_EVERY = dt.timedelta(minutes=5)  # last-used times are that coarse, to spare the database writes
 MIN_PASSWORD_LENGTH, MAX_PASSWORD_LENGTH = 8, 1024
+TOKEN_DAYS, MAX_TOKEN_DAYS = 90, 365  # the default lifetime of a new API token, and the server's default limit
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 # ASCII letters, digits, '.', '_', '-': no look-alikes (Cyrillic a, zero-width spaces, combining accents), and one
 # account per name whatever its case (the lower-case form is unique).
@@ -55,19 +61,36 @@ def check_username(username: str) -> str:
     return username
 
 
-def hash_password(password: str) -> str:
+def normalized(password: str) -> str:
+    """The form passwords are hashed and checked in: NFKC (é composed or not, full-width digits, ligatures)."""
+    return unicodedata.normalize("NFKC", password)
+
+
+def hash_password(password: str, username: str) -> str:
+    """The hash of `password` for the account `username`; raises ValueError saying what the policy refuses."""
+    password = normalized(password)
     if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
         raise ValueError(f"the password needs {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters")
     if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in password):
         raise ValueError("the password holds a control character; use printable characters and spaces")
+    if password.casefold() in COMMON_PASSWORDS:
+        raise ValueError("the password is one of the most common passwords (the first an attacker tries); choose another")
+    if len(username) >= 3 and username.casefold() in password.casefold():
+        raise ValueError("the password must not contain the username")
     return _hasher.hash(password)
 
 
 def verify_password(password_hash: str | None, password: str) -> bool:
     """With password_hash=None (no such user), a hash is checked all the same, so the answer takes as long as for
-    a real user and the timing does not tell which usernames exist."""
+    a real user and the timing does not tell which usernames exist. A hash stored before passwords were
+    normalised is of the password as typed: that is tried second."""
+    tried = dict.fromkeys([normalized(password), password])
+    return any(_verify(password_hash, p) for p in tried) and password_hash is not None
+
+
+def _verify(password_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
+        return _hasher.verify(password_hash or _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return False
 
@@ -104,27 +127,38 @@ def create_user(db: Session, username: str, password: str, role: str) -> User:
     check_username(username)
     if find_user(db, username) is not None:
         raise UserExists(f"user {username!r} exists already (usernames are compared without case)")
-    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password), role=role)
+    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password, username),
+                role=role)
     db.add(user)
     db.flush()
     return user
 
 
 def set_password(db: Session, user: User, password: str, keep_session: AuthSession | None = None) -> None:
-    """Change `user`'s password and end their other logins (all of them when an admin resets it)."""
-    user.password_hash = hash_password(password)
+    """Change `user`'s password, end their other logins (all of them when an admin resets it) and revoke their
+    API tokens (whoever knew the old password may have made one)."""
+    user.password_hash = hash_password(password, user.username)
     ended = delete(AuthSession).where(AuthSession.user_id == user.id)
     if keep_session is not None:
         ended = ended.where(AuthSession.id != keep_session.id)
     db.execute(ended)
+    revoke_tokens(db, user)
 
 
 def set_active(db: Session, user: User, active: bool) -> None:
-    """Deactivate (end the logins, give back the held items; tokens stop working) or reactivate an account."""
+    """Deactivate (end the logins, revoke the tokens, give back the held items) or reactivate an account (with
+    no token: new ones are made for it)."""
     user.active = active
     if not active:
         db.execute(delete(AuthSession).where(AuthSession.user_id == user.id))
         db.execute(delete(Assignment).where(Assignment.user_id == user.id))
+        revoke_tokens(db, user)
+
+
+def revoke_tokens(db: Session, user: User) -> None:
+    """Revoke every API token of `user` not revoked yet (they stay listed, with when they were stopped)."""
+    db.execute(update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+               .values(revoked_at=utcnow()))
 
 
 def create_session(db: Session, user: User) -> str:
@@ -136,11 +170,11 @@ def create_session(db: Session, user: User) -> str:
     return token
 
 
-def create_api_token(db: Session, user: User, name: str, days: int | None = None) -> str:
-    """A bearer token for `user`, valid for `days` (None: until revoked); returns the token (its only copy)."""
+def create_api_token(db: Session, user: User, name: str, days: int = TOKEN_DAYS) -> str:
+    """A bearer token for `user`, valid for `days`; returns the token (its only copy)."""
     token = new_token()
-    expires = utcnow() + dt.timedelta(days=days) if days is not None else None
-    db.add(ApiToken(token_hash=token_hash(token), user_id=user.id, name=name, expires_at=expires))
+    db.add(ApiToken(token_hash=token_hash(token), user_id=user.id, name=name,
+                    expires_at=utcnow() + dt.timedelta(days=days)))
     return token
 
 
@@ -229,19 +263,35 @@ def require_admin(principal: Principal = Depends(require_user)) -> Principal:
     return principal
 
 
-async def verify_csrf(request: Request, db: Session = Depends(get_db)) -> None:
-    """App-wide dependency: every state-changing request carries the right CSRF token (or is a token request)."""
+def require_admin_login(principal: Principal = Depends(require_admin)) -> Principal:
+    """An admin in a browser: users and tokens are managed there only, so that a leaked API token cannot make
+    admins, reset passwords or mint more tokens."""
+    if principal.session is None:
+        raise HTTPException(403, "users and API tokens are managed in the browser, logged in as an admin, not with an API token")
+    return principal
+
+
+async def csrf_sent(request: Request) -> str | None:
+    """The CSRF token a state-changing browser request carries (header `X-CSRF-Token`, else the form field
+    `csrf_token`). Reading the body is awaited here, so that the check itself needs no event loop."""
     if request.method not in STATE_CHANGING or _bearer(request) is not None:
-        return
-    session = current_session(db, request)
-    expected = session.csrf_token if session is not None else request.cookies.get(LOGIN_CSRF_COOKIE)
+        return None
     sent = request.headers.get("x-csrf-token")
     if sent is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         sent = (await request.form()).get("csrf_token")
-    if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent.encode("utf-8", "replace"),
-                                                                               expected.encode()):
+    return sent if isinstance(sent, str) else None
+
+
+def verify_csrf(request: Request, sent: str | None = Depends(csrf_sent), db: Session = Depends(get_db)) -> None:
+    """App-wide dependency: every state-changing request carries the right CSRF token (or is a token request).
+    A plain function, so FastAPI runs it in the threadpool: its database query never blocks the event loop."""
+    if request.method not in STATE_CHANGING or _bearer(request) is not None:
+        return
+    session = current_session(db, request)
+    expected = session.csrf_token if session is not None else request.cookies.get(LOGIN_CSRF_COOKIE)
+    if not expected or sent is None or not secrets.compare_digest(sent.encode("utf-8", "replace"), expected.encode()):
         raise HTTPException(403, "CSRF token missing or wrong (the session may have ended); reload the page and try again")
 
 

@@ -61,6 +61,7 @@ def serve(
     retrieval: Annotated[Path | None, typer.Option(
         help="a YAML file of retrieval settings (documents, top_k, ...; as a config's `retrieval:` block): sampling "
              "jobs ground the prompts in these documents and annotators see the passages")] = None,
+    max_token_days: Annotated[int, typer.Option(min=1, help="the longest an API token may be valid, in days")] = 365,
 ) -> None:
     """Start the web app (the database schema is created or upgraded first)."""
     import uvicorn
@@ -69,7 +70,8 @@ def serve(
     from rlhfkit.feedback.app import create_app
 
     _quiet_migrations()
-    app = create_app(database_url, model_dir=model_dir, retrieval=_retrieval_settings(retrieval))
+    app = create_app(database_url, model_dir=model_dir, retrieval=_retrieval_settings(retrieval),
+                     max_token_days=max_token_days)
     shown = make_url(database_url).render_as_string(hide_password=True)
     typer.echo(f"rlhfkit feedback on http://{host}:{port} (database {shown}); Ctrl-C stops it")
     uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=bool(trusted_proxy),

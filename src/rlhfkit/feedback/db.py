@@ -27,7 +27,8 @@ def utcnow() -> dt.datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    # None is SQL NULL, not the JSON text 'null': `IS NULL` finds it (a cleared control item is a regular item).
+    type_annotation_map = {dict[str, Any]: JSON(none_as_null=True), list[Any]: JSON(none_as_null=True)}
 
 
 class User(Base):
@@ -56,8 +57,8 @@ class AuthSession(Base):
 
 
 class ApiToken(Base):
-    """A bearer token for scripts; shown once at creation, stored as SHA-256. It works until it expires or is
-    revoked (revoked tokens are kept, so the list shows what existed and when it was stopped)."""
+    """A bearer token for scripts; shown once at creation, stored as SHA-256. It works until it expires (every
+    token does) or is revoked (revoked tokens are kept, so the list shows what existed and when it was stopped)."""
 
     __tablename__ = "api_tokens"
 
@@ -66,7 +67,7 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # None: never
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # None: never (none since migration 0006)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     user: Mapped[User] = relationship()
@@ -227,10 +228,13 @@ def make_engine(url: str, lock_timeout: float = 15.0) -> Engine:
     """An engine for `url`. A request that waits longer than `lock_timeout` seconds for a lock gives up (the app
     answers 503 with Retry-After) rather than holding its client until the client's own timeout."""
     url = normalize_url(url)
+    # uvicorn runs sync endpoints on up to 40 threads; a pool that size keeps them from queueing on connections
+    # (SQLAlchemy's default of 15 for SQLite made requests wait 30 s for one under load, then answer 503).
+    pool = {"pool_size": 10, "max_overflow": 30, "pool_timeout": lock_timeout}
     if url.startswith("sqlite"):
         # One file shared by the server's worker threads; WAL lets readers run beside the single writer,
         # and the busy timeout makes concurrent writers wait instead of failing.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": lock_timeout})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": lock_timeout}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -240,9 +244,8 @@ def make_engine(url: str, lock_timeout: float = 15.0) -> Engine:
             cursor.close()
 
         return engine
-    # uvicorn runs sync endpoints on up to 40 threads; a pool that size keeps them from queueing on connections.
-    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=lock_timeout,
-                         connect_args={"options": f"-c lock_timeout={int(lock_timeout * 1000)}"})
+    return create_engine(url, pool_pre_ping=True, connect_args={"options": f"-c lock_timeout={int(lock_timeout * 1000)}"},
+                         **pool)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, selectinload
 from rlhfkit.errors import DataError
 from rlhfkit.feedback.annotations import MIN_COMPLETIONS, item_or_404, project_or_404
 from rlhfkit.feedback.auth import (
-    Principal, UserExists, create_api_token, create_user, find_user, get_db, require_admin, set_active, set_password,
+    TOKEN_DAYS, Principal, UserExists, create_api_token, create_user, find_user, get_db, require_admin,
+    require_admin_login, set_active, set_password,
 )
 from rlhfkit.feedback.db import (
     QUESTIONS, ROLES, ApiToken, Assignment, Item, Job, Project, ProjectMember, User, utcnow,
@@ -31,8 +32,8 @@ from rlhfkit.feedback.schemas import Id, ProjectIn, Text
 
 router = APIRouter(prefix="/admin")
 Admin = Annotated[Principal, Depends(require_admin)]
+AdminLogin = Annotated[Principal, Depends(require_admin_login)]  # users and tokens: a browser login, no API token
 DB = Annotated[Session, Depends(get_db)]
-TOKEN_DAYS = 90  # the default lifetime of a new API token
 
 
 def _errors(e: ValidationError) -> str:
@@ -257,16 +258,17 @@ def _users_page(request: Request, admin: Principal, db: Session, status_code: in
     users = db.scalars(select(User).order_by(User.username_key)).all()
     tokens = db.scalars(select(ApiToken).options(selectinload(ApiToken.user)).order_by(ApiToken.id)).all()
     return render(request, "admin_users.html", admin, users=users, tokens=tokens, roles=ROLES, now=utcnow(),
-                  token_days=TOKEN_DAYS, status_code=status_code, **extra)
+                  token_days=TOKEN_DAYS, max_token_days=request.app.state.max_token_days, status_code=status_code,
+                  **extra)
 
 
 @router.get("/users")
-def users_page(request: Request, admin: Admin, db: DB):
+def users_page(request: Request, admin: AdminLogin, db: DB):
     return _users_page(request, admin, db)
 
 
 @router.post("/users")
-def add_user(request: Request, admin: Admin, db: DB, username: Annotated[str, Form(max_length=64)],
+def add_user(request: Request, admin: AdminLogin, db: DB, username: Annotated[str, Form(max_length=64)],
              password: Annotated[str, Form(max_length=1024)], role: Annotated[str, Form()]):
     try:
         create_user(db, username.strip(), password, role)
@@ -289,7 +291,7 @@ def _user_or_404(db: Session, user_id: int) -> User:
 
 
 @router.post("/users/{user_id}/role")
-def set_role(request: Request, user_id: Id, admin: Admin, db: DB, role: Annotated[str, Form()]):
+def set_role(request: Request, user_id: Id, admin: AdminLogin, db: DB, role: Annotated[str, Form()]):
     user = _user_or_404(db, user_id)
     if role not in ROLES:
         raise HTTPException(422, f"role must be one of {', '.join(ROLES)}")
@@ -301,8 +303,8 @@ def set_role(request: Request, user_id: Id, admin: Admin, db: DB, role: Annotate
 
 
 @router.post("/users/{user_id}/active")
-def set_user_active(request: Request, user_id: Id, admin: Admin, db: DB, active: Annotated[bool, Form()]):
-    """Deactivate an account (its logins end, its tokens stop working, its held items go back) or reactivate it."""
+def set_user_active(request: Request, user_id: Id, admin: AdminLogin, db: DB, active: Annotated[bool, Form()]):
+    """Deactivate an account (its logins end, its tokens are revoked, its held items go back) or reactivate it."""
     user = _user_or_404(db, user_id)
     if user.id == admin.user.id and not active:
         return _users_page(request, admin, db, status_code=422, error="you cannot deactivate your own account")
@@ -312,29 +314,36 @@ def set_user_active(request: Request, user_id: Id, admin: Admin, db: DB, active:
 
 
 @router.post("/users/{user_id}/password")
-def reset_password(request: Request, user_id: Id, admin: Admin, db: DB, password: Annotated[str, Form(max_length=1024)]):
-    """Set a new password (to hand to the user); all of the user's logins end."""
+def reset_password(request: Request, user_id: Id, admin: AdminLogin, db: DB, password: Annotated[str, Form(max_length=1024)]):
+    """Set a new password (to hand to the user); all of the user's logins end and their tokens are revoked."""
     user = _user_or_404(db, user_id)
     try:
         set_password(db, user, password)
     except ValueError as e:
         return _users_page(request, admin, db, status_code=422, error=str(e))
     db.commit()
-    return _users_page(request, admin, db, notice=f"password of {user.username} reset; their logins have ended")
+    return _users_page(request, admin, db,
+                       notice=f"password of {user.username} reset; their logins have ended and their API tokens are revoked")
 
 
 @router.post("/users/{user_id}/tokens")
-def new_api_token(request: Request, user_id: Id, admin: Admin, db: DB, name: Annotated[Text, Form(max_length=100)] = "script",
-                  days: Annotated[int, Form(ge=0, le=3650)] = TOKEN_DAYS):
-    """A new token, valid for `days` (0: until revoked). The page shows it once and is never cached."""
+def new_api_token(request: Request, user_id: Id, admin: AdminLogin, db: DB,
+                  name: Annotated[Text, Form(max_length=100)] = "script", days: Annotated[int | None, Form()] = None):
+    """A new token, valid for `days` (1 to the server's limit; by default 90 or the limit). The page shows it once
+    and is never cached; an admin's token comes with a warning of what it can do."""
     user = _user_or_404(db, user_id)
-    token = create_api_token(db, user, name.strip() or "script", days or None)
+    limit = request.app.state.max_token_days
+    days = min(TOKEN_DAYS, limit) if days is None else days
+    if not 1 <= days <= limit:
+        return _users_page(request, admin, db, status_code=422,
+                           error=f"days: a token is valid for 1 to {limit} days (this server's limit)")
+    token = create_api_token(db, user, name.strip() or "script", days)
     db.commit()
-    return _users_page(request, admin, db, new_token=token, token_user=user.username)
+    return _users_page(request, admin, db, new_token=token, token_user=user, token_days_valid=days)
 
 
 @router.post("/tokens/{token_id}/revoke")
-def revoke_token(token_id: Id, admin: Admin, db: DB):
+def revoke_token(token_id: Id, admin: AdminLogin, db: DB):
     token = db.get(ApiToken, token_id)
     if token is None:
         raise HTTPException(404, "no such token")

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
 from rlhfkit.feedback.annotations import (
-    AnswerError, Refused, is_closed, item_or_404, my_answers, next_item, progress, project_or_404, save_annotation,
+    AnswerError, Refused, is_closed, item_or_404, my_answers, next_item, progress, project_or_404, require_completions,
+    save_annotation,
 )
 from rlhfkit.feedback.auth import Principal, get_db, require_user
 from rlhfkit.feedback.db import HARM_FLAGS, RATING_ASPECTS, Annotation, Completion, Item, Project, ProjectMember, User
@@ -197,6 +198,10 @@ def submit(request: Request, project_id: Id, item_id: Id, form: FormData = Depen
            principal: Principal = Depends(require_user), db: Session = Depends(get_db)):
     project = project_or_404(db, project_id, principal)
     item = item_or_404(db, project, item_id)
+    try:
+        require_completions(item)
+    except Refused as e:  # no cards to show the answer on again: an error page
+        raise HTTPException(409, str(e)) from None
     draft = read_form(form, len(item.completions))
     revising = form.get("mode") == "revise"
     try:

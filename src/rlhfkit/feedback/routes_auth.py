@@ -97,17 +97,24 @@ def account(request: Request, principal: Principal = Depends(require_user), db: 
 def change_password(request: Request, current_password: Annotated[str, Form(max_length=1024)],
                     new_password: Annotated[str, Form(max_length=1024)], principal: Principal = Depends(require_user),
                     db: Session = Depends(get_db)):
-    """A new password (the current one is asked again); the account's other browser logins end."""
+    """A new password (the current one is asked again, at most 5 wrong in 5 minutes); the account's other browser
+    logins end and its API tokens are revoked."""
     if principal.session is None:
         raise HTTPException(403, "change the password in the browser, not with an API token")
+    per_account, _ = request.app.state.login_limits  # a stolen session cannot guess the password at leisure
+    attempt = per_account.reserve(f"password-change:{principal.user.id}")
+    if attempt is None:
+        raise HTTPException(429, "too many wrong current passwords; wait a few minutes", headers={"Retry-After": "300"})
     if not verify_password(principal.user.password_hash, current_password):
         return account_page(request, principal, db, status_code=422, error="the current password is wrong")
+    attempt.release()
     try:
         set_password(db, principal.user, new_password, keep_session=principal.session)
     except ValueError as e:
         return account_page(request, principal, db, status_code=422, error=str(e))
     db.commit()
-    return account_page(request, principal, db, notice="password changed; your other logins have ended")
+    return account_page(request, principal, db,
+                        notice="password changed; your other logins have ended and your API tokens are revoked")
 
 
 @router.post("/account/tokens/{token_id}/revoke")
