@@ -268,3 +268,33 @@ def test_the_feedback_stage_ranks_the_sft_policys_own_answers_for_the_reward_mod
     assert diagnostics["train_rankings_simulated"] == len(rankings)
     again = run_pipeline(cfg)
     assert [s.status for s in again.stages] == ["skipped"] * 3
+
+
+def test_the_truth_recipe_chooses_on_the_validation_split_and_never_reads_the_test_set():
+    """configs/company_truth.yaml: every stage reads training or validation questions; the 73 test questions are
+    kept for the settings chosen."""
+    configs = stage_configs(load_config(PipelineConfig, REPO / "configs" / "company_truth.yaml"))
+    assert list(configs) == ["sft", "feedback", "reward", "grpo", "eval"]
+    assert "company/test.jsonl" not in json.dumps({k: c.model_dump(mode="json") for k, c in configs.items()})
+    assert configs["eval"].prompts == "data/company/validation.jsonl"
+    assert configs["reward"].fact_swap_file.name == "validation.jsonl"
+    assert [t.scorer for t in configs["grpo"].rewards][0] == "truth:data/company/train.jsonl"
+
+
+@pytest.mark.integration
+def test_truth_recipe_quick_profile_on_the_bundled_model(tmp_path):
+    """configs/company_truth.yaml --quick: grounded SFT, its own answers ranked by simulated annotators, a reward model
+    on those beside people's rankings, GRPO against the truth reward, evaluation with the truth measures."""
+    out = tmp_path / "truth"
+    result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "company_truth.yaml"), "--quick",
+                                      f"output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    rankings = [r for _, r in read_jsonl(out / "feedback" / "rankings.jsonl")]
+    assert rankings and all(r["simulated"] for r in rankings)
+    diagnostics = json.loads((out / "reward" / "diagnostics.json").read_text())
+    assert diagnostics["train_rankings_simulated"] == len(rankings) and diagnostics["fact_swap_pairs"] > 0
+    logged = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert "reward/truth" in logged[-1] and "reward/reward_model" in logged[-1]
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert list(evaluation["metrics"]) == ["sft", "grpo"]
+    assert all("fact_recall" in m and "declined_answerable" in m for m in evaluation["metrics"].values())
