@@ -94,7 +94,7 @@ def test_the_readme_s_multi_process_commands_start_several_processes(tmp_path):
     assert started_processes([os.path.join(bindir, "torchrun"), "--nproc_per_node", "2"], tmp_path) == 2
     assert started_processes([os.path.join(bindir, "accelerate"), "launch", "--cpu", "--num_processes", "2"],
                              tmp_path) == 1
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     flat = re.sub(r"\s*\n\s*", " ", text)  # inline commands wrapped across lines
     commands = re.findall(r"^(?:accelerate launch|torchrun) .*$", text, re.M)  # in code blocks
     commands += re.findall(r"`((?:accelerate launch|torchrun)(?: [^`]*)?)`", flat)  # inline, bare mentions too
