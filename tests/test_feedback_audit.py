@@ -3,6 +3,8 @@ that it is fixed. Tests taking `app` or `database_url` run on SQLite and on Post
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import datetime as dt
 import re
 import threading
@@ -41,6 +43,22 @@ def control_project(admin, members=("alice", "bob"), annotators: int = 2, items:
 # a. Clearing a control item stored the JSON text 'null', not SQL NULL: the admin page answered 500 for good and the
 #    item left the normal queue.
 
+@contextmanager
+def database_at(database_url: str, revision: str):
+    """A connection to the database migrated up to `revision` (data written as an older release wrote it), closed
+    after the block so that the app's own start migrates the rest."""
+    engine = create_engine(normalize_url(database_url))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+            yield connection
+    finally:
+        engine.dispose()
+
+
 def test_a_cleared_control_item_is_a_regular_item_again(app):
     admin, alice = clients(app, "admin", "alice")
     pid = control_project(admin, members=("alice",), annotators=1, items=1)
@@ -59,18 +77,12 @@ def test_a_cleared_control_item_is_a_regular_item_again(app):
 def test_the_upgrade_turns_json_null_control_ranks_into_sql_null(database_url):
     """A database written before the fix holds JSON 'null' where a control item was cleared: the migration
     repairs it, and the project's page works again."""
-    engine = create_engine(normalize_url(database_url))
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0004")
+    with database_at(database_url, "0004") as connection:
         connection.execute(text("INSERT INTO projects (name, guidelines, k, annotators_per_item, questions, "
                                 "control_share, created_at) VALUES ('old', '', 2, 1, '[\"ranking\"]', 0, '2026-01-01')"))
         connection.execute(text("INSERT INTO items (project_id, external_id, prompt, position, control_ranks) VALUES "
                                 "(1, 'cleared', 'Why?', 0, 'null'), (1, 'control', 'How?', 1, '[1, 2]'), "
                                 "(1, 'regular', 'What?', 2, NULL)"))
-    engine.dispose()
     app = create_app(database_url)
     with app.state.sessions() as db:
         rows = dict(db.execute(select(Item.external_id, Item.control_ranks.is_(None))).all())
@@ -292,18 +304,12 @@ def new_token_page(admin, uid: int) -> str:
 
 
 def test_the_upgrade_gives_old_tokens_an_expiry_and_revokes_those_of_deactivated_users(database_url):
-    engine = create_engine(normalize_url(database_url))
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0005")
+    with database_at(database_url, "0005") as connection:
         connection.execute(text("INSERT INTO users (username, username_key, password_hash, role, active, created_at) "
                                 "VALUES ('ann', 'ann', 'x', 'annotator', true, '2026-01-01'), "
                                 "('gone', 'gone', 'x', 'annotator', false, '2026-01-01')"))
         connection.execute(text("INSERT INTO api_tokens (token_hash, user_id, name, created_at) VALUES "
                                 "('forever', 1, 'script', '2026-01-01'), ('left', 2, 'script', '2026-01-01')"))
-    engine.dispose()
     app = create_app(database_url)
     with app.state.sessions() as db:
         tokens = {t.token_hash: t for t in db.scalars(select(ApiToken))}
