@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rlhfkit.errors import DataError
+from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.reward.truth import TruthReward, TruthWeights
 
@@ -87,3 +87,18 @@ def test_a_truth_file_takes_the_fact_sheet_beside_it(truth_dir):
         assert scores(TruthReward(str(path)), [(leave, "Call ext 9999 about it.")]) == [-1.0]
     (truth_dir / "FACTS.md").unlink()
     assert scores(TruthReward(str(truth_dir / "questions.jsonl")), [(leave, "Call ext 9999 about it.")]) == [0.0]
+
+
+def test_a_spec_sets_the_weights_in_its_query(truth_dir):
+    leave, raise_, _ = (r["prompt"] for r in RECORDS)
+    cases = [(leave, "I don't know."), (raise_, "I don't know.")]
+    assert scores(load_scorer(f"truth:{truth_dir}"), cases) == pytest.approx([-0.5, 1.0])
+    assert scores(load_scorer(f"truth:{truth_dir}?needless=0.25&declined=2"), cases) == pytest.approx([-0.25, 2.0])
+
+
+@pytest.mark.parametrize("query, message", [("needles=0.25", "unknown weight 'needles'"),
+                                            ("needless=much", "needless='much' is not a number"),
+                                            ("needless", "needless='' is not a number")])
+def test_a_bad_weight_in_a_spec_says_what_is_wrong(truth_dir, query, message):
+    with pytest.raises(ConfigError, match=message):
+        load_scorer(f"truth:{truth_dir}?{query}")

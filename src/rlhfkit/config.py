@@ -328,8 +328,8 @@ class RewardTerm(Strict):
 
     `scorer`: `toxicity` (offline P(toxic); give it a negative weight), a reward-model directory,
     `hf:MODEL:LABEL[:logit|prob]` (one label of a sequence classifier; by default a one-label head's logit, else the
-    label's probability), `truth:PATH` (facts stated, contradictions, declining: rlhfkit.reward.truth), `refusal`,
-    `relevance`, or `similarity:PATH`, `rouge_l:PATH`, `facts:PATH` (gold measures against the ideal answers).
+    label's probability), `truth:PATH[?needless=0.25&...]` (facts stated, contradictions, declining:
+    rlhfkit.reward.truth), `refusal`, `relevance`, or `similarity:PATH`, `rouge_l:PATH`, `facts:PATH` (gold measures against the ideal answers).
     """
 
     scorer: str

@@ -142,8 +142,9 @@ class WeightedSum:
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
     """A scorer by name: `toxicity` (offline), `refusal` or `relevance` (rlhfkit.evaluation.refusal), a reward-model
     directory, `hf:MODEL:LABEL[:logit|prob]` (one label of a classifier; without the last part, the logit of a
-    one-label head and the probability otherwise), the truth reward `truth:PATH` (rlhfkit.reward.truth), or a gold
-    measure against the truth, `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
+    one-label head and the probability otherwise), the truth reward `truth:PATH[?needless=0.25&...]`
+    (rlhfkit.reward.truth, its weights changed in the query), or a gold measure against the truth,
+    `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
     if spec == "toxicity":
         return ToxicityScorer()
     if spec in ("refusal", "relevance"):
@@ -152,12 +153,13 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
         return EngagementReward(spec, device=str(device))
     metric, sep, path = spec.partition(":")
     if sep and metric == "truth":
-        from rlhfkit.reward.truth import TruthReward
+        from rlhfkit.reward.truth import TruthReward, TruthWeights
 
+        path, weights = TruthWeights.parse(path)
         if not path:
             raise ConfigError(f"scorer {spec!r} needs the truth: truth:PATH, a JSONL file or directory of prompts with "
                               "their `facts` (e.g. truth:data/company)")
-        return TruthReward(path)
+        return TruthReward(path, weights)
     if sep and metric in ("similarity", "rouge_l", "facts"):
         from rlhfkit.evaluation.gold import TruthReward
 

@@ -20,20 +20,22 @@ rule, so a wrong claim in other words goes unnoticed: the reward is a lower boun
 
 Prompts are looked up by their question: a plain string as it is, a conversation by its last user message, so
 the reward scores the same with retrieval on (passages in the system message) and off. Spec:
-`truth:PATH`, PATH a JSONL file of truth records (e.g. data/company/train.jsonl) or a directory of them, with the
-FACTS.md beside the file or in the directory as the fact sheet.
+`truth:PATH[?WEIGHT=VALUE&...]`, PATH a JSONL file of truth records (e.g. data/company/train.jsonl) or a directory
+of them, with the FACTS.md beside the file or in the directory as the fact sheet; the weights by TruthWeights'
+names, e.g. `truth:data/company/train.jsonl?needless=0.25`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from urllib.parse import parse_qsl
 
 import torch
 
 from rlhfkit.data.chat import as_messages, last_user_message
 from rlhfkit.data.records import TruthRecord
-from rlhfkit.errors import DataError
+from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.text.facts import FactSheet, abstains, check_facts, load_truth
 
 
@@ -43,6 +45,21 @@ class TruthWeights:
     contradiction: float = 1.0  # w_contradiction
     declined: float = 1.0  # w_declined: declining a question the sheet cannot answer
     needless: float = 0.5  # w_needless: declining one it can
+
+    @classmethod
+    def parse(cls, spec: str) -> tuple[str, TruthWeights]:
+        """`PATH?needless=0.25&declined=2` -> (PATH, the weights with those changed)."""
+        path, _, query = spec.partition("?")
+        names = [f.name for f in fields(cls)]
+        changes = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key not in names:
+                raise ConfigError(f"truth reward {spec!r}: unknown weight {key!r}; the weights are {', '.join(names)}")
+            try:
+                changes[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"truth reward {spec!r}: weight {key}={value!r} is not a number") from None
+        return path, replace(cls(), **changes)
 
 
 def truth_score(answer: str, truth: TruthRecord, sheet: FactSheet | None,
@@ -63,7 +80,7 @@ def question(prompt: str | list) -> str:
 
 
 class TruthReward:
-    """`truth:PATH`: every answer scored against its question's truth (module docstring)."""
+    """`truth:PATH[?WEIGHT=VALUE&...]`: every answer scored against its question's truth (module docstring)."""
 
     def __init__(self, path: str, weights: TruthWeights = TruthWeights(), name: str = "truth"):
         self.truth, self.sheet = load_truth(path)
