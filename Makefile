@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job: SFT -> reward model -> PPO -> evaluation -> report on the bundled model, offline, into runs/demo.
+# The main job: grounded SFT -> on-policy rankings -> reward model -> GRPO against the truth reward -> evaluation
+# -> report on the bundled model, offline, into runs/demo.
 # A rerun skips finished stages and resumes an interrupted one.
 demo: $(STAMP)
 	$(BIN)/rlhfkit pipeline run configs/company_assistant.yaml
