@@ -8,19 +8,17 @@ Screenshots go to pytest's tmp_path."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, require_chromium
 from feedback_helpers import PASSWORD, add_user, jsonl, serving
 
 from rlhfkit.config import RewardConfig, load_config
 from rlhfkit.feedback.app import create_app
 from rlhfkit.reward.train import train_reward_model
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"needs {CHROMIUM} (apt-get install chromium)")
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.integration
 
 XSS = '<img src=x onerror="window.pwned=1">'
 PROMPTS = [{"prompt": "Capital of France?", "id": "france"}, {"prompt": "What is 2+2?", "id": "sum"},
@@ -28,6 +26,12 @@ PROMPTS = [{"prompt": "Capital of France?", "id": "france"}, {"prompt": "What is
 COMPLETIONS = [{"id": "france", "prompt": "Capital of France?", "completions": ["Paris.", "Lyon.", XSS]},
                {"id": "sum", "prompt": "What is 2+2?", "completions": ["4", "5", "22"]},
                {"id": "sky", "prompt": "What colour is a clear daytime sky?", "completions": ["Blue.", "Green.", "Red."]}]
+
+
+@pytest.fixture(autouse=True)
+def playwright_api():
+    """Skipped without chromium or Playwright; under CI, a failure."""
+    return require_chromium()
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def server(tmp_path, tiny_model):
 
 
 @pytest.fixture
-def browser():
+def browser(playwright_api):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])

@@ -274,10 +274,13 @@ def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_mo
 
     import rlhfkit.ppo.trainer as trainer_module
 
+    scalers = []
+
     def fp16_on_cpu(mixed_precision, output_dir, report_to):
         AcceleratorState._reset_state(True)
         accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
         accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
+        scalers.append(accelerator.scaler)
         return accelerator
 
     monkeypatch.setattr(trainer_module, "make_accelerator", fp16_on_cpu)
@@ -286,6 +289,7 @@ def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_mo
     finally:
         AcceleratorState._reset_state(True)
     assert result.steps == 3
+    assert scalers[0].get_scale() < 2.0**20  # an update did overflow, and the scaler lowered its scale
 
 
 def test_stop_tokens_end_responses_and_missing_eos_is_penalised(tiny_model, tmp_path):
