@@ -66,9 +66,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model, tmp_path, monkeyp
 def test_an_interrupted_stage_resumes_and_changed_settings_need_a_restart(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = tiny_pipeline(tiny_model, out)
-    import rlhfkit.ppo.core as core
+    import rlhfkit.losses as losses
 
-    real, calls = core.clipped_policy_loss, {"n": 0}
+    real, calls = losses.clipped_policy_loss, {"n": 0}
 
     def dies_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -76,10 +76,10 @@ def test_an_interrupted_stage_resumes_and_changed_settings_need_a_restart(tiny_m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core, "clipped_policy_loss", dies_in_step_3)
+    monkeypatch.setattr(losses, "clipped_policy_loss", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg)
-    monkeypatch.setattr(core, "clipped_policy_loss", real)
+    monkeypatch.setattr(losses, "clipped_policy_loss", real)
     assert (out / "sft" / DONE_FILE).is_file() and not (out / "ppo" / DONE_FILE).exists()
     assert (out / "ppo" / "checkpoint-2").is_dir()
 

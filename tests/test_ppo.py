@@ -173,9 +173,9 @@ def adapter(path):
 
 def kill_in_step_4(tiny_model, out, settings, monkeypatch):
     """A run of `settings` into `out` killed in its fourth step (two minibatches x one epoch per step)."""
-    import rlhfkit.ppo.core as core_module
+    import rlhfkit.losses as losses_module
 
-    real, calls = core_module.clipped_policy_loss, {"n": 0}
+    real, calls = losses_module.clipped_policy_loss, {"n": 0}
 
     def dies_in_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -184,7 +184,7 @@ def kill_in_step_4(tiny_model, out, settings, monkeypatch):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(core_module, "clipped_policy_loss", dies_in_step_4)
+        patch.setattr(losses_module, "clipped_policy_loss", dies_in_step_4)
         with pytest.raises(KeyboardInterrupt):
             train_ppo(ppo_config(tiny_model, out, **settings), FunctionReward(frac_e))
 

@@ -65,6 +65,7 @@ from rlhfkit.config import DPOConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, prompt_text, tokenize_conversation
 from rlhfkit.data.records import Message
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.losses import preference_loss
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel, trainable_start_model
 from rlhfkit.reward.train import load_comparisons, preference_metrics
@@ -90,35 +91,7 @@ logger = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.safetensors"  # in each checkpoint: log pi_ref of every train and eval sequence
 
 
-# --- the loss ---------------------------------------------------------------------------------------------------
-
-
-def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-                    reference_rejected: torch.Tensor, beta: float, loss: str = "sigmoid",
-                    label_smoothing: float = 0.0, target: torch.Tensor | None = None,
-                    lengths: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and the implicit rewards of y_w and y_l (see the module docstring).
-
-    Arguments are [N] sequence log-probs: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
-    log pi_ref(y_l|x). `target`: q = P(y_w preferred) per pair, 1 where None. `lengths`: (|y_w|, |y_l|) in tokens,
-    for IPO's per-token log-ratios; None: summed.
-    """
-    chosen_logratio = policy_chosen - reference_chosen  # log pi_theta(y_w|x) - log pi_ref(y_w|x)
-    rejected_logratio = policy_rejected - reference_rejected  # log pi_theta(y_l|x) - log pi_ref(y_l|x)
-    h = chosen_logratio - rejected_logratio
-    q = torch.ones_like(h) if target is None else target.to(h.dtype)
-    q = (1 - label_smoothing) * q + label_smoothing * (1 - q)  # cDPO: the label is flipped with probability eps
-    if loss == "sigmoid":  # -q log sigma(beta h) - (1 - q) log sigma(-beta h)
-        losses = -q * F.logsigmoid(beta * h) - (1 - q) * F.logsigmoid(-beta * h)
-    elif loss == "ipo":  # q (h - 1/(2 beta))^2 + (1 - q) (h + 1/(2 beta))^2
-        if lengths is not None:  # h = log-ratio(y_w) / |y_w| - log-ratio(y_l) / |y_l|
-            h = chosen_logratio / lengths[0].clamp(min=1) - rejected_logratio / lengths[1].clamp(min=1)
-        margin = 1 / (2 * beta)
-        losses = q * (h - margin) ** 2 + (1 - q) * (h + margin) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss {loss!r}; use 'sigmoid' or 'ipo'")
-    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+# --- log-probabilities ------------------------------------------------------------------------------------------
 
 
 def sequence_logps(policy: PolicyModel, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -27,6 +26,7 @@ from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
 from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
+from rlhfkit.losses import causal_lm_loss
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.retrieval import Grounding
 from rlhfkit.rollout import generate_responses
@@ -97,13 +97,9 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over labelled tokens, and how many tokens that is."""
+    """Summed next-token cross-entropy over labelled tokens (`causal_lm_loss`), and how many tokens that is."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (targets != IGNORE_INDEX).sum()
+    return causal_lm_loss(logits, batch["labels"])
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Online policy optimisation of a language model against rewards, with a KL penalty against the frozen starting
-model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.ppo.core).
+model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.ppo.core and
+rlhfkit.losses).
 
 One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
   1. rollout     the engine (rlhfkit.rollout) samples K = sampling.num_samples responses per prompt (1 for PPO),
@@ -39,6 +40,7 @@ from transformers import get_scheduler
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
+from rlhfkit import losses
 from rlhfkit.errors import NonFiniteError, RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
@@ -415,19 +417,17 @@ class OnlineTrainer:
                     logprobs, values = self.forward(part, train=True)
                 # a sampled token the updated policy no longer keeps (top-k/top-p): log pi = -inf, ratio 0
                 outside = torch.isneginf(logprobs.detach()) & (part_mask > 0)
-                pg = core.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx], part_mask,
-                                              cfg.clip_range)
+                pg = losses.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx],
+                                                part_mask, cfg.clip_range)
                 per_token = pg.per_token
                 if values is not None:
-                    vf, vf_clipped = core.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
-                                                             part_mask, cfg.clip_range_value)
+                    vf, vf_clipped = losses.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
+                                                               part_mask, cfg.clip_range_value)
                     per_token = per_token + cfg.vf_coef * vf
                     stats["vf"] += vf.sum().detach()
                     stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
                 if cfg.algorithm == "grpo":
-                    # k3 is infinite there, with no gradient: left out, as the ratio loss takes it as ratio 0
-                    kl = core.kl_estimate(logprobs.masked_fill(outside, 0.0), targets.ref_logprobs[idx], "k3",
-                                          targets.ref_dropped[idx]) * part_mask * ~outside
+                    kl = losses.k3_kl_term(logprobs, targets.ref_logprobs[idx], part_mask, targets.ref_dropped[idx])
                     per_token = per_token + self.kl_ctl.value * kl
                     stats["kl"] += kl.sum().detach()
                 # DDP averages gradients over processes; the factor makes the weights' sum over all of them count.

@@ -25,12 +25,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from rlhfkit import losses
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.errors import DataError
@@ -116,14 +116,10 @@ def fit_length_coefficient(items: list[PreferenceItem], soft_labels: bool = Fals
 
 
 def bradley_terry_loss(rewards: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch's comparisons, and how many comparisons there are."""
+    """Summed loss over the batch's comparisons (rlhfkit.losses.bradley_terry_loss), and how many there are."""
     d = rewards[batch.chosen] - rewards[batch.rejected] - batch.margin
-    q = batch.target
-    loss = -(q * F.logsigmoid(d) + (1 - q) * F.logsigmoid(-d)).sum()
-    if batch.tie_a.numel():
-        t = rewards[batch.tie_a] - rewards[batch.tie_b]
-        loss = loss - 0.5 * (F.logsigmoid(t) + F.logsigmoid(-t)).sum()
-    return loss, d.numel() + batch.tie_a.numel()
+    ties = rewards[batch.tie_a] - rewards[batch.tie_b]
+    return losses.bradley_terry_loss(d, batch.target, ties), d.numel() + batch.tie_a.numel()
 
 
 def preference_metrics(margins: torch.Tensor, bins: int = 10) -> dict[str, float]:
