@@ -272,7 +272,7 @@ def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_mo
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    import rlhfkit.ppo.trainer as trainer_module
+    import rlhfkit.runs as runs_module
 
     scalers = []
 
@@ -283,7 +283,7 @@ def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_mo
         scalers.append(accelerator.scaler)
         return accelerator
 
-    monkeypatch.setattr(trainer_module, "make_accelerator", fp16_on_cpu)
+    monkeypatch.setattr(runs_module, "make_accelerator", fp16_on_cpu)  # the run skeleton makes the accelerator
     try:
         result = train_ppo(ppo_config(tiny_model, tmp_path, steps=3, max_nonfinite_updates=0), FunctionReward(frac_e))
     finally:
