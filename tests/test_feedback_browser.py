@@ -126,6 +126,15 @@ def submit_by_keys(page, submitted_before: int) -> None:
 
 
 def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, browser, tmp_path, tiny_model):
+    admin, project_url = admin_sets_up_a_project(browser, server, tmp_path)
+    pid = project_url.rsplit("/", 1)[1]
+    alice_ranks_by_keyboard_and_by_dragging(browser, server, pid, tmp_path)
+    bob_on_a_phone_fails_the_control_item(browser, server, pid, tmp_path)
+    admin_sees_agreement_and_exports_pairs_that_train(admin, project_url, pid, tmp_path, tiny_model)
+
+
+def admin_sets_up_a_project(browser, server, tmp_path):
+    """Two annotators, a project from files, bob added on its page, the sky item marked as a control item."""
     (tmp_path / "prompts.jsonl").write_bytes(jsonl(PROMPTS))
     (tmp_path / "completions.jsonl").write_bytes(jsonl(COMPLETIONS))
     admin = login(browser, server, "admin")
@@ -160,8 +169,10 @@ def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, 
     admin.select_option("select[aria-label='known rank of completion 1']", "1")
     admin.click("#control button[type=submit]")
     assert "control item now" in admin.text_content(".notice") and admin.is_visible("#control-badge")
+    return admin, project_url
 
-    pid = project_url.rsplit("/", 1)[1]
+
+def alice_ranks_by_keyboard_and_by_dragging(browser, server, pid: str, tmp_path) -> None:
     alice = login(browser, server, "alice")
     alice.goto(f"/projects/{pid}/annotate")
     assert alice.text_content("#prompt") == "What colour is a clear daytime sky?"  # nothing marks it as a control
@@ -194,6 +205,8 @@ def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, 
     submit_by_keys(alice, 2)
     alice.wait_for_selector("#queue-empty")
 
+
+def bob_on_a_phone_fails_the_control_item(browser, server, pid: str, tmp_path) -> None:
     bob = login(browser, server, "bob", width=390)  # a phone-sized screen
     bob.goto(f"/projects/{pid}/annotate")
     assert bob.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
@@ -216,6 +229,8 @@ def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, 
     submit_by_keys(bob, 2)
     bob.wait_for_selector("#queue-empty")
 
+
+def admin_sees_agreement_and_exports_pairs_that_train(admin, project_url: str, pid: str, tmp_path, tiny_model) -> None:
     admin.goto(project_url)
     # 6 comparisons: all agree but 5 vs 22 (alice tied them, bob put 5 first) -> 5/6. The control item is not data.
     assert admin.text_content("#pairwise-agreement") == "83.3%"
