@@ -556,7 +556,10 @@ def describe_settings(cls: type[BaseModel], nested: dict[str, type[BaseModel]] |
     class defaults (a nested block's own default, such as PPO's LoRA dropout 0)."""
     comments = _line_comments(cls)
     out = []
-    for name, field in cls.model_fields.items():
+    # a trainer's own settings (its model and data first), then those it shares with the others (TrainerConfig)
+    own = cls.__dict__.get("__annotations__", {})
+    fields = sorted(cls.model_fields.items(), key=lambda item: item[0] not in own)
+    for name, field in fields:
         if depth and name in omit:
             continue
         default = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
