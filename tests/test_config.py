@@ -4,6 +4,8 @@ from pydantic import ValidationError
 from conftest import REPO
 from rlhfkit.config import (
     DPOConfig,
+    EpochTrainerConfig,
+    PolicyTrainerConfig,
     PPOConfig,
     RewardConfig,
     SFTConfig,
@@ -81,11 +83,14 @@ TRAINERS = {SFTConfig: {"train_file": "t", "output_dir": "o"}, RewardConfig: {"t
 
 
 def test_the_trainers_share_their_run_settings_and_keep_their_own_defaults():
-    """The run, optimiser, logging and LoRA settings are declared once (TrainerConfig); each trainer states only the
-    defaults it changes, and they are what each trainer had."""
+    """The run, optimiser, logging and LoRA settings are declared once (TrainerConfig; the epoch schedule in
+    EpochTrainerConfig, QLoRA in PolicyTrainerConfig); each trainer states only the defaults it changes, and they are
+    what each trainer had."""
     for cls in TRAINERS:
         assert issubclass(cls, TrainerConfig)
-        assert not set(cls.__annotations__) & set(TrainerConfig.model_fields), cls
+        for base in (TrainerConfig, EpochTrainerConfig, PolicyTrainerConfig):
+            assert not set(cls.__annotations__) & set(base.model_fields), (cls, base)
+    assert all(issubclass(cls, EpochTrainerConfig) for cls in (SFTConfig, RewardConfig, DPOConfig))
     sft, reward, dpo, ppo = (cls(**required) for cls, required in TRAINERS.items())
     assert [c.warmup_ratio for c in (sft, reward, dpo, ppo)] == [0.05, 0.05, 0.1, 0.0]
     assert [c.learning_rate for c in (sft, reward, dpo, ppo)] == [2e-4, 1e-5, 5e-5, 1e-5]

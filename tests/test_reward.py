@@ -408,6 +408,27 @@ def test_a_run_resumed_between_two_logs_logs_what_an_uninterrupted_run_does(tiny
     assert logged(killed) == logged(tmp_path / "whole")
 
 
+def test_gradient_accumulation_trains_as_one_batch_of_the_same_size(tiny_model, tmp_path):
+    """Batches of 2 prompts with 2 accumulation steps: the same steps, weights and logged figures as batches of 4
+    (the loss of a step is the mean over all its comparisons)."""
+    data = rankings_file(tmp_path, n_items=12)
+    settings = [f"model={tiny_model}", f"train_file={data}", "max_steps=3", "learning_rate=1e-3", "warmup_ratio=0",
+                "log_every=1", "report_to=none"]
+    train_reward_model(load_config(RewardConfig, None, [*settings, "batch_size=4", f"output_dir={tmp_path / 'four'}"]))
+    train_reward_model(load_config(RewardConfig, None, [*settings, "batch_size=2", "gradient_accumulation_steps=2",
+                                                        f"output_dir={tmp_path / 'two'}"]))
+    from safetensors.torch import load_file
+
+    four, two = load_file(tmp_path / "four" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in four:
+        torch.testing.assert_close(two[key], four[key], rtol=1e-4, atol=5e-5)
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("four", "two")}
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["four"]] == [1, 2, 3]
+    for a, b in zip(rows["two"], rows["four"]):
+        assert a["train/accuracy"] == b["train/accuracy"] and a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+
+
 def test_rankings_that_are_all_ties_are_refused_before_anything_is_written(tiny_model, tmp_path):
     from rlhfkit.errors import DataError
 

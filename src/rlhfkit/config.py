@@ -109,6 +109,14 @@ class TrainerConfig(Strict):
         cls.model_rebuild(force=True)
 
 
+class EpochTrainerConfig(TrainerConfig):
+    """A trainer that goes over a dataset in epochs (SFT, reward model, DPO): its step schedule."""
+
+    epochs: float = Field(1, gt=0)  # passes over the training data (fractions allowed)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
+    gradient_accumulation_steps: int = Field(1, gt=0)  # micro-batches of batch_size per optimizer step
+
+
 class PolicyTrainerConfig(TrainerConfig):
     """A trainer whose result is a causal language model (SFT, DPO, online RL): QLoRA, and an adapter or merged
     weights."""
@@ -125,10 +133,10 @@ class PolicyTrainerConfig(TrainerConfig):
         return self
 
 
-class SFTConfig(PolicyTrainerConfig):
+class SFTConfig(PolicyTrainerConfig, EpochTrainerConfig):
     """Supervised fine-tuning (`rlhfkit sft`): the loss on the assistant turns only."""
 
-    trainer_defaults = {"learning_rate": 2e-4, "lr_scheduler": "cosine"}
+    trainer_defaults = {"learning_rate": 2e-4, "lr_scheduler": "cosine", "epochs": 3}
 
     model: str = DEFAULT_MODEL  # alias, local directory (full weights or adapter) or hub id
     train_file: Path  # SFT records: JSONL, or a datasets directory / hub id (NAME:SPLIT)
@@ -138,18 +146,15 @@ class SFTConfig(PolicyTrainerConfig):
     max_length: int = Field(512, gt=0)  # tokens per example; longer ones are cut on the right
     retrieval: RetrievalSettings | None = None  # grounded prompts: passages cut so that each example fits max_length
 
-    epochs: float = Field(3, gt=0)  # passes over the training data (fractions allowed)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     eval_batch_size: int = Field(16, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
 
     preview: PreviewSettings = PreviewSettings()
 
 
-class DPOConfig(PolicyTrainerConfig):
+class DPOConfig(PolicyTrainerConfig, EpochTrainerConfig):
     """Direct preference optimisation (`rlhfkit dpo`, Rafailov et al. 2023): the policy learns from preference pairs
     directly, with the starting model as the reference, no reward model and no sampling."""
 
@@ -172,11 +177,8 @@ class DPOConfig(PolicyTrainerConfig):
     fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training
     facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
 
-    epochs: float = Field(1, gt=0)  # passes over the training prompts (fractions allowed)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
     batch_size: int = Field(4, gt=0)  # prompts per process per micro-step; all of a prompt's completions go through at once
     eval_batch_size: int = Field(16, gt=0)  # sequences per forward when measuring (held-out set, reference log-probs)
-    gradient_accumulation_steps: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
 
     @field_validator("lora", mode="before")
@@ -268,7 +270,7 @@ def dump_config(config: BaseModel, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
 
-class RewardConfig(TrainerConfig):
+class RewardConfig(EpochTrainerConfig):
     """Reward-model training from rankings (consolidated by majority) or pairs; Bradley-Terry loss."""
 
     trainer_defaults = {"lora": LoraSettings(enabled=False)}
@@ -285,9 +287,7 @@ class RewardConfig(TrainerConfig):
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
     retrieval: RetrievalSettings | None = None  # grounded prompts (passages cut to fit max_length); saved with the model
 
-    epochs: float = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(4, gt=0)  # prompts per process per step; all of a prompt's completions go through at once
+    batch_size: int = Field(4, gt=0)  # prompts per process per micro-step; all of a prompt's completions go through at once
     eval_batch_size: int = Field(16, gt=0)  # sequences
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ pair it belongs to.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -197,7 +198,7 @@ class RewardTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        self.schedule = EpochSchedule(loader, 1, cfg.epochs, cfg.max_steps)
+        self.schedule = EpochSchedule(loader, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
                                        num_warmup_steps=int(cfg.warmup_ratio * self.schedule.total),
                                        num_training_steps=self.schedule.total)
@@ -215,8 +216,8 @@ class RewardTrainer:
         cfg, run, schedule = self.cfg, self.run, self.schedule
         self.progress = tqdm(total=schedule.total, initial=run.step, desc="reward",
                              disable=not run.accelerator.is_local_main_process)
-        for (batch,) in schedule.groups(run):
-            self.step(batch)
+        for group in schedule.groups(run):
+            self.step(group)
             self.progress.update(1)
             if run.step % cfg.log_every == 0 or run.step == schedule.total:
                 self.log_train()
@@ -225,23 +226,26 @@ class RewardTrainer:
         self.progress.close()
         return self.finish()
 
-    def step(self, batch: PreferenceBatch) -> None:
-        """One optimizer step: the loss is the mean over the step's comparisons on every process."""
+    def step(self, group: list[PreferenceBatch]) -> None:
+        """One optimizer step over the micro-batches of `group`: the loss is the mean over every comparison of the
+        step, on every process (DDP averages gradients across processes, hence the factor num_processes)."""
         run, accelerator = self.run, self.run.accelerator
         seed_step(self.cfg.seed, run.step)
-        batch = batch.to(run.device)
-        rewards = self.model(batch.input_ids, batch.attention_mask)
-        if self.beta:
-            rewards = rewards + self.beta * batch.lengths  # the length expert of length_debias
-        loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
-        # mean over the comparisons of the step, across processes (DDP averages gradients, hence the factor)
-        total_pairs = accelerator.reduce(torch.tensor(n_pairs, device=run.device), "sum").clamp(min=1)
-        accelerator.backward(loss_sum * accelerator.num_processes / total_pairs)
-        if run.update(self.optimizer, self.scheduler, self.params, loss_sum).ok:
+        n_local = sum(b.chosen.numel() + b.tie_a.numel() for b in group)
+        total_pairs = accelerator.reduce(torch.tensor(n_local, device=run.device), "sum").clamp(min=1)
+        sums = torch.zeros(3, device=run.device)  # loss, comparisons, correctly ordered pairs
+        for i, batch in enumerate(group):
+            batch = batch.to(run.device)
+            with nullcontext() if i == len(group) - 1 else accelerator.no_sync(self.model):
+                rewards = self.model(batch.input_ids, batch.attention_mask)
+                if self.beta:
+                    rewards = rewards + self.beta * batch.lengths  # the length expert of length_debias
+                loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
+                accelerator.backward(loss_sum * accelerator.num_processes / total_pairs)
             correct = (rewards[batch.chosen] > rewards[batch.rejected]).sum()
-            sums = accelerator.reduce(torch.stack([loss_sum.detach(), torch.tensor(float(n_pairs), device=run.device),
-                                                   correct.float()]), "sum")
-            run.window.add(dict(zip(("loss", "pairs", "correct"), sums.tolist())))
+            sums += torch.stack([loss_sum.detach(), torch.tensor(float(n_pairs), device=run.device), correct.float()])
+        if run.update(self.optimizer, self.scheduler, self.params, sums[0]).ok:
+            run.window.add(dict(zip(("loss", "pairs", "correct"), accelerator.reduce(sums, "sum").tolist())))
 
     def log_train(self) -> None:
         """The mean loss and accuracy over the comparisons since the last log (skipped updates left out)."""
