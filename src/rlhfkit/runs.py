@@ -361,7 +361,7 @@ class MetricsWindow:
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
     def take(self) -> dict[str, float]:
-        """The sums so far (0 for none), and an empty window."""
+        """The sums so far (a figure never added is absent), and an empty window."""
         sums, self.sums = self.sums, {}
         return sums
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: teach a pretrained model the ideal responses, with the loss on response tokens only.
 
-Built on `accelerate.Accelerator`: one process here, `accelerate launch` for DDP / FSDP / DeepSpeed.
+Built on the run skeleton (rlhfkit.runs) over `accelerate.Accelerator`: one process here, `accelerate launch` for
+DDP / FSDP / DeepSpeed.
 The loss of an optimizer step is the mean over every response token in that step (all micro-batches of the
 gradient accumulation, all processes), so the result does not depend on how a batch is split.
 """
