@@ -9,6 +9,7 @@ import sys
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -30,6 +31,7 @@ def run_sft(launcher, tiny_model, sft_files, out, batch_size):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_sft_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, sft_files, tmp_path):
     torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
     two = run_sft(torchrun, tiny_model, sft_files, tmp_path / "two", batch_size=2)
@@ -51,6 +53,7 @@ def run_dpo(launcher, tiny_model, pairs, out, batch_size):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_dpo_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, tmp_path):
     """Each process computes the reference log-probs of its share and the loss is the mean over every pair of the
     step on every process: two processes of 2 prompts train as one of 4 and report the same figures."""
@@ -80,6 +83,7 @@ def run_reward(launcher, tiny_model, rankings, out, batch_size):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_reward_training_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, tmp_path):
     """The batches are tokenized by the reward model itself, not by its DDP wrapper; the loss is the mean over every
     comparison of the step on every process, and so are the logged figures."""

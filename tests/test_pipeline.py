@@ -110,6 +110,7 @@ def test_pipeline_settings_errors(tiny_model, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_make_demo_quick_profile_on_the_bundled_model(tmp_path):
     """The shipped pipeline config, --quick, on the bundled model: every stage, the summary and the report."""
     cfg = load_config(PipelineConfig, REPO / "configs" / "company_assistant.yaml")
@@ -217,6 +218,7 @@ def test_one_retrieval_block_grounds_every_stage_but_sft_ungrounded(tiny_model, 
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_grounded_recipe_quick_profile_on_the_bundled_model(tmp_path):
     """configs/company_grounded.yaml --quick: both SFT stages, GRPO, then eval with and without passages."""
     result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "company_grounded.yaml"), "--quick",
@@ -228,6 +230,7 @@ def test_grounded_recipe_quick_profile_on_the_bundled_model(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_detox_recipe_quick_profile_on_the_bundled_model(tmp_path):
     """configs/detox.yaml --quick: PPO against toxicity and refusals, then eval reports what it cost."""
     result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "detox.yaml"), "--quick",
@@ -282,6 +285,7 @@ def test_the_truth_recipe_chooses_on_the_validation_split_and_never_reads_the_te
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_truth_recipe_quick_profile_on_the_bundled_model(tmp_path):
     """configs/company_truth.yaml --quick: grounded SFT, its own answers ranked by simulated annotators, a reward model
     on those beside people's rankings, GRPO against the truth reward, evaluation with the truth measures."""
