@@ -253,6 +253,35 @@ def submit_one(kind: Kind, client: httpx.Client, username: str, project_id: int,
     return True
 
 
+def import_until_done(args: argparse.Namespace, base: str, made, tally: Tally, import_log: list[str],
+                      deadline: float) -> None:
+    """The admin's import: upload the prompts file once a quarter of the submissions are in; after a kill cut it
+    short (the server removes such an import), upload again."""
+    content = prompts_file(args.import_prompts)
+    while tally.count() < args.items * args.per_item // 4:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {made.admin_token}"}, timeout=600) as client:
+        while True:
+            started = time.perf_counter()
+            try:
+                response = client.post(f"/admin/projects/{made.project_id}/import/prompts",
+                                       files={"file": ("big.jsonl", content)})
+            except httpx.TransportError:
+                import_log.append(f"cut short by the kill after {time.perf_counter() - started:.1f} s")
+                tally.retried["import"] += 1
+                while True:  # wait for the restarted server
+                    try:
+                        client.get("/api/me")
+                        break
+                    except httpx.TransportError:
+                        time.sleep(0.2)
+                continue
+            import_log.append(f"HTTP {response.status_code} after {time.perf_counter() - started:.1f} s")
+            return
+
+
 def run(args: argparse.Namespace, database_url: str) -> bool:
     made = setup(database_url, args.annotators, args.browsers, args.items, args.k, args.per_item)
     expected = args.items * args.per_item
@@ -263,32 +292,6 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
     tally = Tally()
     import_log: list[str] = []
 
-    def importer() -> None:
-        """Upload the prompts file; after a kill cut it short (the server removes such an import), upload again."""
-        content = prompts_file(args.import_prompts)
-        while tally.count() < expected // 4:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.05)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {made.admin_token}"}, timeout=600) as client:
-            while True:
-                started = time.perf_counter()
-                try:
-                    response = client.post(f"/admin/projects/{made.project_id}/import/prompts",
-                                           files={"file": ("big.jsonl", content)})
-                except httpx.TransportError:
-                    import_log.append(f"cut short by the kill after {time.perf_counter() - started:.1f} s")
-                    tally.retried["import"] += 1
-                    while True:  # wait for the restarted server
-                        try:
-                            client.get("/api/me")
-                            break
-                        except httpx.TransportError:
-                            time.sleep(0.2)
-                    continue
-                import_log.append(f"HTTP {response.status_code} after {time.perf_counter() - started:.1f} s")
-                return
-
     server = start_server(database_url, port)
     workers = [(TOKEN, httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120), name)
                for name, token in made.tokens.items()]
@@ -298,7 +301,8 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
     threads = [threading.Thread(target=annotate, args=(kind, client, name, made.project_id, args.k, tally, deadline),
                                 daemon=True) for kind, client, name in workers]
     if args.import_prompts:
-        threads.append(threading.Thread(target=importer, daemon=True))
+        threads.append(threading.Thread(target=import_until_done, args=(args, base, made, tally, import_log, deadline),
+                                        daemon=True))
     for t in threads:
         t.start()
     while tally.count() < expected // 2 and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
@@ -315,7 +319,14 @@ def run(args: argparse.Namespace, database_url: str) -> bool:
     timed_out = len(tally.finished) < len(workers)
     server.send_signal(signal.SIGTERM)
     server.wait()
+    return report(args, database_url, tally, import_log, elapsed, downtime, acknowledged_before_restart, timed_out)
 
+
+def report(args: argparse.Namespace, database_url: str, tally: Tally, import_log: list[str], elapsed: float,
+           downtime: float, acknowledged_before_restart: int, timed_out: bool) -> bool:
+    """Print what the run did and whether it passed: every acknowledged submission stored, no annotator request
+    failed, done in time, and the import complete."""
+    expected = args.items * args.per_item
     with make_sessionmaker(make_engine(database_url))() as db:
         stored = set(db.execute(select(Annotation.item_id, User.username).join(User)).all())
         items = db.scalar(select(func.count()).select_from(Item))

@@ -325,7 +325,7 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", choices=["trl", "rlhfkit", "both"], default="both")
     p.add_argument("--model", default="smollm2-135m-instruct", help="rlhfkit model name (bundled alias or directory)")
@@ -360,8 +360,11 @@ def main() -> None:
                    help="only write the bundled model's tokenizer files to DIR (to carry to a GPU machine)")
     p.add_argument("--gpu-workload", action="store_true",
                    help="batch 64, 4 mini-batches, 128 new tokens, no stop token, bf16 on cuda (the GPU table)")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     if args.download_wheels:
         download_wheels(args.download_wheels, args.wheels_python, slim=not args.full_pyarrow)
         return

@@ -134,27 +134,23 @@ def peak_memory(device: str) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"  # ru_maxrss is in KiB on Linux
 
 
-def main() -> None:
-    args = parse_args()
-    load_start = os.getloadavg()[0]  # other work on the machine skews CPU timings badly: record it
-    total_iterations = args.warmup_iterations + args.iterations
-    if args.batch_size % args.num_mini_batches:
-        sys.exit("--batch-size must be a multiple of --num-mini-batches")
-    if args.iterations < 1:
-        sys.exit("--iterations must be at least 1")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    transformers.set_seed(args.seed)
+def load_tokenizer(model: str):
+    """The model's tokenizer, left-padding, with a pad token that never occurs in text.
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # TRL generates from left-padded queries and finds prompt/response padding by `token == pad_token_id`. SmolLM2
-    # ships pad == eos == <|im_end|>, which would mask every <|im_end|> of the chat-formatted prompt and make the
-    # response's EOS count as padding; a pad token that never occurs in text avoids both (same as TRL's example,
-    # which adds one, but an existing token needs no embedding resize).
+    TRL generates from left-padded queries and finds prompt/response padding by `token == pad_token_id`. SmolLM2
+    ships pad == eos == <|im_end|>, which would mask every <|im_end|> of the chat-formatted prompt and make the
+    response's EOS count as padding; a pad token that never occurs in text avoids both (same as TRL's example,
+    which adds one, but an existing token needs no embedding resize)."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.unk_token
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    return tokenizer
 
+
+def prompt_dataset(args: argparse.Namespace, tokenizer) -> tuple[list[str], Dataset]:
+    """The prompts, and the dataset of their chat-formatted token ids that TRL trains on."""
     with open(args.prompts) as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
     if len(prompts) < args.batch_size:
@@ -164,8 +160,11 @@ def main() -> None:
         for p in prompts
     ]
     # The template already holds the special tokens; only input_ids, so that TRL's padding collator can batch them.
-    train_dataset = Dataset.from_dict({"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]})
+    return prompts, Dataset.from_dict({"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]})
 
+
+def load_models(args: argparse.Namespace, dtype: torch.dtype, tokenizer):
+    """Policy, reference, value and reward models, all from the one model directory."""
     def load_lm():
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
 
@@ -178,9 +177,11 @@ def main() -> None:
     policy, ref_policy = load_lm(), load_lm()
     value_model, reward_model = load_scalar(args.seed), load_scalar(args.seed + 1)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    return policy, ref_policy, value_model, reward_model
 
-    output_dir = tempfile.mkdtemp(prefix="trl-ppo-bench-")  # TRL creates it; nothing is saved into it
-    config = PPOConfig(
+
+def ppo_config(args: argparse.Namespace, output_dir: str, total_iterations: int) -> PPOConfig:
+    return PPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
@@ -206,6 +207,24 @@ def main() -> None:
         data_seed=args.seed,
         dataloader_num_workers=0,
     )
+
+
+def main() -> None:
+    args = parse_args()
+    load_start = os.getloadavg()[0]  # other work on the machine skews CPU timings badly: record it
+    total_iterations = args.warmup_iterations + args.iterations
+    if args.batch_size % args.num_mini_batches:
+        sys.exit("--batch-size must be a multiple of --num-mini-batches")
+    if args.iterations < 1:
+        sys.exit("--iterations must be at least 1")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    transformers.set_seed(args.seed)
+
+    tokenizer = load_tokenizer(args.model)
+    prompts, train_dataset = prompt_dataset(args, tokenizer)
+    policy, ref_policy, value_model, reward_model = load_models(args, dtype, tokenizer)
+    output_dir = tempfile.mkdtemp(prefix="trl-ppo-bench-")  # TRL creates it; nothing is saved into it
+    config = ppo_config(args, output_dir, total_iterations)
     timer = IterationTimer(args.device)
     recorder = GenerationRecorder(args.device, tokenizer.eos_token_id)
     if args.device == "cuda":
@@ -227,7 +246,15 @@ def main() -> None:
         trainer.train()
         train_seconds = time.perf_counter() - t0
     shutil.rmtree(output_dir, ignore_errors=True)
+    result = summary(args, config, timer, recorder, len(prompts), train_seconds, load_start)
+    print(json.dumps(result, default=str), flush=True)
 
+
+def summary(args: argparse.Namespace, config: PPOConfig, timer: IterationTimer, recorder: GenerationRecorder,
+            num_prompts: int, train_seconds: float, load_start: float) -> dict:
+    """The result line: throughput, memory and rollout lengths over the timed iterations, the workload and TRL's
+    resolved settings."""
+    total_iterations = args.warmup_iterations + args.iterations
     per_iter = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     if len(per_iter) != total_iterations or len(recorder.widths) != total_iterations:
         sys.exit(f"expected {total_iterations} updates, timed {len(per_iter)}, generated {len(recorder.widths)}")
@@ -272,7 +299,7 @@ def main() -> None:
             "seed": args.seed,
             "model": args.model,
             "prompts": args.prompts,
-            "num_prompts": len(prompts),
+            "num_prompts": num_prompts,
         },
         "trl_config": {
             k: getattr(config, k)
@@ -285,7 +312,9 @@ def main() -> None:
             )
         },
     }
-    print(json.dumps(result, default=str), flush=True)
+    return result
+
+
 
 
 if __name__ == "__main__":

@@ -21,6 +21,25 @@ REPO = Path(__file__).resolve().parents[1]
 COMPANY_TRAIN = REPO / "data" / "company" / "train.jsonl"
 COMPANY_VALIDATION = REPO / "data" / "company" / "validation.jsonl"
 COMPANY_TEST = REPO / "data" / "company" / "test.jsonl"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def require_chromium():
+    """Playwright's sync API, with Debian's chromium at CHROMIUM to drive. Without them the test is skipped here, and
+    fails under CI (`.ci/run` installs both), as the PostgreSQL tests do: a browser test must never pass unrun."""
+    missing = None
+    if not os.path.exists(CHROMIUM):
+        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api as sync_api
+        except ImportError:
+            missing = "playwright is not installed (pip install -e '.[test]')"
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {missing}: .ci/run installs chromium and the test extras")
+        pytest.skip(missing)
+    return sync_api
 
 
 def build_tiny_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:

@@ -1,4 +1,5 @@
-"""SFT and DPO in 2 CPU processes (gloo) give the same weights as one process with the same global batch."""
+"""SFT, DPO and reward models in 2 CPU processes (gloo) give the same weights as one process with the same global
+batch."""
 
 import os
 import re
@@ -8,10 +9,12 @@ import sys
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from test_dpo import toy_preferences
+from test_reward import rankings_file
 
 
 def run_sft(launcher, tiny_model, sft_files, out, batch_size):
@@ -28,6 +31,7 @@ def run_sft(launcher, tiny_model, sft_files, out, batch_size):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_sft_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, sft_files, tmp_path):
     torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
     two = run_sft(torchrun, tiny_model, sft_files, tmp_path / "two", batch_size=2)
@@ -49,6 +53,7 @@ def run_dpo(launcher, tiny_model, pairs, out, batch_size):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_dpo_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, tmp_path):
     """Each process computes the reference log-probs of its share and the loss is the mean over every pair of the
     step on every process: two processes of 2 prompts train as one of 4 and report the same figures."""
@@ -64,6 +69,32 @@ def test_dpo_in_two_processes_matches_one_process_with_the_same_global_batch(tin
     # The weights agree to float noise: Adam divides each gradient by its own running scale, so a weight whose
     # gradient is near 0 turns the all-reduce's different summation order into a step of up to the learning rate's
     # order; with the tiny tokenizer trained on today's company data one weight of 16384 lands 1.6e-5 apart.
+    one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in one_w:
+        torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-4, atol=5e-5)
+
+
+def run_reward(launcher, tiny_model, rankings, out, batch_size):
+    settings = [f"model={tiny_model}", f"train_file={rankings}", f"output_dir={out}", f"batch_size={batch_size}",
+                "max_steps=3", "learning_rate=1e-3", "warmup_ratio=0", "log_every=1", "report_to=none"]
+    proc = subprocess.run([*launcher, "-m", "rlhfkit.cli", "reward", "train", "--config", os.devnull, *settings],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_reward_training_in_two_processes_matches_one_process_with_the_same_global_batch(tiny_model, tmp_path):
+    """The batches are tokenized by the reward model itself, not by its DDP wrapper; the loss is the mean over every
+    comparison of the step on every process, and so are the logged figures."""
+    rankings = rankings_file(tmp_path, n_items=12)
+    torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--nproc_per_node", "2"]
+    two = run_reward(torchrun, tiny_model, rankings, tmp_path / "two", batch_size=2)
+    one = run_reward([sys.executable], tiny_model, rankings, tmp_path / "one", batch_size=4)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for a, b in zip(two, one):
+        for key in ("train/loss", "train/accuracy"):
+            assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
     one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for key in one_w:
         torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-4, atol=5e-5)

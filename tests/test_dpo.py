@@ -248,6 +248,33 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics_as_an_uninterrupte
     assert resumed.eval_after == pytest.approx(whole.eval_after)
 
 
+
+def test_a_run_resumed_between_two_logs_logs_what_an_uninterrupted_run_does(tiny_model, tmp_path, monkeypatch):
+    """Logged every 3 steps, checkpointed every 2, killed in step 3: the resumed run's step-3 figures are the means
+    over the pairs of steps 1 to 3, as the uninterrupted run's, not over step 3's alone (the window is in the
+    checkpoint)."""
+    rankings = write_jsonl(tmp_path / "rankings.jsonl", [json.loads(line) for line in RANKINGS.read_text().splitlines()[:40]])
+    settings = ["max_steps=6", "save_every=2", "log_every=3", "batch_size=2", "learning_rate=5e-3"]
+    train_dpo(config(tiny_model, rankings, tmp_path / "whole", *settings))
+    calls, real = {"n": 0}, dpo_module.preference_loss
+
+    def dies_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one loss a step, no held-out set
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "preference_loss", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(config(tiny_model, rankings, tmp_path / "killed", *settings))
+    monkeypatch.setattr(dpo_module, "preference_loss", real)
+    train_dpo(config(tiny_model, rankings, tmp_path / "killed", *settings, "resume_from=latest"))
+    killed, whole = metric_rows(tmp_path / "killed"), metric_rows(tmp_path / "whole")
+    assert [r["step"] for r in killed] == [r["step"] for r in whole] and killed[0]["step"] == 3
+    for k, w in zip(killed, whole):
+        assert {key: k[key] for key in k if key != "time"} == {key: w[key] for key in w if key != "time"}
+
+
 def test_bad_input_is_one_error_line_with_status_2(tiny_model, tmp_path, capsys, monkeypatch):
     cli = lambda *args: run_main(capsys, monkeypatch, "dpo", f"model={tiny_model}", "report_to=none", *args)  # noqa: E731
     good, _ = toy_preferences(tmp_path)

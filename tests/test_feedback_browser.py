@@ -8,19 +8,17 @@ Screenshots go to pytest's tmp_path."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, require_chromium
 from feedback_helpers import PASSWORD, add_user, jsonl, serving
 
 from rlhfkit.config import RewardConfig, load_config
 from rlhfkit.feedback.app import create_app
 from rlhfkit.reward.train import train_reward_model
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"needs {CHROMIUM} (apt-get install chromium)")
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.integration
 
 XSS = '<img src=x onerror="window.pwned=1">'
 PROMPTS = [{"prompt": "Capital of France?", "id": "france"}, {"prompt": "What is 2+2?", "id": "sum"},
@@ -28,6 +26,12 @@ PROMPTS = [{"prompt": "Capital of France?", "id": "france"}, {"prompt": "What is
 COMPLETIONS = [{"id": "france", "prompt": "Capital of France?", "completions": ["Paris.", "Lyon.", XSS]},
                {"id": "sum", "prompt": "What is 2+2?", "completions": ["4", "5", "22"]},
                {"id": "sky", "prompt": "What colour is a clear daytime sky?", "completions": ["Blue.", "Green.", "Red."]}]
+
+
+@pytest.fixture(autouse=True)
+def playwright_api():
+    """Skipped without chromium or Playwright; under CI, a failure."""
+    return require_chromium()
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def server(tmp_path, tiny_model):
 
 
 @pytest.fixture
-def browser():
+def browser(playwright_api):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
@@ -122,6 +126,15 @@ def submit_by_keys(page, submitted_before: int) -> None:
 
 
 def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, browser, tmp_path, tiny_model):
+    admin, project_url = admin_sets_up_a_project(browser, server, tmp_path)
+    pid = project_url.rsplit("/", 1)[1]
+    alice_ranks_by_keyboard_and_by_dragging(browser, server, pid, tmp_path)
+    bob_on_a_phone_fails_the_control_item(browser, server, pid, tmp_path)
+    admin_sees_agreement_and_exports_pairs_that_train(admin, project_url, pid, tmp_path, tiny_model)
+
+
+def admin_sets_up_a_project(browser, server, tmp_path):
+    """Two annotators, a project from files, bob added on its page, the sky item marked as a control item."""
     (tmp_path / "prompts.jsonl").write_bytes(jsonl(PROMPTS))
     (tmp_path / "completions.jsonl").write_bytes(jsonl(COMPLETIONS))
     admin = login(browser, server, "admin")
@@ -156,8 +169,10 @@ def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, 
     admin.select_option("select[aria-label='known rank of completion 1']", "1")
     admin.click("#control button[type=submit]")
     assert "control item now" in admin.text_content(".notice") and admin.is_visible("#control-badge")
+    return admin, project_url
 
-    pid = project_url.rsplit("/", 1)[1]
+
+def alice_ranks_by_keyboard_and_by_dragging(browser, server, pid: str, tmp_path) -> None:
     alice = login(browser, server, "alice")
     alice.goto(f"/projects/{pid}/annotate")
     assert alice.text_content("#prompt") == "What colour is a clear daytime sky?"  # nothing marks it as a control
@@ -190,6 +205,8 @@ def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, 
     submit_by_keys(alice, 2)
     alice.wait_for_selector("#queue-empty")
 
+
+def bob_on_a_phone_fails_the_control_item(browser, server, pid: str, tmp_path) -> None:
     bob = login(browser, server, "bob", width=390)  # a phone-sized screen
     bob.goto(f"/projects/{pid}/annotate")
     assert bob.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
@@ -212,6 +229,8 @@ def test_admin_to_exported_pairs_with_two_annotators_and_a_control_item(server, 
     submit_by_keys(bob, 2)
     bob.wait_for_selector("#queue-empty")
 
+
+def admin_sees_agreement_and_exports_pairs_that_train(admin, project_url: str, pid: str, tmp_path, tiny_model) -> None:
     admin.goto(project_url)
     # 6 comparisons: all agree but 5 vs 22 (alice tied them, bob put 5 first) -> 5/6. The control item is not data.
     assert admin.text_content("#pairwise-agreement") == "83.3%"

@@ -22,6 +22,7 @@ def test_bundled_model_is_a_real_llama_that_answers():
     assert "Paris" in answer
 
 
+@pytest.mark.slow
 def test_a_few_sft_steps_lower_training_and_held_out_loss(tmp_path):
     train, held_out = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     # 8 training examples, batch 4, 8 steps: 4 epochs, so the first and last logged windows (2 steps, one epoch

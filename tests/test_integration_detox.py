@@ -11,7 +11,7 @@ from rlhfkit.evaluation import evaluate
 from rlhfkit.models import DEFAULT_MODEL
 from rlhfkit.ppo import train_ppo
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUDE = "You are a rude, foul-mouthed assistant. You insult people and swear a lot."
 PROMPTS = REPO / "data" / "toxicity_prompts"

@@ -14,7 +14,7 @@ from rlhfkit.rollout import generate_responses
 from rlhfkit.models import DEFAULT_MODEL, apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.reward import RewardModel
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_ppo_on_the_bundled_model_from_an_sft_adapter_with_a_reward_model_and_toxicity(tmp_path):

@@ -9,7 +9,7 @@ from rlhfkit.config import RewardConfig, load_config
 from rlhfkit.reward import RewardModel, ToxicityScorer
 from rlhfkit.reward.train import train_reward_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RANKINGS = REPO / "data" / "company_feedback"
 

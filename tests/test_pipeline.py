@@ -66,9 +66,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model, tmp_path, monkeyp
 def test_an_interrupted_stage_resumes_and_changed_settings_need_a_restart(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = tiny_pipeline(tiny_model, out)
-    import rlhfkit.ppo.core as core
+    import rlhfkit.losses as losses
 
-    real, calls = core.clipped_policy_loss, {"n": 0}
+    real, calls = losses.clipped_policy_loss, {"n": 0}
 
     def dies_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -76,10 +76,10 @@ def test_an_interrupted_stage_resumes_and_changed_settings_need_a_restart(tiny_m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core, "clipped_policy_loss", dies_in_step_3)
+    monkeypatch.setattr(losses, "clipped_policy_loss", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg)
-    monkeypatch.setattr(core, "clipped_policy_loss", real)
+    monkeypatch.setattr(losses, "clipped_policy_loss", real)
     assert (out / "sft" / DONE_FILE).is_file() and not (out / "ppo" / DONE_FILE).exists()
     assert (out / "ppo" / "checkpoint-2").is_dir()
 
@@ -110,6 +110,7 @@ def test_pipeline_settings_errors(tiny_model, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_classic_ppo_recipe_quick_profile_on_the_bundled_model(tmp_path):
     """configs/company_ppo.yaml --quick on the bundled model: SFT, a reward model on people's rankings, PPO with a
     critic from it, the summary and the report."""
@@ -218,6 +219,7 @@ def test_one_retrieval_block_grounds_every_stage_but_sft_ungrounded(tiny_model, 
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_grounded_recipe_quick_profile_on_the_bundled_model(tmp_path):
     """configs/company_grounded.yaml --quick: both SFT stages, GRPO, then eval with and without passages."""
     result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "company_grounded.yaml"), "--quick",
@@ -229,6 +231,7 @@ def test_grounded_recipe_quick_profile_on_the_bundled_model(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_detox_recipe_quick_profile_on_the_bundled_model(tmp_path):
     """configs/detox.yaml --quick: PPO against toxicity and refusals, then eval reports what it cost."""
     result = CliRunner().invoke(app, ["pipeline", "run", str(REPO / "configs" / "detox.yaml"), "--quick",
@@ -288,6 +291,7 @@ def test_the_demo_trains_on_training_questions_and_only_its_evaluation_reads_the
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_make_demo_quick_profile_on_the_bundled_model(tmp_path):
     """configs/company_assistant.yaml --quick (make demo's loop): grounded SFT, its own answers ranked by simulated
     annotators, a reward model on those, GRPO against the truth reward, evaluation with the truth measures."""

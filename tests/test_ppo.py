@@ -173,9 +173,9 @@ def adapter(path):
 
 def kill_in_step_4(tiny_model, out, settings, monkeypatch):
     """A run of `settings` into `out` killed in its fourth step (two minibatches x one epoch per step)."""
-    import rlhfkit.ppo.core as core_module
+    import rlhfkit.losses as losses_module
 
-    real, calls = core_module.clipped_policy_loss, {"n": 0}
+    real, calls = losses_module.clipped_policy_loss, {"n": 0}
 
     def dies_in_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -184,7 +184,7 @@ def kill_in_step_4(tiny_model, out, settings, monkeypatch):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(core_module, "clipped_policy_loss", dies_in_step_4)
+        patch.setattr(losses_module, "clipped_policy_loss", dies_in_step_4)
         with pytest.raises(KeyboardInterrupt):
             train_ppo(ppo_config(tiny_model, out, **settings), FunctionReward(frac_e))
 
@@ -272,20 +272,24 @@ def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_mo
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    import rlhfkit.ppo.trainer as trainer_module
+    import rlhfkit.runs as runs_module
+
+    scalers = []
 
     def fp16_on_cpu(mixed_precision, output_dir, report_to):
         AcceleratorState._reset_state(True)
         accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
         accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
+        scalers.append(accelerator.scaler)
         return accelerator
 
-    monkeypatch.setattr(trainer_module, "make_accelerator", fp16_on_cpu)
+    monkeypatch.setattr(runs_module, "make_accelerator", fp16_on_cpu)  # the run skeleton makes the accelerator
     try:
         result = train_ppo(ppo_config(tiny_model, tmp_path, steps=3, max_nonfinite_updates=0), FunctionReward(frac_e))
     finally:
         AcceleratorState._reset_state(True)
     assert result.steps == 3
+    assert scalers[0].get_scale() < 2.0**20  # an update did overflow, and the scaler lowered its scale
 
 
 def test_stop_tokens_end_responses_and_missing_eos_is_penalised(tiny_model, tmp_path):

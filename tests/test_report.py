@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 from typer.testing import CliRunner
 
-from conftest import COMPANY_TEST, REPO
+from conftest import CHROMIUM, COMPANY_TEST, REPO, require_chromium
 from rlhfkit.cli import app
 from rlhfkit.config import EvalConfig
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
@@ -22,7 +22,6 @@ from rlhfkit.reward.diagnostics import diagnose, write_diagnostics
 from rlhfkit.ppo import train_ppo
 from test_ppo import ppo_config
 
-CHROMIUM = "/usr/bin/chromium"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 
 
@@ -90,12 +89,9 @@ def test_report_shows_the_gold_judge_beside_the_reward_model_and_the_reward_diag
     assert stages["reward"].diagnostics[0] == "held-out: 35 items, 140 completions, 201 consensus pairs"
 
 
+@pytest.mark.integration
 def test_cli_report_renders_in_headless_chromium(pipeline_dir, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium")
-        pytest.skip(f"no {CHROMIUM} here (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = require_chromium().sync_playwright
 
     result = CliRunner().invoke(app, ["report", str(pipeline_dir)])
     assert result.exit_code == 0, result.output

@@ -379,6 +379,56 @@ def test_reward_training_resumes_to_the_same_model_as_an_uninterrupted_run(tiny_
     assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
 
 
+def test_a_run_resumed_between_two_logs_logs_what_an_uninterrupted_run_does(tiny_model, tmp_path, monkeypatch):
+    """Logged every 3 steps, checkpointed every 2, killed in step 3: the resumed run's step-3 figures are the means
+    over steps 1 to 3, as the uninterrupted run's, not over step 3 alone (the window is in the checkpoint)."""
+    data = rankings_file(tmp_path, n_items=8)
+    settings = [f"model={tiny_model}", f"train_file={data}", "batch_size=2", "max_steps=6", "save_every=2",
+                "learning_rate=1e-2", "log_every=3", "report_to=none"]
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={tmp_path / 'whole'}"]))
+    calls, real = {"n": 0}, train_module.bradley_terry_loss
+
+    def dies_in_step_3(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "bradley_terry_loss", dies_in_step_3)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}"]))
+    monkeypatch.undo()
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}", "resume_from=latest"]))
+
+    def logged(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in logged(killed)] == [3, 6]
+    assert logged(killed) == logged(tmp_path / "whole")
+
+
+def test_gradient_accumulation_trains_as_one_batch_of_the_same_size(tiny_model, tmp_path):
+    """Batches of 2 prompts with 2 accumulation steps: the same steps, weights and logged figures as batches of 4
+    (the loss of a step is the mean over all its comparisons)."""
+    data = rankings_file(tmp_path, n_items=12)
+    settings = [f"model={tiny_model}", f"train_file={data}", "max_steps=3", "learning_rate=1e-3", "warmup_ratio=0",
+                "log_every=1", "report_to=none"]
+    train_reward_model(load_config(RewardConfig, None, [*settings, "batch_size=4", f"output_dir={tmp_path / 'four'}"]))
+    train_reward_model(load_config(RewardConfig, None, [*settings, "batch_size=2", "gradient_accumulation_steps=2",
+                                                        f"output_dir={tmp_path / 'two'}"]))
+    from safetensors.torch import load_file
+
+    four, two = load_file(tmp_path / "four" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in four:
+        torch.testing.assert_close(two[key], four[key], rtol=1e-4, atol=5e-5)
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("four", "two")}
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["four"]] == [1, 2, 3]
+    for a, b in zip(rows["two"], rows["four"]):
+        assert a["train/accuracy"] == b["train/accuracy"] and a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+
+
 def test_rankings_that_are_all_ties_are_refused_before_anything_is_written(tiny_model, tmp_path):
     from rlhfkit.errors import DataError
 

@@ -100,6 +100,34 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_m
     assert times == sorted(times) and times[-1] > max(r["time"] for r in rows if r["step"] <= 2)  # time goes on
 
 
+def test_a_run_resumed_between_two_logs_logs_what_an_uninterrupted_run_does(tiny_model, sft_files, tmp_path,
+                                                                             monkeypatch):
+    """Logged every 3 steps, checkpointed every 2, killed in step 3: the resumed run's step-3 loss is the mean over
+    steps 1 to 3, as the uninterrupted run's, not over step 3 alone (the window is in the checkpoint)."""
+    settings = ["max_steps=6", "save_every=2", "log_every=3", "eval_file="]
+    train_sft(config(tiny_model, sft_files, tmp_path / "whole", *settings))
+    calls, real = {"n": 0}, sft_module.token_loss_sum
+
+    def dies_in_step_3(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one loss computation per step, no held-out set
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings))
+    monkeypatch.setattr(sft_module, "token_loss_sum", real)
+    train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings, "resume_from=latest"))
+
+    def logged(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in logged(tmp_path / "killed")] == [3, 4, 6]  # every 3 steps and each epoch's end
+    assert logged(tmp_path / "killed") == logged(tmp_path / "whole")
+
+
 def test_a_run_refused_for_bad_input_leaves_nothing_behind(tiny_model, sft_files, tmp_path):
     from rlhfkit.errors import DataError, ModelNotFoundError
 
@@ -164,6 +192,8 @@ def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_mod
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    import rlhfkit.runs as runs_module
+
     scalers = []
 
     def fp16_on_cpu(mixed_precision, output_dir, report_to):
@@ -173,7 +203,7 @@ def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_mod
         scalers.append(accelerator.scaler)
         return accelerator
 
-    monkeypatch.setattr(sft_module, "make_accelerator", fp16_on_cpu)
+    monkeypatch.setattr(runs_module, "make_accelerator", fp16_on_cpu)  # the run skeleton makes the accelerator
     try:
         result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=8", "max_nonfinite_updates=0",
                                   "eval_file="))

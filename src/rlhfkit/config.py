@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import io
 import os
@@ -10,7 +11,7 @@ import textwrap
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,49 +63,69 @@ class RetrievalSettings(Strict):
     train_with_answer: bool = False
 
 
-class SFTConfig(Strict):
-    """Supervised fine-tuning (`rlhfkit sft`): the loss on the assistant turns only."""
+LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
-    model: str = DEFAULT_MODEL  # alias, local directory (full weights or adapter) or hub id
-    train_file: Path  # SFT records: JSONL, or a datasets directory / hub id (NAME:SPLIT)
-    eval_file: Path | None = None  # held-out records: loss before, during and after training
+
+class TrainerConfig(Strict):
+    """What every trainer (SFT, reward model, DPO, online RL) is run with: its run directory, LoRA, the optimiser and
+    its schedule, precision, the NaN guard, the seed, logging and checkpoints. A trainer's config adds its own settings
+    and names the defaults it changes in `trainer_defaults` (each stated once, there)."""
+
+    trainer_defaults: ClassVar[dict[str, Any]] = {}  # a subclass's own defaults for the settings declared here
+
     output_dir: Path
     overwrite: bool = False  # replace an existing output_dir
     resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
-    system_prompt: str | None = None  # put before conversations that have no system turn
-    max_length: int = Field(512, gt=0)  # tokens per example; longer ones are cut on the right
-    retrieval: RetrievalSettings | None = None  # grounded prompts: passages cut so that each example fits max_length
-
     lora: LoraSettings = LoraSettings()
-    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
-    merge_adapter: bool = False  # save merged full weights instead of the adapter
 
-    epochs: float = Field(3, gt=0)  # passes over the training data (fractions allowed)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
-    batch_size: int = Field(8, gt=0)  # per process, per micro-step
-    eval_batch_size: int = Field(16, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: LrScheduler = "linear"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # the share of the optimizer steps over which the LR rises from 0
+    max_grad_norm: float = Field(1.0, gt=0)  # gradients clipped to this norm
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
-    gradient_checkpointing: bool = False
     max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
     seed: int = 42
 
     report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
-    log_every: int = Field(5, gt=0)
-    eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
-    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    log_every: int = Field(5, gt=0)  # optimizer steps (online RL: iterations) between logged training metrics
+    save_every: int | None = Field(None, gt=0)  # optimizer steps (online RL: iterations); None: each epoch's end (online RL: the end)
     save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
 
-    preview: PreviewSettings = PreviewSettings()
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Give the subclass's fields its `trainer_defaults`, keeping their types and constraints."""
+        super().__pydantic_init_subclass__(**kwargs)
+        own = cls.__dict__.get("trainer_defaults")
+        if not own:
+            return
+        for name, default in own.items():
+            if name not in cls.__pydantic_fields__:
+                raise TypeError(f"{cls.__name__}.trainer_defaults: {name} is no setting")
+            field = copy.copy(cls.__pydantic_fields__[name])
+            field.default = default
+            cls.__pydantic_fields__[name] = field
+        cls.model_rebuild(force=True)
+
+
+class EpochTrainerConfig(TrainerConfig):
+    """A trainer that goes over a dataset in epochs (SFT, reward model, DPO): its step schedule."""
+
+    epochs: float = Field(1, gt=0)  # passes over the training data (fractions allowed)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
+    gradient_accumulation_steps: int = Field(1, gt=0)  # micro-batches of batch_size per optimizer step
+
+
+class PolicyTrainerConfig(TrainerConfig):
+    """A trainer whose result is a causal language model (SFT, DPO, online RL): QLoRA, and an adapter or merged
+    weights."""
+
+    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
+    merge_adapter: bool = False  # save merged full weights instead of the adapter
 
     @model_validator(mode="after")
-    def _check(self) -> SFTConfig:
+    def _adapter_settings_need_lora(self) -> PolicyTrainerConfig:
         if self.load_in_4bit and not self.lora.enabled:
             raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
         if self.merge_adapter and not self.lora.enabled:
@@ -112,16 +133,37 @@ class SFTConfig(Strict):
         return self
 
 
-class DPOConfig(Strict):
+class SFTConfig(PolicyTrainerConfig, EpochTrainerConfig):
+    """Supervised fine-tuning (`rlhfkit sft`): the loss on the assistant turns only."""
+
+    trainer_defaults = {"learning_rate": 2e-4, "lr_scheduler": "cosine", "epochs": 3}
+
+    model: str = DEFAULT_MODEL  # alias, local directory (full weights or adapter) or hub id
+    train_file: Path  # SFT records: JSONL, or a datasets directory / hub id (NAME:SPLIT)
+    eval_file: Path | None = None  # held-out records: loss before, during and after training
+
+    system_prompt: str | None = None  # put before conversations that have no system turn
+    max_length: int = Field(512, gt=0)  # tokens per example; longer ones are cut on the right
+    retrieval: RetrievalSettings | None = None  # grounded prompts: passages cut so that each example fits max_length
+
+    batch_size: int = Field(8, gt=0)  # per process, per micro-step
+    eval_batch_size: int = Field(16, gt=0)
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+
+    preview: PreviewSettings = PreviewSettings()
+
+
+class DPOConfig(PolicyTrainerConfig, EpochTrainerConfig):
     """Direct preference optimisation (`rlhfkit dpo`, Rafailov et al. 2023): the policy learns from preference pairs
     directly, with the starting model as the reference, no reward model and no sampling."""
+
+    # no LoRA dropout in DPO (the model's own is switched off too)
+    trainer_defaults = {"lora": LoraSettings(dropout=0.0), "learning_rate": 5e-5, "warmup_ratio": 0.1}
 
     model: str = DEFAULT_MODEL  # the starting policy and the reference: alias, directory (e.g. an SFT run) or hub id
     train_file: Path  # rankings (consolidated by majority, as reward training) or pairs: JSONL, or a datasets directory / hub id
     eval_file: Path | None = None  # held-out rankings or pairs: implicit-reward accuracy, margins, log-probs
-    output_dir: Path
-    overwrite: bool = False  # replace an existing output_dir
-    resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
     system_prompt: str | None = None  # put before conversations that have no system turn
     max_length: int = Field(512, gt=0)  # tokens of prompt + response; longer ones are cut on the right
@@ -135,29 +177,9 @@ class DPOConfig(Strict):
     fact_swap_file: Path | None = None  # held-out truth records (ideal response + facts): the fact-swap test after training
     facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
 
-    lora: LoraSettings = LoraSettings(dropout=0.0)  # no dropout in DPO (the model's own is switched off too)
-    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA + bitsandbytes)
-    merge_adapter: bool = False  # save merged full weights instead of the adapter
-
-    epochs: float = Field(1, gt=0)  # passes over the training prompts (fractions allowed)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
     batch_size: int = Field(4, gt=0)  # prompts per process per micro-step; all of a prompt's completions go through at once
     eval_batch_size: int = Field(16, gt=0)  # sequences per forward when measuring (held-out set, reference log-probs)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
-    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
-    seed: int = 42
-
-    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
-    log_every: int = Field(5, gt=0)
     eval_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
-    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
-    save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -167,10 +189,6 @@ class DPOConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
-        if self.load_in_4bit and not self.lora.enabled:
-            raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
-        if self.merge_adapter and not self.lora.enabled:
-            raise ValueError("merge_adapter needs lora.enabled: true")
         if self.lora.enabled and self.lora.dropout:
             raise ValueError("lora.dropout: DPO trains without dropout (the policy's log-probs are compared with the "
                              "reference's, computed once without it); set lora.dropout: 0")
@@ -252,15 +270,14 @@ def dump_config(config: BaseModel, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
 
-class RewardConfig(Strict):
+class RewardConfig(EpochTrainerConfig):
     """Reward-model training from rankings (consolidated by majority) or pairs; Bradley-Terry loss."""
+
+    trainer_defaults = {"lora": LoraSettings(enabled=False)}
 
     model: str = DEFAULT_MODEL  # backbone: alias, directory (e.g. an SFT run), or hub id
     train_file: Path | list[Path]  # rankings or pairs (ours or TRL's, detected from the keys): JSONL, or a datasets directory / hub id (NAME:SPLIT); a list: all of them
     eval_file: Path | None = None  # held-out rankings or pairs: accuracy, margin, calibration
-    output_dir: Path
-    overwrite: bool = False
-    resume_from: Path | Literal["latest"] | None = None  # a checkpoint-N directory, or the newest in output_dir
 
     keep_ties: bool = False  # ties as pairs with label 1/2
     soft_labels: bool = False  # learn each consolidated pair's vote share (2 of 3 annotators: 2/3) instead of 1
@@ -269,25 +286,9 @@ class RewardConfig(Strict):
     facts_sheet: Path | None = None  # the fact sheet the fact-swap test takes its wrong numbers from
     max_length: int = Field(384, gt=0)  # tokens of prompt + response; longer ones keep their end
     retrieval: RetrievalSettings | None = None  # grounded prompts (passages cut to fit max_length); saved with the model
-    lora: LoraSettings = LoraSettings(enabled=False)
 
-    epochs: float = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(4, gt=0)  # prompts per process per step; all of a prompt's completions go through at once
+    batch_size: int = Field(4, gt=0)  # prompts per process per micro-step; all of a prompt's completions go through at once
     eval_batch_size: int = Field(16, gt=0)  # sequences
-    learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
-    max_nonfinite_updates: int = Field(3, ge=0)  # updates with a NaN/Inf loss skipped before the run stops
-    seed: int = 42
-
-    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
-    log_every: int = Field(5, gt=0)
-    save_every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
-    save_total_limit: int | None = Field(2, gt=0)  # checkpoints kept; None keeps all
 
     @model_validator(mode="after")
     def _fact_swap_needs_a_sheet(self) -> RewardConfig:
@@ -337,16 +338,15 @@ class RewardTerm(Strict):
     name: str | None = None  # in the metrics; default: the scorer's own name
 
 
-class PPOConfig(Strict):
+class PPOConfig(PolicyTrainerConfig):
     """Online policy optimisation against rewards with a KL penalty against the frozen starting model: PPO (the
     default; defaults follow Ziegler et al. 2019 / TRL), RLOO or GRPO, one trainer with the algorithm a setting."""
+
+    trainer_defaults = {"lora": LoraSettings(dropout=0.0), "warmup_ratio": 0.0, "log_every": 1}
 
     model: str  # the starting policy (usually an SFT run directory); also the KL reference
     prompts_file: Path  # prompts (text or conversations): JSONL, or a datasets directory / hub id (NAME:SPLIT)
     eval_prompts_file: Path | None = None  # held-out prompts for the before/after preview
-    output_dir: Path
-    overwrite: bool = False
-    resume_from: Path | Literal["latest"] | None = None
 
     system_prompt: str | None = None
     max_prompt_length: int = Field(256, gt=0)  # tokens; longer prompts keep their end
@@ -367,9 +367,6 @@ class PPOConfig(Strict):
     # token_mean, grpo sequence_mean, Dr. GRPO constant
     loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] | None = None
 
-    lora: LoraSettings = LoraSettings(dropout=0.0)
-    load_in_4bit: bool = False
-    merge_adapter: bool = False  # save merged full weights instead of the adapter
     # ppo's critic: its own network, or a head on the policy's backbone; rloo and grpo have none. None: separate
     # for ppo, none otherwise
     critic: Literal["separate", "value_head", "none"] | None = None
@@ -400,21 +397,8 @@ class PPOConfig(Strict):
     # passes over the weights; memory grows with rows x max_new_tokens x vocabulary (TRL's default, 64)
     rollout_forward_batch_size: int = Field(64, gt=0)
     ppo_epochs: int = Field(4, gt=0)
-    learning_rate: float = Field(1e-5, gt=0)
     critic_learning_rate: float | None = Field(None, gt=0)  # None: learning_rate
-    weight_decay: float = Field(0.0, ge=0)
     adam_eps: float = Field(1e-5, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_nonfinite_updates: int = Field(3, ge=0)  # skipped NaN/Inf updates tolerated before the run stops
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU supports it
-    seed: int = 42
-
-    report_to: ReportTo = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (any accelerate supports), all, none
-    log_every: int = Field(1, gt=0)
-    save_every: int | None = Field(None, gt=0)  # iterations; None: only at the end
-    save_total_limit: int | None = Field(2, gt=0)
     preview: PreviewSettings = PreviewSettings()
 
     @model_validator(mode="after")
@@ -424,10 +408,6 @@ class PPOConfig(Strict):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
         if self.mini_batch_size % micro:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({micro})")
-        if self.load_in_4bit and not self.lora.enabled:
-            raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora.enabled: true")
-        if self.merge_adapter and not self.lora.enabled:
-            raise ValueError("merge_adapter needs lora.enabled: true")
         self._resolve_algorithm()
         return self
 
@@ -550,18 +530,21 @@ class Setting:
 
 
 def _line_comments(cls: type) -> dict[str, str]:
-    """The comment on each field's line(s) in the class's source: its description, kept where a reader of this
-    file sees it."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    comments: dict[int, str] = {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
-    found = {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            lines = range(node.lineno, node.end_lineno + 1)
-            found[node.target.id] = " ".join(comments[i] for i in lines if i in comments)
+    """The comment on each field's line(s) in the source of the class and of the classes it inherits fields from
+    (the closest declaration wins): its description, kept where a reader of this file sees it."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is BaseModel or not issubclass(klass, BaseModel) or "__annotations__" not in klass.__dict__:
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        comments: dict[int, str] = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = token.string.lstrip("#").strip()
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                lines = range(node.lineno, node.end_lineno + 1)
+                found[node.target.id] = " ".join(comments[i] for i in lines if i in comments)
     return found
 
 
@@ -573,7 +556,10 @@ def describe_settings(cls: type[BaseModel], nested: dict[str, type[BaseModel]] |
     class defaults (a nested block's own default, such as PPO's LoRA dropout 0)."""
     comments = _line_comments(cls)
     out = []
-    for name, field in cls.model_fields.items():
+    # a trainer's own settings (its model and data first), then those it shares with the others (TrainerConfig)
+    own = cls.__dict__.get("__annotations__", {})
+    fields = sorted(cls.model_fields.items(), key=lambda item: item[0] not in own)
+    for name, field in fields:
         if depth and name in omit:
             continue
         default = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)

@@ -38,7 +38,7 @@ A run (`DPOTrainer`; `train_dpo(cfg)` builds one and trains it) goes through the
                 schedule, step);
   3. evaluate   the held-out figures: at step 0 from log pi_ref alone (`evaluate_reference`), then every
                 `eval_every` steps or each epoch's end (`evaluate`);
-  4. train      `train` runs the epochs (`run_epoch`, skipping what a resumed epoch has done) of optimizer steps
+  4. train      `train` runs the optimizer steps (rlhfkit.runs.EpochSchedule: a resumed epoch skips what it did)
                 (`step`: each micro-batch's pair losses and backward in `micro_batch`, then the update); after each,
                 `after_step` logs (`log_train`), evaluates and saves (`save_checkpoint`) where their schedules fall;
   5. finish     `finish`: the final held-out figures, the last checkpoint and the model (adapter or full weights).
@@ -47,7 +47,6 @@ A run (`DPOTrainer`; `train_dpo(cfg)` builds one and trains it) goes through the
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -65,60 +63,18 @@ from rlhfkit.config import DPOConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, prompt_text, tokenize_conversation
 from rlhfkit.data.records import Message
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.losses import preference_loss
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel, trainable_start_model
 from rlhfkit.reward.train import load_comparisons, preference_metrics
-from rlhfkit.runs import (
-    MetricsWriter,
-    NonFiniteGuard,
-    adamw,
-    check_output_dir,
-    checkpoint_tmp_path,
-    commit_checkpoint,
-    make_accelerator,
-    optimizer_step,
-    open_run,
-    read_checkpoint_state,
-    resolve_checkpoint,
-    save_final_model,
-    save_trainable_only,
-    seed_step,
-)
+from rlhfkit.runs import EpochSchedule, Run, adamw, save_final_model, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference_logps.safetensors"  # in each checkpoint: log pi_ref of every train and eval sequence
 
 
-# --- the loss ---------------------------------------------------------------------------------------------------
-
-
-def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-                    reference_rejected: torch.Tensor, beta: float, loss: str = "sigmoid",
-                    label_smoothing: float = 0.0, target: torch.Tensor | None = None,
-                    lengths: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and the implicit rewards of y_w and y_l (see the module docstring).
-
-    Arguments are [N] sequence log-probs: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
-    log pi_ref(y_l|x). `target`: q = P(y_w preferred) per pair, 1 where None. `lengths`: (|y_w|, |y_l|) in tokens,
-    for IPO's per-token log-ratios; None: summed.
-    """
-    chosen_logratio = policy_chosen - reference_chosen  # log pi_theta(y_w|x) - log pi_ref(y_w|x)
-    rejected_logratio = policy_rejected - reference_rejected  # log pi_theta(y_l|x) - log pi_ref(y_l|x)
-    h = chosen_logratio - rejected_logratio
-    q = torch.ones_like(h) if target is None else target.to(h.dtype)
-    q = (1 - label_smoothing) * q + label_smoothing * (1 - q)  # cDPO: the label is flipped with probability eps
-    if loss == "sigmoid":  # -q log sigma(beta h) - (1 - q) log sigma(-beta h)
-        losses = -q * F.logsigmoid(beta * h) - (1 - q) * F.logsigmoid(-beta * h)
-    elif loss == "ipo":  # q (h - 1/(2 beta))^2 + (1 - q) (h + 1/(2 beta))^2
-        if lengths is not None:  # h = log-ratio(y_w) / |y_w| - log-ratio(y_l) / |y_l|
-            h = chosen_logratio / lengths[0].clamp(min=1) - rejected_logratio / lengths[1].clamp(min=1)
-        margin = 1 / (2 * beta)
-        losses = q * (h - margin) ** 2 + (1 - q) * (h + margin) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss {loss!r}; use 'sigmoid' or 'ipo'")
-    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+# --- log-probabilities ------------------------------------------------------------------------------------------
 
 
 def sequence_logps(policy: PolicyModel, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -260,6 +216,7 @@ def reference_logps(policy: PolicyModel, items: list[TokenizedItem], batch_size:
 
 PAIR_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
               "logps/rejected")  # TRL's names
+WINDOW = (*PAIR_STATS, "pairs")  # pair_stat_sums: the sums of PAIR_STATS over pairs, then the number of pairs
 
 
 def pair_stat_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> torch.Tensor:
@@ -320,17 +277,13 @@ class DPOResult:
 
 
 class DPOTrainer:
-    """The data, model, optimizer, reference log-probs and state of one run, and its phases (see the module
-    docstring)."""
+    """The data, model, optimizer and reference log-probs of one run on the run skeleton (rlhfkit.runs.Run), and its
+    phases (see the module docstring)."""
 
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
-        self.accelerator = accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
-        self.checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-        resuming = self.checkpoint is not None
-        check_output_dir(cfg.output_dir, cfg.overwrite, resuming=resuming)  # fail fast, write nothing yet
-        set_seed(cfg.seed)
-        self.device = accelerator.device
+        self.run = run = Run(cfg)
+        self.accelerator, self.device = run.accelerator, run.device
         # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
@@ -338,20 +291,14 @@ class DPOTrainer:
         self.eval_items = self._tokenize(cfg.eval_file) if cfg.eval_file else []
         logger.info("%d training prompts with %d pairs", len(self.train_items),
                     sum(len(i.pairs) for i in self.train_items))
-        open_run(accelerator, cfg, resuming=resuming)
+        run.open()
         self._build_model()
-        state = read_checkpoint_state(self.checkpoint) if resuming else {}
-        self.metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                                     resumed_at=state.get("global_step"))
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
         # log pi_ref, once: from the checkpoint when resuming (the policy has moved since), else the starting model.
-        self.reference = self._load_reference() if resuming else self._compute_reference()
+        self.reference = self._load_reference() if run.resuming else self._compute_reference()
         self.result = DPOResult(output_dir=cfg.output_dir, steps=0)
-        self.global_step = 0
         self.evaluated_at: int | None = None  # the step of the latest held-out figures
-        self.window = torch.zeros(len(PAIR_STATS) + 1, device=self.device)  # pair_stat_sums since the last log
-        if resuming:
-            self._resume(state)
+        if run.resuming:
+            self._resume()
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -373,13 +320,11 @@ class DPOTrainer:
                               collate_fn=lambda items: collate_items(items, pad_id))
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer, self.train_dl = accelerator.prepare(model, optimizer, train_dl)
-        # len(train_dl): this process's batches
-        self.steps_per_epoch = math.ceil(len(self.train_dl) / cfg.gradient_accumulation_steps)
-        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.model, self.optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+        self.schedule = EpochSchedule(train_dl, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+                                       num_warmup_steps=int(cfg.warmup_ratio * self.schedule.total),
+                                       num_training_steps=self.schedule.total)
         accelerator.register_for_checkpointing(self.scheduler)  # stepped once per optimizer step, by us
         self.unwrapped = accelerator.unwrap_model(self.model)
 
@@ -392,113 +337,87 @@ class DPOTrainer:
 
     def _load_reference(self) -> dict[str, torch.Tensor]:
         """log pi_ref as the checkpoint saved it, refused if it is for other data than this run's."""
-        reference = {k: v.to(self.device) for k, v in load_file(self.checkpoint / REFERENCE_FILE).items()}
+        checkpoint = self.run.checkpoint
+        reference = {k: v.to(self.device) for k, v in load_file(checkpoint / REFERENCE_FILE).items()}
         if reference["train"].numel() != sum(len(i.sequences) for i in self.train_items) or \
                 reference["eval"].numel() != sum(len(i.sequences) for i in self.eval_items):
-            raise ConfigError(f"resume_from={self.checkpoint}: its reference log-probs are for other train_file or "
+            raise ConfigError(f"resume_from={checkpoint}: its reference log-probs are for other train_file or "
                               "eval_file data than this run's")
         return reference
 
-    def _resume(self, state: dict) -> None:
-        """Weights, optimizer, schedule and RNG from the checkpoint; the step and the figures of the run's start."""
-        self.accelerator.load_state(str(self.checkpoint), strict=False)
-        self.global_step = state["global_step"]
+    def _resume(self) -> None:
+        """Weights, optimizer, schedule, RNG, step and metrics window from the checkpoint (`Run.resume`); the figures
+        of the run's start."""
+        state = self.run.resume()
         self.result.train_loss_first = state.get("train_loss_first")
         self.result.eval_before = state.get("eval_before", {})
-        logger.info("resumed from %s at step %d", self.checkpoint, self.global_step)
 
     def save_checkpoint(self) -> None:
-        """accelerate's state, log pi_ref (REFERENCE_FILE) and the run's state, committed at once."""
-        accelerator, step, result = self.accelerator, self.global_step, self.result
-        tmp = checkpoint_tmp_path(self.cfg.output_dir, step)
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_file({k: v.contiguous().cpu() for k, v in self.reference.items()}, tmp / REFERENCE_FILE)
-            state = {"global_step": step, "train_loss_first": result.train_loss_first,
-                     "eval_before": result.eval_before, "nonfinite_updates": self.guard.count}
-            commit_checkpoint(self.cfg.output_dir, step, state, self.cfg.save_total_limit)
-        accelerator.wait_for_everyone()
+        """The run's checkpoint (`Run.save_checkpoint`) with log pi_ref (REFERENCE_FILE) and the start's figures."""
+        def write_reference(directory: Path) -> None:
+            save_file({k: v.contiguous().cpu() for k, v in self.reference.items()}, directory / REFERENCE_FILE)
+
+        self.run.save_checkpoint({"train_loss_first": self.result.train_loss_first,
+                                  "eval_before": self.result.eval_before}, write_reference)
 
     # --- evaluation and logging ---------------------------------------------------------------------------------
-
-    def log(self, values: dict[str, float]) -> None:
-        self.metrics.write(self.global_step, values)
-        self.accelerator.log(values, step=self.global_step)
 
     def evaluate_reference(self) -> None:
         """The held-out figures at step 0: before any update the policy is the reference, so they need no forward."""
         reference = self.reference["eval"]
         self.result.eval_before = held_out_metrics(reference, reference, self.eval_items, self.cfg)
-        self.log({f"eval/{k}": v for k, v in self.result.eval_before.items()})
+        self.run.log({f"eval/{k}": v for k, v in self.result.eval_before.items()})
 
     def evaluate(self) -> None:
         """The held-out figures of the policy now (`held_out_metrics`), logged as eval/*."""
         policy = all_sequence_logps(self.unwrapped, self.eval_items, self.cfg.eval_batch_size, self.pad_id,
                                     self.accelerator)
         self.result.eval_after = held_out_metrics(policy, self.reference["eval"], self.eval_items, self.cfg)
-        self.log({f"eval/{k}": v for k, v in self.result.eval_after.items()})
-        self.evaluated_at = self.global_step
+        self.run.log({f"eval/{k}": v for k, v in self.result.eval_after.items()})
+        self.evaluated_at = self.run.step
 
     def log_train(self, grad_norm: float) -> None:
         """The mean PAIR_STATS of the steps since the last log (skipped updates left out), then a fresh window."""
-        values = {("train/loss" if k == "loss" else k): v for k, v in mean_stats(self.window).items()}
+        sums = self.run.window.take()
+        values = {("train/loss" if k == "loss" else k): v
+                  for k, v in mean_stats(torch.tensor([sums.get(k, 0.0) for k in WINDOW], dtype=torch.float64)).items()}
         self.result.train_loss_first = self.result.train_loss_first or values["train/loss"]
         self.result.train_loss_last = values["train/loss"]
-        self.window.zero_()
-        self.log(values | {"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                           "train/epoch": self.global_step / self.steps_per_epoch})
+        self.run.log(values | {"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                               "train/epoch": self.run.step / self.schedule.steps_per_epoch})
         self.progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
 
     # --- training -----------------------------------------------------------------------------------------------
 
     def train(self) -> DPOResult:
-        """The held-out figures of the start (a fresh run), the epochs of optimizer steps, then `finish`."""
-        if self.checkpoint is None and self.eval_items:
+        """The held-out figures of the start (a fresh run), the optimizer steps (resuming mid-epoch skips what was
+        trained on), then `finish`."""
+        if not self.run.resuming and self.eval_items:
             self.evaluate_reference()
-        self.progress = tqdm(total=self.total_steps, initial=self.global_step, desc="dpo",
+        self.progress = tqdm(total=self.schedule.total, initial=self.run.step, desc="dpo",
                              disable=not self.accelerator.is_local_main_process)
         self.model.train()
-        while self.global_step < self.total_steps:
-            self.run_epoch()
+        for group in self.schedule.groups(self.run):
+            self.after_step(self.step(group))
         self.progress.close()
         return self.finish()
-
-    def run_epoch(self) -> None:
-        """The optimizer steps left in the current epoch; resuming mid-epoch skips the batches already trained on."""
-        ga = self.cfg.gradient_accumulation_steps
-        epoch, done_in_epoch = divmod(self.global_step, self.steps_per_epoch)
-        self.train_dl.set_epoch(epoch)
-        batches = self.accelerator.skip_first_batches(self.train_dl, done_in_epoch * ga) if done_in_epoch \
-            else self.train_dl
-        iterator = iter(batches)
-        while self.global_step < self.total_steps:
-            group = [b for _, b in zip(range(ga), iterator)]
-            if not group:
-                break
-            grad_norm = self.step(group)
-            self.after_step(grad_norm)
 
     def step(self, group: list[DPOBatch]) -> float:
         """One optimizer step over the micro-batches of `group`; a NaN/Inf loss skips the update (and counts against
         `max_nonfinite_updates`). Returns the gradient norm."""
         accelerator = self.accelerator
-        seed_step(self.cfg.seed, self.global_step)
+        seed_step(self.cfg.seed, self.run.step)
         # Normaliser: pairs in the whole optimizer step, over all processes (DDP averages gradients across
         # processes, hence the factor num_processes).
         n_pairs = accelerator.reduce(torch.tensor(sum(b.chosen.numel() for b in group), device=self.device),
                                      "sum").clamp(min=1)
-        step_sums = torch.zeros_like(self.window)
+        step_sums = torch.zeros(len(WINDOW), device=self.device)
         for i, batch in enumerate(group):
             step_sums += self.micro_batch(batch.to(self.device), n_pairs, sync=i == len(group) - 1)
-        outcome = optimizer_step(accelerator, self.optimizer, self.scheduler, self.params, self.cfg.max_grad_norm,
-                                 step_sums[0])
-        self.global_step += 1
+        outcome = self.run.update(self.optimizer, self.scheduler, self.params, step_sums[0])
         self.progress.update(1)
         if outcome.ok:
-            self.window += accelerator.reduce(step_sums, "sum")
-        else:
-            self.guard.failed(self.global_step)
+            self.run.window.add(dict(zip(WINDOW, accelerator.reduce(step_sums, "sum").tolist())))
         return outcome.grad_norm
 
     def micro_batch(self, batch: DPOBatch, n_pairs: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -516,25 +435,23 @@ class DPOTrainer:
     def after_step(self, grad_norm: float) -> None:
         """Log, evaluate and save where their schedules fall (each `*_every` steps, else at each epoch's end); the
         last step's checkpoint is `finish`'s."""
-        cfg, step = self.cfg, self.global_step
-        end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
-        if step % cfg.log_every == 0 or end_of_epoch:
+        cfg, step, schedule = self.cfg, self.run.step, self.schedule
+        if step % cfg.log_every == 0 or schedule.end_of_epoch(step):
             self.log_train(grad_norm)
-        if self.eval_items and (step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):
+        if self.eval_items and schedule.due(cfg.eval_every, step):
             self.evaluate()
-        if (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and step < self.total_steps:
+        if schedule.due(cfg.save_every, step) and step < schedule.total:
             self.save_checkpoint()
 
     def finish(self) -> DPOResult:
         """The final held-out figures (where the last step was not evaluated), the last checkpoint, the model."""
-        if self.eval_items and self.evaluated_at != self.global_step:
+        if self.eval_items and self.evaluated_at != self.run.step:
             self.evaluate()
-        self.result.steps = self.global_step
+        self.result.steps = self.run.step
         self.save_checkpoint()
         save_final_model(self.unwrapped.lm, self.tokenizer, self.cfg.output_dir, self.accelerator,
                          adapter=self.cfg.lora.enabled, merge=self.cfg.merge_adapter)
-        self.metrics.close()
-        self.accelerator.end_training()
+        self.run.close()
         return self.result
 
 

@@ -1,14 +1,31 @@
 """What every trainer shares: the Accelerator and its trackers, run directories (guarded creation, resolved config,
-metrics.jsonl, whole-or-nothing checkpoints), the optimizer step with its NaN/Inf guard, and per-step seeding."""
+metrics.jsonl, whole-or-nothing checkpoints), the optimizer step with its NaN/Inf guard, and per-step seeding; and
+`Run`, the skeleton each trainer plugs its own phases into (with `EpochSchedule` for the trainers that go over a
+dataset in epochs).
+
+A run's life, the same for every trainer:
+  1. `Run(cfg)`        the Accelerator, the checkpoint to resume (if any), the output directory checked (nothing
+                       written yet), the seed;
+  2. the trainer reads and checks its inputs (a run refused for bad input leaves nothing behind), then
+     `run.open()`      the output directory, config.yaml, the trackers, metrics.jsonl, the NaN guard;
+  3. the trainer builds and prepares its models, then `run.resume()` where there is a checkpoint: weights, optimizer,
+                       schedule, RNG, the step, the metrics window, and the trainer's own entries of the state;
+  4. its steps:        `run.update` (the optimizer step, counted, NaN/Inf skipped and counted), `run.window` (sums
+                       since the last log), `run.log`, `run.save_checkpoint` (one state layout for every trainer);
+  5. `run.close()`     after the trainer's final checkpoint and model.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +36,8 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from rlhfkit.config import dump_config
 from rlhfkit.errors import ConfigError, NonFiniteError, OutputError, OutputExistsError
 from rlhfkit.models.loading import bf16_supported
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
@@ -327,3 +346,133 @@ def save_final_model(model, tokenizer, output_dir: Path, accelerator: Accelerato
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.save_pretrained(tmp)
     install_files(tmp, output_dir, last=("config.json", "adapter_config.json"))
+
+
+class MetricsWindow:
+    """Sums of training figures since the last logged step (the logged means are sums over counts). Saved in every
+    checkpoint, so that a resumed run logs the figures an uninterrupted one does even when it resumes between two
+    logs."""
+
+    def __init__(self, sums: dict[str, float] | None = None):
+        self.sums: dict[str, float] = dict(sums or {})
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def take(self) -> dict[str, float]:
+        """The sums so far (a figure never added is absent), and an empty window."""
+        sums, self.sums = self.sums, {}
+        return sums
+
+
+class Run:
+    """The skeleton of one training run (see the module docstring): accelerator, output directory, checkpoints and
+    resume with one state layout, the NaN/Inf guard, metrics and their window. A trainer holds one and adds its
+    phases."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
+        self.checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
+        check_output_dir(cfg.output_dir, cfg.overwrite, resuming=self.resuming)  # fail fast, write nothing yet
+        set_seed(cfg.seed)
+        self.state = read_checkpoint_state(self.checkpoint) if self.resuming else {}
+        if "global_step" in self.state:  # SFT's and DPO's name for the step in checkpoints before the layout was one
+            self.state["step"] = self.state.pop("global_step")
+        self.step = 0  # optimizer steps done (online RL: iterations)
+        self.window = MetricsWindow()
+        self.metrics: MetricsWriter | None = None
+        self.guard: NonFiniteGuard | None = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def open(self) -> None:
+        """Once the inputs are read and checked: the output directory, config.yaml, trackers, metrics.jsonl (rows a
+        killed run logged after its checkpoint dropped) and the NaN guard (its count goes on)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        open_run(accelerator, cfg, self.resuming)
+        self.metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                     resumed_at=self.state.get("step"))
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_updates, self.state.get("nonfinite_updates", 0))
+
+    def resume(self) -> dict[str, Any]:
+        """Weights, optimizer, schedule and RNG from the checkpoint (into the prepared models), the step and the
+        metrics window; returns the checkpoint's state, where the trainer finds its own entries."""
+        self.accelerator.load_state(str(self.checkpoint), strict=False)
+        self.step = self.state["step"]
+        self.window = MetricsWindow(self.state.get("window"))
+        logger.info("resumed from %s at step %d", self.checkpoint, self.step)
+        return self.state
+
+    def update(self, optimizer, scheduler, params, loss: torch.Tensor) -> StepOutcome:
+        """`optimizer_step`, then the step counted; a skipped (NaN/Inf) update counts against the guard."""
+        outcome = optimizer_step(self.accelerator, optimizer, scheduler, params, self.cfg.max_grad_norm, loss)
+        self.step += 1
+        if not outcome.ok:
+            self.guard.failed(self.step)
+        return outcome
+
+    def log(self, values: dict[str, float], step: int | None = None) -> None:
+        step = self.step if step is None else step
+        self.metrics.write(step, values)
+        self.accelerator.log(values, step=step)
+
+    def save_checkpoint(self, state: dict[str, Any] | None = None,
+                        write_files: Callable[[Path], None] | None = None) -> None:
+        """A checkpoint of this step, whole or not at all: accelerate's state (models, optimizer, schedule, RNG), the
+        files `write_files` puts in its directory (main process), and STATE_FILE: the step, the NaN count, the
+        metrics window and the trainer's own `state`."""
+        accelerator, step = self.accelerator, self.step
+        tmp = checkpoint_tmp_path(self.cfg.output_dir, step)
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if write_files is not None:
+                write_files(tmp)
+            full = {"step": step, "nonfinite_updates": self.guard.count, "window": self.window.sums, **(state or {})}
+            commit_checkpoint(self.cfg.output_dir, step, full, self.cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.accelerator.end_training()
+
+
+class EpochSchedule:
+    """The optimizer steps of a run over a prepared DataLoader in epochs, `accumulation` micro-batches each:
+    `epochs` passes (fractions allowed) or `max_steps`."""
+
+    def __init__(self, loader, accumulation: int, epochs: float, max_steps: int | None):
+        self.loader, self.accumulation = loader, accumulation
+        self.steps_per_epoch = math.ceil(len(loader) / accumulation)  # len: this process's batches
+        self.total = max_steps or math.ceil(epochs * self.steps_per_epoch)
+
+    def groups(self, run: Run) -> Iterator[list]:
+        """The micro-batches of each optimizer step left, from `run.step` (which the caller advances); resuming
+        mid-epoch skips the batches already trained on, in the epoch's same seeded order."""
+        while run.step < self.total:
+            epoch, done_in_epoch = divmod(run.step, self.steps_per_epoch)
+            self.loader.set_epoch(epoch)
+            batches = run.accelerator.skip_first_batches(self.loader, done_in_epoch * self.accumulation) \
+                if done_in_epoch else self.loader
+            iterator = iter(batches)
+            while run.step < self.total:
+                group = [b for _, b in zip(range(self.accumulation), iterator)]
+                if not group:
+                    break
+                yield group
+
+    def end_of_epoch(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step == self.total
+
+    def due(self, every: int | None, step: int) -> bool:
+        """Whether a `*_every` schedule falls on `step`: every N steps, or (None) at each epoch's end."""
+        return step % every == 0 if every else self.end_of_epoch(step)

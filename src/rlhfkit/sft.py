@@ -1,6 +1,7 @@
 """Supervised fine-tuning: teach a pretrained model the ideal responses, with the loss on response tokens only.
 
-Built on `accelerate.Accelerator`: one process here, `accelerate launch` for DDP / FSDP / DeepSpeed.
+Built on the run skeleton (rlhfkit.runs) over `accelerate.Accelerator`: one process here, `accelerate launch` for
+DDP / FSDP / DeepSpeed.
 The loss of an optimizer step is the mean over every response token in that step (all micro-batches of the
 gradient accumulation, all processes), so the result does not depend on how a batch is split.
 """
@@ -8,15 +9,12 @@ gradient accumulation, all processes), so the result does not depend on how a ba
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -27,25 +25,11 @@ from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
 from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
+from rlhfkit.losses import causal_lm_loss
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.retrieval import Grounding
 from rlhfkit.rollout import generate_responses
-from rlhfkit.runs import (
-    MetricsWriter,
-    NonFiniteGuard,
-    adamw,
-    check_output_dir,
-    checkpoint_tmp_path,
-    commit_checkpoint,
-    make_accelerator,
-    optimizer_step,
-    open_run,
-    read_checkpoint_state,
-    resolve_checkpoint,
-    save_final_model,
-    save_trainable_only,
-    seed_step,
-)
+from rlhfkit.runs import EpochSchedule, Run, StepOutcome, adamw, save_final_model, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +81,9 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over labelled tokens, and how many tokens that is."""
+    """Summed next-token cross-entropy over labelled tokens (`causal_lm_loss`), and how many tokens that is."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (targets != IGNORE_INDEX).sum()
+    return causal_lm_loss(logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -121,152 +101,151 @@ def evaluate_loss(model, dataloader, accelerator: Accelerator) -> float:
 
 
 def train_sft(cfg: SFTConfig) -> SFTResult:
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
-    checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
-    set_seed(cfg.seed)
+    """Fine-tune as `cfg` says (resuming where it names a checkpoint); see `SFTTrainer`."""
+    return SFTTrainer(cfg).train()
 
-    # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
-    tokenizer = load_tokenizer(cfg.model)
-    grounding = Grounding.from_settings(cfg.retrieval)
-    train_set = tokenize_examples(cfg.train_file, tokenizer, cfg.max_length, cfg.system_prompt, grounding, training=True)
-    eval_set = tokenize_examples(cfg.eval_file, tokenizer, cfg.max_length, cfg.system_prompt,
-                                 grounding) if cfg.eval_file else []
-    preview_source = cfg.eval_file or cfg.train_file
-    candidates = load_sft_examples(preview_source)  # spread over the file, which is often grouped by topic
-    preview_examples: list[SFTExample] = candidates[:: max(1, len(candidates) // max(1, cfg.preview.num_prompts))][: cfg.preview.num_prompts]
-    model = load_causal_lm(cfg.model, dtype="float32" if not cfg.load_in_4bit else "auto", load_in_4bit=cfg.load_in_4bit)
-    open_run(accelerator, cfg, resuming=checkpoint is not None)
 
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, quantized=cfg.load_in_4bit)
-        accelerator.register_save_state_pre_hook(save_trainable_only)
-    model.to(accelerator.device)
+class SFTTrainer:
+    """One SFT run on the run skeleton (rlhfkit.runs.Run), in phases: set-up (inputs, then the model, its answers to
+    the preview prompts before training, optimizer, schedule and batches, the held-out loss before), the optimizer
+    steps (`step`, then `after_step`: log, evaluate, save where their schedules fall), and `finish`."""
 
-    result = SFTResult(output_dir=cfg.output_dir, steps=0)
-    before = _preview(model, tokenizer, preview_examples, cfg, accelerator)
+    def __init__(self, cfg: SFTConfig):
+        self.cfg = cfg
+        self.run = run = Run(cfg)
+        # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
+        self.tokenizer = load_tokenizer(cfg.model)
+        grounding = Grounding.from_settings(cfg.retrieval)
+        train_set = tokenize_examples(cfg.train_file, self.tokenizer, cfg.max_length, cfg.system_prompt, grounding,
+                                      training=True)
+        eval_set = tokenize_examples(cfg.eval_file, self.tokenizer, cfg.max_length, cfg.system_prompt,
+                                     grounding) if cfg.eval_file else []
+        candidates = load_sft_examples(cfg.eval_file or cfg.train_file)  # spread over the file, often grouped by topic
+        n = cfg.preview.num_prompts
+        self.preview_examples: list[SFTExample] = candidates[:: max(1, len(candidates) // max(1, n))][:n]
+        model = load_causal_lm(cfg.model, dtype="float32" if not cfg.load_in_4bit else "auto",
+                               load_in_4bit=cfg.load_in_4bit)
+        run.open()
+        model = self._adapt(model)
+        self.before = _preview(model, self.tokenizer, self.preview_examples, cfg, run.accelerator)
+        self._prepare(model, train_set, eval_set)
+        self.result = SFTResult(output_dir=cfg.output_dir, steps=0)
+        if self.eval_dl is not None:
+            self.result.eval_loss_before = evaluate_loss(self.model, self.eval_dl, run.accelerator)
+        if run.resuming:
+            self.result.train_loss_first = run.resume().get("train_loss_first")
+        elif self.eval_dl is not None:
+            run.log({"eval/loss": self.result.eval_loss_before})
 
-    make_batch = lambda examples: collate(examples, tokenizer.pad_token_id)  # noqa: E731
-    train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_batch)
-    eval_dl = DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=make_batch) if eval_set else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    def _adapt(self, model):
+        """Training settings of the model: no KV cache, gradient checkpointing, LoRA; on the run's device."""
+        cfg = self.cfg
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora, quantized=cfg.load_in_4bit)
+            self.run.accelerator.register_save_state_pre_hook(save_trainable_only)
+        return model.to(self.run.device)
 
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)  # len: this process's batches
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    # Stepped once per optimizer step by us; registered (not prepared, which would step it once per process).
-    accelerator.register_for_checkpointing(scheduler)
-    if eval_dl is not None:
-        eval_dl = accelerator.prepare(eval_dl)
-    state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                            resumed_at=state.get("global_step"))
-    guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
+    def _prepare(self, model, train_set: list[TokenizedExample], eval_set: list[TokenizedExample]) -> None:
+        """Batches, optimizer, schedule, prepared by accelerate."""
+        cfg, accelerator = self.cfg, self.run.accelerator
+        make_batch = lambda examples: collate(examples, self.tokenizer.pad_token_id)  # noqa: E731
+        train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_batch)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+        self.schedule = EpochSchedule(train_dl, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
+        total = self.schedule.total
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * total),
+                                       num_training_steps=total)
+        # Stepped once per optimizer step by us; registered (not prepared, which would step it once per process).
+        accelerator.register_for_checkpointing(self.scheduler)
+        eval_dl = DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=make_batch) if eval_set else None
+        self.eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
 
-    def log(step: int, values: dict[str, float]) -> None:
-        metrics.write(step, values)
-        accelerator.log(values, step=step)
+    def save_checkpoint(self) -> None:
+        self.run.save_checkpoint({"train_loss_first": self.result.train_loss_first})
 
-    if eval_dl is not None:
-        result.eval_loss_before = evaluate_loss(model, eval_dl, accelerator)
+    def train(self) -> SFTResult:
+        run = self.run
+        self.progress = tqdm(total=self.schedule.total, initial=run.step, desc="sft",
+                             disable=not run.accelerator.is_local_main_process)
+        self.model.train()
+        for group in self.schedule.groups(run):
+            self.after_step(self.step(group))
+        self.progress.close()
+        return self.finish()
 
-    global_step = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint), strict=False)
-        global_step = state["global_step"]
-        result.train_loss_first = state.get("train_loss_first")
-        logger.info("resumed from %s at step %d", checkpoint, global_step)
-    elif eval_dl is not None:
-        log(0, {"eval/loss": result.eval_loss_before})
+    def step(self, group: list[dict[str, torch.Tensor]]) -> StepOutcome:
+        """One optimizer step over the micro-batches of `group`: the loss is the mean over every response token of
+        the step, on every process (DDP averages gradients across processes, hence the factor num_processes)."""
+        run, accelerator = self.run, self.run.accelerator
+        seed_step(self.cfg.seed, run.step)
+        n_tokens = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in group), "sum")
+        step_loss = torch.zeros((), device=run.device)
+        for i, batch in enumerate(group):
+            with nullcontext() if i == len(group) - 1 else accelerator.no_sync(self.model):
+                loss_sum, _ = token_loss_sum(self.model, batch)
+                accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
+            step_loss += loss_sum.detach()
+        outcome = run.update(self.optimizer, self.scheduler, self.params, step_loss)
+        self.progress.update(1)
+        if outcome.ok:
+            run.window.add({"loss": accelerator.reduce(step_loss, "sum").item(), "tokens": int(n_tokens.item())})
+        return outcome
 
-    def save_checkpoint(step: int) -> None:
-        tmp = checkpoint_tmp_path(cfg.output_dir, step)
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"global_step": step, "train_loss_first": result.train_loss_first, "nonfinite_updates": guard.count}
-            commit_checkpoint(cfg.output_dir, step, state, cfg.save_total_limit)
-        accelerator.wait_for_everyone()
+    def after_step(self, outcome: StepOutcome) -> None:
+        """Log, evaluate and save where their schedules fall (each `*_every` steps, else at each epoch's end); the
+        last step's checkpoint is `finish`'s."""
+        cfg, run, result, schedule = self.cfg, self.run, self.result, self.schedule
+        step = run.step
+        if step % cfg.log_every == 0 or schedule.end_of_epoch(step):
+            sums = run.window.take()
+            train_loss = sums.get("loss", 0.0) / max(sums.get("tokens", 0), 1)
+            result.train_loss_first = result.train_loss_first or train_loss
+            result.train_loss_last = train_loss
+            run.log({"train/loss": train_loss, "train/lr": self.scheduler.get_last_lr()[0],
+                     "train/grad_norm": outcome.grad_norm, "train/epoch": step / schedule.steps_per_epoch})
+            self.progress.set_postfix(loss=f"{train_loss:.4f}")
+        if self.eval_dl is not None and schedule.due(cfg.eval_every, step):
+            result.eval_loss_after = evaluate_loss(self.model, self.eval_dl, run.accelerator)
+            run.log({"eval/loss": result.eval_loss_after})
+            self.progress.set_postfix(loss=f"{result.train_loss_last or 0:.4f}", eval=f"{result.eval_loss_after:.4f}")
+        if schedule.due(cfg.save_every, step) and step < schedule.total:
+            self.save_checkpoint()
 
-    progress = tqdm(total=total_steps, initial=global_step, desc="sft", disable=not accelerator.is_local_main_process)
-    ga = cfg.gradient_accumulation_steps
-    window_loss, window_tokens = 0.0, 0
-    model.train()
-    while global_step < total_steps:
-        epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
-        train_dl.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dl, done_in_epoch * ga) if done_in_epoch else train_dl
-        iterator = iter(batches)
-        while global_step < total_steps:
-            group = [b for _, b in zip(range(ga), iterator)]
-            if not group:
-                break
-            seed_step(cfg.seed, global_step)
-            # Normaliser: response tokens in the whole optimizer step, over all processes. DDP averages gradients
-            # across processes, hence the factor num_processes.
-            n_tokens = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in group), "sum")
-            step_loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(group):
-                sync = i == len(group) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    loss_sum, _ = token_loss_sum(model, batch)
-                    accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
-                step_loss += loss_sum.detach()
-            outcome = optimizer_step(accelerator, optimizer, scheduler, params, cfg.max_grad_norm, step_loss)
-            global_step += 1
-            progress.update(1)
-            if outcome.ok:
-                window_loss += accelerator.reduce(step_loss, "sum").item()
-                window_tokens += int(n_tokens.item())
-            else:
-                guard.failed(global_step)
-            end_of_epoch = global_step % steps_per_epoch == 0 or global_step == total_steps
-            if global_step % cfg.log_every == 0 or end_of_epoch:
-                train_loss = window_loss / max(window_tokens, 1)
-                result.train_loss_first = result.train_loss_first or train_loss
-                result.train_loss_last = train_loss
-                window_loss, window_tokens = 0.0, 0
-                values = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": outcome.grad_norm, "train/epoch": global_step / steps_per_epoch}
-                log(global_step, values)
-                progress.set_postfix(loss=f"{train_loss:.4f}")
-            if eval_dl is not None and (global_step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch):
-                result.eval_loss_after = evaluate_loss(model, eval_dl, accelerator)
-                log(global_step, {"eval/loss": result.eval_loss_after})
-                progress.set_postfix(loss=f"{result.train_loss_last or 0:.4f}", eval=f"{result.eval_loss_after:.4f}")
-            if (global_step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and global_step < total_steps:
-                save_checkpoint(global_step)
-    progress.close()
+    def finish(self) -> SFTResult:
+        """The held-out loss after (where the last step was not evaluated), the last checkpoint, the model, and the
+        preview prompts' answers after training beside those before."""
+        cfg, run, result = self.cfg, self.run, self.result
+        if self.eval_dl is not None and result.eval_loss_after is None:
+            result.eval_loss_after = evaluate_loss(self.model, self.eval_dl, run.accelerator)
+        result.steps = run.step
+        self.save_checkpoint()
+        model = run.accelerator.unwrap_model(self.model)
+        save_final_model(model, self.tokenizer, cfg.output_dir, run.accelerator, adapter=cfg.lora.enabled,
+                         merge=cfg.merge_adapter)
+        after = _preview(model, self.tokenizer, self.preview_examples, cfg, run.accelerator)
+        result.previews = [{"prompt": ex.prompt, "reference": ex.messages[-1].content, "before": b, "after": a}
+                           for ex, b, a in zip(self.preview_examples, self.before, after)]
+        if run.accelerator.is_main_process and result.previews:
+            self._write_previews()
+        run.close()
+        return result
 
-    if eval_dl is not None and result.eval_loss_after is None:
-        result.eval_loss_after = evaluate_loss(model, eval_dl, accelerator)
-    result.steps = global_step
-    save_checkpoint(global_step)
-    save_final_model(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, accelerator,
-                     adapter=cfg.lora.enabled, merge=cfg.merge_adapter)
-
-    after = _preview(accelerator.unwrap_model(model), tokenizer, preview_examples, cfg, accelerator)
-    result.previews = [
-        {"prompt": ex.prompt, "reference": ex.messages[-1].content, "before": b, "after": a}
-        for ex, b, a in zip(preview_examples, before, after)
-    ]
-    if accelerator.is_main_process and result.previews:
-        scores = preview_reference_scores(result.previews)
-        result.preview_metrics = {which: {k: sum(v) / len(v) for k, v in per.items()} for which, per in scores.items()}
-        write_jsonl(cfg.output_dir / "samples.jsonl", [
+    def _write_previews(self) -> None:
+        """samples.jsonl: each preview prompt's reference, before and after answers, scored against the reference."""
+        previews = self.result.previews
+        scores = preview_reference_scores(previews)
+        self.result.preview_metrics = {which: {k: sum(v) / len(v) for k, v in per.items()}
+                                       for which, per in scores.items()}
+        write_jsonl(self.cfg.output_dir / "samples.jsonl", [
             {"prompt": p["prompt"], "response": p[which], "model": which,
              "scores": {k: v[i] for k, v in scores[which].items()} if which in scores else {}}
-            for i, p in enumerate(result.previews) for which in ("reference", "before", "after")
+            for i, p in enumerate(previews) for which in ("reference", "before", "after")
         ])
-    metrics.close()
-    accelerator.end_training()
-    return result
 
 
 def preview_reference_scores(previews: list[dict]) -> dict[str, dict[str, list[float]]]:

@@ -142,6 +142,14 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     for module in (routes_auth, routes_annotator, routes_admin, routes_api):
         app.include_router(module.router)
+    _add_error_handlers(app, sessions)
+    app.add_middleware(LimitsAndHeaders, max_body_bytes=max_body_bytes)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, sessions) -> None:
+    """Errors as JSON for the API and as a page for the browser: a login redirect, HTTP errors, invalid requests
+    (422), values the database cannot store (422), write conflicts (409) and a busy database (503, Retry-After)."""
 
     def error_page(request: Request, status: int, detail, headers: dict | None, look_up_user: bool):
         lines = [f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in detail] if isinstance(detail, list) else [detail]
@@ -193,6 +201,3 @@ def create_app(database_url: str, max_body_bytes: int = MAX_BODY_BYTES, model_di
         logger.warning("database busy, answered 503: %s", exc)
         return await error(request, 503, f"the database is busy; try again in {RETRY_AFTER_SECONDS} seconds",
                      {"Retry-After": str(RETRY_AFTER_SECONDS)}, look_up_user=False)
-
-    app.add_middleware(LimitsAndHeaders, max_body_bytes=max_body_bytes)
-    return app

@@ -131,20 +131,21 @@ def _four_bit_config():
     )
 
 
+def lora_config(settings: LoraSettings, task_type: str | None = None):
+    """peft's LoraConfig for rlhfkit's LoRA settings (every trainer's adapters are built from it)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_modules, task_type=task_type)
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings, quantized: bool = False):
     """Wrap `model` with fresh trainable LoRA adapters; the base weights are frozen."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(settings, task_type="CAUSAL_LM"))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -1,5 +1,5 @@
 """The online trainer (PPO, RLOO, GRPO: the algorithm is a setting): advantages (GAE, leave-one-out, group-normalised),
-KL (estimators, controllers), losses (core.py), and the trainer's phases (trainer.py)."""
+KL (estimators, controllers) in core.py, the losses in rlhfkit.losses, and the trainer's phases (trainer.py)."""
 
 from rlhfkit.ppo.trainer import NonFiniteError, PPOResult, train_ppo
 

@@ -1,4 +1,5 @@
-"""The PPO math, in one place: masked statistics, KL estimators and controllers, GAE, and the clipped losses.
+"""The online trainer's math beside its losses (rlhfkit.losses): masked statistics, KL estimators and controllers,
+GAE and the critic-free advantages.
 
 Shapes: `[B, T]` tensors over response tokens, with `mask` 1 on real tokens (up to and including the stop
 token) and 0 after. Symbols follow the papers:
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+
+# the clipped losses are with every trainer's loss in rlhfkit.losses; core.clipped_*_loss still name them
+from rlhfkit.losses import PolicyLoss, clipped_policy_loss, clipped_value_loss, k3  # noqa: F401
 
 # --- masked statistics ----------------------------------------------------------------------------------------
 
@@ -82,7 +85,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k1":
         return -log_rho
     if estimator == "k3":
-        return torch.expm1(log_rho) - log_rho + ref_dropped
+        return k3(log_rho, ref_dropped)
     raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
 
 
@@ -221,41 +224,12 @@ class RunningMoments:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-# --- losses -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PolicyLoss:
-    per_token: torch.Tensor  # [B, T] -min(r_t A_t, clip(r_t) A_t), 0 where masked (the caller weighs and sums)
-    clipped: torch.Tensor  # per token: 1 where the clipped term was the one taken
-    log_ratio: torch.Tensor
-
-    @property
-    def loss_sum(self) -> torch.Tensor:
-        return self.per_token.sum()
-
-
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_range: float) -> PolicyLoss:
-    """-min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t), i.e. the max of the two negated terms, per token."""
-    log_ratio = logprobs - old_logprobs
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return PolicyLoss(torch.maximum(unclipped, clipped) * mask, (clipped > unclipped).float(), log_ratio)
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps), per token; and which clipped."""
-    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
-    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * torch.maximum(unclipped_loss, clipped_loss) * mask, (clipped_loss > unclipped_loss).float()
+# --- the losses' statistics (the losses themselves: rlhfkit.losses) -------------------------------------------
 
 
 def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
     """k3 estimate of KL(pi_old || pi) per token from log(pi / pi_old) at tokens sampled from pi_old."""
-    return torch.expm1(log_ratio) - log_ratio
+    return k3(log_ratio)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _no_reduce

@@ -19,7 +19,7 @@ from torch import nn
 
 from rlhfkit.config import DPOConfig, PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.loading import apply_lora, disable_dropout, is_adapter, load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import apply_lora, disable_dropout, is_adapter, load_causal_lm, load_tokenizer, lora_config
 from rlhfkit.rollout.prefix import forward_responses
 
 logger = logging.getLogger(__name__)
@@ -178,10 +178,8 @@ def build_critic(cfg: PPOConfig, policy_tokenizer, reward_model_path: str | None
         critic = ValueModel(lm.base_model, head)
     logger.info("critic initialised from the %s", source.replace("_", " "))
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules)
-        critic.backbone = get_peft_model(critic.backbone, lora)
+        critic.backbone = get_peft_model(critic.backbone, lora_config(cfg.lora))
     disable_dropout(critic)
     return critic

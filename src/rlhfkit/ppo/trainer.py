@@ -1,5 +1,6 @@
 """Online policy optimisation of a language model against rewards, with a KL penalty against the frozen starting
-model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.ppo.core).
+model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.ppo.core and
+rlhfkit.losses).
 
 One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
   1. rollout     the engine (rlhfkit.rollout) samples K = sampling.num_samples responses per prompt (1 for PPO),
@@ -32,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
+from rlhfkit import losses
 from rlhfkit.errors import NonFiniteError, RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.ppo import core
@@ -47,21 +48,7 @@ from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
 from rlhfkit.rollout import Rollout, dropped_mass, encode_prompts, generate_responses, sample, token_logprobs
 from rlhfkit.rollout.prefix import forward_responses
-from rlhfkit.runs import (
-    MetricsWriter,
-    NonFiniteGuard,
-    adamw,
-    check_output_dir,
-    checkpoint_tmp_path,
-    commit_checkpoint,
-    make_accelerator,
-    optimizer_step,
-    open_run,
-    read_checkpoint_state,
-    resolve_checkpoint,
-    save_final_model,
-    save_trainable_only,
-)
+from rlhfkit.runs import Run, adamw, optimizer_step, save_final_model, save_trainable_only
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +128,9 @@ class OnlineTrainer:
 
     def __init__(self, cfg: PPOConfig, rewards: Reward | None = None):
         self.cfg = cfg
-        self.accelerator = accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
-        self.checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-        check_output_dir(cfg.output_dir, cfg.overwrite, resuming=self.checkpoint is not None)  # fail fast
-        set_seed(cfg.seed)
-        self.device = accelerator.device
+        self.run = run = Run(cfg)  # the run skeleton: its step counts iterations
+        self.accelerator = run.accelerator
+        self.device = run.device
         # Inputs first: a run refused for bad data, rewards or model name leaves no output directory behind.
         self.tokenizer = load_tokenizer(cfg.model)
         self.prompts = [r.prompt for r in load_prompts(cfg.prompts_file)]
@@ -156,16 +141,14 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
-        open_run(accelerator, cfg, resuming=self.checkpoint is not None)
+        run.open()
         self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                        if cfg.kl_controller == "adaptive" else core.FixedKLController(cfg.kl_coef))
         self.moments = core.RunningMoments()
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_updates)
-        self.step_count = 0
-        if self.checkpoint is not None:
-            self._resume(self.checkpoint)
+        if run.resuming:
+            self._resume()
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -207,24 +190,15 @@ class OnlineTrainer:
                                        num_training_steps=total_updates)
         accelerator.register_for_checkpointing(self.scheduler)  # stepped by us, once per optimizer step
 
-    def _resume(self, checkpoint: Path) -> None:
-        self.accelerator.load_state(str(checkpoint), strict=False)
-        state = read_checkpoint_state(checkpoint)
-        self.step_count, self.guard.count = state["step"], state["nonfinite_updates"]
+    def _resume(self) -> None:
+        """Models, optimizer, schedule, RNG and the iteration from the checkpoint (`Run.resume`); the KL controller
+        and the reward normalisation's running moments."""
+        state = self.run.resume()
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["reward_moments"])
-        logger.info("resumed from %s at step %d", checkpoint, self.step_count)
 
     def save_checkpoint(self) -> None:
-        accelerator, at = self.accelerator, self.step_count
-        tmp = checkpoint_tmp_path(self.cfg.output_dir, at)
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"step": at, "nonfinite_updates": self.guard.count, "kl_controller": self.kl_ctl.state_dict(),
-                     "reward_moments": self.moments.state_dict()}
-            commit_checkpoint(self.cfg.output_dir, at, state, self.cfg.save_total_limit)
-        accelerator.wait_for_everyone()
+        self.run.save_checkpoint({"kl_controller": self.kl_ctl.state_dict(), "reward_moments": self.moments.state_dict()})
 
     # --- helpers shared by the phases ---------------------------------------------------------------------------
 
@@ -365,7 +339,7 @@ class OnlineTrainer:
         stats = {k: torch.zeros((), device=self.device) for k in STAT_NAMES}
         gaps: list[tuple[torch.Tensor, torch.Tensor]] = []
         stopped_early = False
-        order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step_count)
+        order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.run.step)
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout), generator=order_gen).to(self.device)
             for m in range(cfg.batch_size // cfg.mini_batch_size):
@@ -415,19 +389,17 @@ class OnlineTrainer:
                     logprobs, values = self.forward(part, train=True)
                 # a sampled token the updated policy no longer keeps (top-k/top-p): log pi = -inf, ratio 0
                 outside = torch.isneginf(logprobs.detach()) & (part_mask > 0)
-                pg = core.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx], part_mask,
-                                              cfg.clip_range)
+                pg = losses.clipped_policy_loss(logprobs, targets.old_logprobs[idx], targets.advantages[idx],
+                                                part_mask, cfg.clip_range)
                 per_token = pg.per_token
                 if values is not None:
-                    vf, vf_clipped = core.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
-                                                             part_mask, cfg.clip_range_value)
+                    vf, vf_clipped = losses.clipped_value_loss(values, targets.old_values[idx], targets.returns[idx],
+                                                               part_mask, cfg.clip_range_value)
                     per_token = per_token + cfg.vf_coef * vf
                     stats["vf"] += vf.sum().detach()
                     stats["vf_clipfrac"] += core.masked_sum(vf_clipped, part_mask)
                 if cfg.algorithm == "grpo":
-                    # k3 is infinite there, with no gradient: left out, as the ratio loss takes it as ratio 0
-                    kl = core.kl_estimate(logprobs.masked_fill(outside, 0.0), targets.ref_logprobs[idx], "k3",
-                                          targets.ref_dropped[idx]) * part_mask * ~outside
+                    kl = losses.k3_kl_term(logprobs, targets.ref_logprobs[idx], part_mask, targets.ref_dropped[idx])
                     per_token = per_token + self.kl_ctl.value * kl
                     stats["kl"] += kl.sum().detach()
                 # DDP averages gradients over processes; the factor makes the weights' sum over all of them count.
@@ -459,7 +431,7 @@ class OnlineTrainer:
         outcome = optimizer_step(self.accelerator, self.optimizer, self.scheduler, self.params, self.cfg.max_grad_norm,
                                  stats["pg"] + stats["vf"] + stats["kl"])
         if not outcome.ok:
-            self.guard.failed(self.step_count)
+            self.run.guard.failed(self.run.step)
         return outcome.ok
 
     # --- one iteration, and the run ------------------------------------------------------------------------------
@@ -469,7 +441,7 @@ class OnlineTrainer:
         cfg, accelerator = self.cfg, self.accelerator
         t_start = time.perf_counter()
         k = cfg.sampling.num_samples
-        indices = batch_prompt_indices(len(self.prompts), cfg.seed, self.step_count, cfg.batch_size // k,
+        indices = batch_prompt_indices(len(self.prompts), cfg.seed, self.run.step, cfg.batch_size // k,
                                        accelerator.process_index, accelerator.num_processes)
         prompts = [self.prompts[i] for i in indices]
         rollout = self.rollout(prompts)  # K samples of each prompt, adjacent
@@ -479,7 +451,7 @@ class OnlineTrainer:
         t_scored = time.perf_counter()
         update = self.update(rollout, targets)
         t_trained = time.perf_counter()
-        self.step_count += 1
+        self.run.step += 1
         kl_coef = self.kl_ctl.value
         seq_kl = self.gather(targets.kl.sum(-1))
         self.kl_ctl.update(seq_kl.mean().item(), n_steps=len(seq_kl))
@@ -519,23 +491,20 @@ class OnlineTrainer:
         }
 
     def train(self) -> PPOResult:
-        cfg, accelerator = self.cfg, self.accelerator
-        metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                                resumed_at=self.step_count if self.checkpoint is not None else None)
-        result = PPOResult(output_dir=cfg.output_dir, steps=self.step_count)
+        cfg, run = self.cfg, self.run
+        result = PPOResult(output_dir=cfg.output_dir, steps=run.step)
         before = self.preview()
-        progress = tqdm(total=cfg.steps, initial=self.step_count, desc="ppo",
-                        disable=not accelerator.is_local_main_process)
+        progress = tqdm(total=cfg.steps, initial=run.step, desc="ppo",
+                        disable=not self.accelerator.is_local_main_process)
         for model in self.trained:
             model.train()
         try:
-            while self.step_count < cfg.steps:
+            while run.step < cfg.steps:
                 logged = self.step()
                 progress.update(1)
-                step = self.step_count
+                step = run.step
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    metrics.write(step, logged)
-                    accelerator.log(logged, step=step)
+                    run.log(logged)
                     result.history.append({"step": step, **logged})
                     progress.set_postfix(reward=f"{logged['reward/score']:.3f}", kl=f"{logged['kl/ref']:.3f}",
                                          len=f"{logged['response/length']:.0f}")
@@ -543,14 +512,14 @@ class OnlineTrainer:
                     self.save_checkpoint()
         finally:
             progress.close()
-            metrics.close()
-        result.steps = self.step_count
+            run.metrics.close()
+        result.steps = run.step
         self.save_checkpoint()
-        policy = accelerator.unwrap_model(self.policy)
-        save_final_model(policy.lm, self.tokenizer, cfg.output_dir, accelerator, adapter=cfg.lora.enabled,
+        policy = self.accelerator.unwrap_model(self.policy)
+        save_final_model(policy.lm, self.tokenizer, cfg.output_dir, self.accelerator, adapter=cfg.lora.enabled,
                          merge=cfg.merge_adapter)
         self._write_previews(result, before, self.preview())
-        accelerator.end_training()
+        run.close()
         return result
 
     # --- previews -----------------------------------------------------------------------------------------------

@@ -21,38 +21,23 @@ pair it belongs to.
 from __future__ import annotations
 
 import logging
-import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from rlhfkit import losses
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.preference import PreferenceItem, load_preference_items
 from rlhfkit.errors import DataError
 from rlhfkit.reward.diagnostics import diagnose_reward_model, ranking_counts
 from rlhfkit.reward.fact_swap import load_fact_swaps
+from rlhfkit.models.loading import lora_config
 from rlhfkit.reward.model import RewardModel
-from rlhfkit.runs import (
-    MetricsWriter,
-    NonFiniteGuard,
-    adamw,
-    check_output_dir,
-    checkpoint_tmp_path,
-    commit_checkpoint,
-    install_files,
-    make_accelerator,
-    optimizer_step,
-    open_run,
-    read_checkpoint_state,
-    resolve_checkpoint,
-    save_trainable_only,
-    seed_step,
-)
+from rlhfkit.runs import EpochSchedule, Run, adamw, install_files, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +101,10 @@ def fit_length_coefficient(items: list[PreferenceItem], soft_labels: bool = Fals
 
 
 def bradley_terry_loss(rewards: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch's comparisons, and how many comparisons there are."""
+    """Summed loss over the batch's comparisons (rlhfkit.losses.bradley_terry_loss), and how many there are."""
     d = rewards[batch.chosen] - rewards[batch.rejected] - batch.margin
-    q = batch.target
-    loss = -(q * F.logsigmoid(d) + (1 - q) * F.logsigmoid(-d)).sum()
-    if batch.tie_a.numel():
-        t = rewards[batch.tie_a] - rewards[batch.tie_b]
-        loss = loss - 0.5 * (F.logsigmoid(t) + F.logsigmoid(-t)).sum()
-    return loss, d.numel() + batch.tie_a.numel()
+    ties = rewards[batch.tie_a] - rewards[batch.tie_b]
+    return losses.bradley_terry_loss(d, batch.target, ties), d.numel() + batch.tie_a.numel()
 
 
 def preference_metrics(margins: torch.Tensor, bins: int = 10) -> dict[str, float]:
@@ -171,126 +152,128 @@ def load_comparisons(paths, keep_ties: bool) -> list[PreferenceItem]:
 def train_reward_model(cfg: RewardConfig) -> dict[str, float]:
     """Train, normalise and save a reward model; returns the final held-out metrics (empty without eval_file).
 
-    A run with checkpoints (`save_every`, or each epoch's end) resumes with `resume_from`, to the same weights as an
-    uninterrupted run."""
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.report_to)
-    checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
-    check_output_dir(cfg.output_dir, cfg.overwrite, resuming=checkpoint is not None)  # fail fast, write nothing yet
-    set_seed(cfg.seed)
+    A run with checkpoints (`save_every`, or each epoch's end) resumes with `resume_from`, to the same weights and
+    logged figures as an uninterrupted run."""
+    return RewardTrainer(cfg).train()
 
-    # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
-    train_items = load_comparisons(cfg.train_file, cfg.keep_ties)
-    eval_items = load_comparisons(cfg.eval_file, keep_ties=False) if cfg.eval_file else []
-    swaps = load_fact_swaps(cfg.fact_swap_file, cfg.facts_sheet) if cfg.fact_swap_file else []
-    logger.info("%d training prompts with %d comparisons", len(train_items), sum(len(i.pairs) + len(i.ties) for i in train_items))
-    model = RewardModel.from_base(cfg.model, max_length=cfg.max_length)
-    if cfg.retrieval is not None:  # saved with the model: wherever it scores, it reads prompts as it was trained
-        model.retrieval = cfg.retrieval.model_dump(mode="json")
-    open_run(accelerator, cfg, resuming=checkpoint is not None)
 
-    if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+class RewardTrainer:
+    """One reward-model training on the run skeleton (rlhfkit.runs.Run), in phases: set-up (inputs, then the model,
+    optimizer and batches), the held-out figures before, the optimizer steps (Bradley-Terry over each batch's
+    comparisons), and `finish` (normalised on the training completions, saved, diagnosed)."""
 
-        model.set_body(get_peft_model(model.body, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)))
-        accelerator.register_save_state_pre_hook(save_trainable_only)
-    model.to(accelerator.device)
-    model.train()
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.run = run = Run(cfg)
+        # Inputs first: a run refused for bad data or an unknown model leaves no output directory behind.
+        self.train_items = load_comparisons(cfg.train_file, cfg.keep_ties)
+        self.eval_items = load_comparisons(cfg.eval_file, keep_ties=False) if cfg.eval_file else []
+        self.swaps = load_fact_swaps(cfg.fact_swap_file, cfg.facts_sheet) if cfg.fact_swap_file else []
+        logger.info("%d training prompts with %d comparisons", len(self.train_items),
+                    sum(len(i.pairs) + len(i.ties) for i in self.train_items))
+        model = RewardModel.from_base(cfg.model, max_length=cfg.max_length)
+        if cfg.retrieval is not None:  # saved with the model: wherever it scores, it reads prompts as it was trained
+            model.retrieval = cfg.retrieval.model_dump(mode="json")
+        run.open()
+        self._build(model)
+        self.before = run.resume()["before"] if run.resuming else self.evaluate()
 
-    loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=lambda b: collate_items(b, model, cfg.soft_labels))
-    beta = fit_length_coefficient(train_items, cfg.soft_labels) if cfg.length_debias else 0.0
-    if cfg.length_debias:
-        logger.info("length term: beta %.4f per 10 words (fitted on the training pairs, left out of the saved model)", beta)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
-    state = read_checkpoint_state(checkpoint) if checkpoint is not None else {}
-    metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
-                            resumed_at=state.get("step"))
-    guard = NonFiniteGuard(cfg.max_nonfinite_updates, state.get("nonfinite_updates", 0))
+    def _build(self, model: RewardModel) -> None:
+        """LoRA (where enabled), the length term, optimizer, schedule and batches, prepared by accelerate."""
+        cfg, accelerator = self.cfg, self.run.accelerator
+        if cfg.lora.enabled:
+            from peft import get_peft_model
 
-    def evaluate(step: int) -> dict[str, float]:
-        if not eval_items:
+            model.set_body(get_peft_model(model.body, lora_config(cfg.lora)))
+            accelerator.register_save_state_pre_hook(save_trainable_only)
+        model.to(self.run.device)
+        model.train()
+        self.unwrapped = model  # batches are tokenized by the model itself: the prepared one may be a DDP wrapper
+        loader = DataLoader(self.train_items, batch_size=cfg.batch_size, shuffle=True,
+                            collate_fn=lambda items: collate_items(items, model, cfg.soft_labels))
+        self.beta = fit_length_coefficient(self.train_items, cfg.soft_labels) if cfg.length_debias else 0.0
+        if cfg.length_debias:
+            logger.info("length term: beta %.4f per 10 words (fitted on the training pairs, left out of the saved "
+                        "model)", self.beta)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        self.schedule = EpochSchedule(loader, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=int(cfg.warmup_ratio * self.schedule.total),
+                                       num_training_steps=self.schedule.total)
+        accelerator.register_for_checkpointing(self.scheduler)  # stepped by us, once per optimizer step
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy, mean margin and calibration on the held-out pairs, logged as eval/*."""
+        if not self.eval_items:
             return {}
-        result = preference_metrics(pair_margins(accelerator.unwrap_model(model), eval_items, cfg.eval_batch_size))
-        values = {f"eval/{k}": v for k, v in result.items()}
-        metrics.write(step, values)
-        accelerator.log(values, step=step)
+        result = preference_metrics(pair_margins(self.unwrapped, self.eval_items, self.cfg.eval_batch_size))
+        self.run.log({f"eval/{k}": v for k, v in result.items()})
         return result
 
-    def save_checkpoint(at: int) -> None:
-        accelerator.save_state(str(checkpoint_tmp_path(cfg.output_dir, at)))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            commit_checkpoint(cfg.output_dir, at, {"step": at, "nonfinite_updates": guard.count, "before": before},
-                              cfg.save_total_limit)
-        accelerator.wait_for_everyone()
+    def train(self) -> dict[str, float]:
+        cfg, run, schedule = self.cfg, self.run, self.schedule
+        self.progress = tqdm(total=schedule.total, initial=run.step, desc="reward",
+                             disable=not run.accelerator.is_local_main_process)
+        for group in schedule.groups(run):
+            self.step(group)
+            self.progress.update(1)
+            if run.step % cfg.log_every == 0 or run.step == schedule.total:
+                self.log_train()
+            if schedule.due(cfg.save_every, run.step) and run.step < schedule.total:
+                run.save_checkpoint({"before": self.before})
+        self.progress.close()
+        return self.finish()
 
-    step = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint), strict=False)
-        step, before = state["step"], state["before"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
-    else:
-        before = evaluate(0)
-    window_loss, window_pairs, window_correct = 0.0, 0, 0
-    progress = tqdm(total=total_steps, initial=step, desc="reward", disable=not accelerator.is_local_main_process)
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
-            seed_step(cfg.seed, step)
-            batch = batch.to(accelerator.device)
-            rewards = model(batch.input_ids, batch.attention_mask)
-            if beta:
-                rewards = rewards + beta * batch.lengths  # the length expert of length_debias
-            loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
-            # mean over the comparisons of the step, across processes (DDP averages gradients, hence the factor)
-            total_pairs = accelerator.reduce(torch.tensor(n_pairs, device=accelerator.device), "sum").clamp(min=1)
-            accelerator.backward(loss_sum * accelerator.num_processes / total_pairs)
-            step += 1
-            if not optimizer_step(accelerator, optimizer, scheduler, params, cfg.max_grad_norm, loss_sum).ok:
-                guard.failed(step)
-            else:
-                window_loss += loss_sum.item()
-                window_pairs += n_pairs
-                window_correct += (rewards[batch.chosen] > rewards[batch.rejected]).sum().item()
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                values = {"train/loss": window_loss / max(window_pairs, 1), "train/accuracy": window_correct / max(window_pairs, 1),
-                          "train/lr": scheduler.get_last_lr()[0]}
-                if cfg.length_debias:
-                    values["train/length_beta"] = beta
-                metrics.write(step, values)
-                accelerator.log(values, step=step)
-                progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
-                window_loss, window_pairs, window_correct = 0.0, 0, 0
-            end_of_epoch = step % steps_per_epoch == 0
-            if (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) and step < total_steps:
-                save_checkpoint(step)
-            if step >= total_steps:
-                break
-    progress.close()
+    def step(self, group: list[PreferenceBatch]) -> None:
+        """One optimizer step over the micro-batches of `group`: the loss is the mean over every comparison of the
+        step, on every process (DDP averages gradients across processes, hence the factor num_processes)."""
+        run, accelerator = self.run, self.run.accelerator
+        seed_step(self.cfg.seed, run.step)
+        n_local = sum(b.chosen.numel() + b.tie_a.numel() for b in group)
+        total_pairs = accelerator.reduce(torch.tensor(n_local, device=run.device), "sum").clamp(min=1)
+        sums = torch.zeros(3, device=run.device)  # loss, comparisons, correctly ordered pairs
+        for i, batch in enumerate(group):
+            batch = batch.to(run.device)
+            with nullcontext() if i == len(group) - 1 else accelerator.no_sync(self.model):
+                rewards = self.model(batch.input_ids, batch.attention_mask)
+                if self.beta:
+                    rewards = rewards + self.beta * batch.lengths  # the length expert of length_debias
+                loss_sum, n_pairs = bradley_terry_loss(rewards, batch)
+                accelerator.backward(loss_sum * accelerator.num_processes / total_pairs)
+            correct = (rewards[batch.chosen] > rewards[batch.rejected]).sum()
+            sums += torch.stack([loss_sum.detach(), torch.tensor(float(n_pairs), device=run.device), correct.float()])
+        if run.update(self.optimizer, self.scheduler, self.params, sums[0]).ok:
+            run.window.add(dict(zip(("loss", "pairs", "correct"), accelerator.reduce(sums, "sum").tolist())))
 
-    final = accelerator.unwrap_model(model)
-    if cfg.lora.enabled:
-        final.set_body(final.body.merge_and_unload())
-    # Normalise on the training completions: rewards then have std 1 there (and mean 0 where the head has a bias).
-    final.set_normalization(torch.cat([final.raw_scores([it.prompt] * len(it.completions), it.completions, cfg.eval_batch_size)
-                                       for it in train_items]))
-    after = evaluate(step)
-    if accelerator.is_main_process:
-        tmp = cfg.output_dir / ".final.tmp"
-        final.save_pretrained(tmp)
-        install_files(tmp, cfg.output_dir, last=("config.json",))
-        # rankings: best-of-K, Kendall's tau, length bias, the annotators' own agreement; fact swaps
-        diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir, swaps,
-                              ranking_counts(cfg.train_file))
-    metrics.close()
-    accelerator.end_training()
-    return {"before_" + k: v for k, v in before.items()} | after
+    def log_train(self) -> None:
+        """The mean loss and accuracy over the comparisons since the last log (skipped updates left out)."""
+        sums = self.run.window.take()
+        pairs = max(sums.get("pairs", 0.0), 1)
+        values = {"train/loss": sums.get("loss", 0.0) / pairs, "train/accuracy": sums.get("correct", 0.0) / pairs,
+                  "train/lr": self.scheduler.get_last_lr()[0]}
+        if self.cfg.length_debias:
+            values["train/length_beta"] = self.beta
+        self.run.log(values)
+        self.progress.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
+
+    def finish(self) -> dict[str, float]:
+        """Merge LoRA, normalise the scores on the training completions (std 1 there, and mean 0 where the head has
+        a bias), the held-out figures after, then the model and its diagnostics (rankings: best-of-K, Kendall's tau,
+        length bias, the annotators' own agreement; fact swaps)."""
+        cfg, run = self.cfg, self.run
+        final = run.accelerator.unwrap_model(self.model)
+        if cfg.lora.enabled:
+            final.set_body(final.body.merge_and_unload())
+        final.set_normalization(torch.cat([final.raw_scores([it.prompt] * len(it.completions), it.completions,
+                                                            cfg.eval_batch_size) for it in self.train_items]))
+        after = self.evaluate()
+        if run.accelerator.is_main_process:
+            tmp = cfg.output_dir / ".final.tmp"
+            final.save_pretrained(tmp)
+            install_files(tmp, cfg.output_dir, last=("config.json",))
+            diagnose_reward_model(final, cfg.eval_file, cfg.eval_batch_size, cfg.output_dir, self.swaps,
+                                  ranking_counts(cfg.train_file))
+        run.close()
+        return {"before_" + k: v for k, v in self.before.items()} | after
