@@ -214,3 +214,32 @@ def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_mod
     assert any(r["train/grad_norm"] != r["train/grad_norm"] or r["train/grad_norm"] == float("inf") for r in rows)
     assert math.isfinite(rows[-1]["train/grad_norm"])  # and later ones were applied
     assert all(torch.isfinite(w).all() for w in adapter_weights(tmp_path / "run").values())
+
+
+def test_the_loss_from_the_kept_positions_equals_the_full_forward_s(tiny_model):
+    """token_loss_sum gives vocabulary logits only where a labelled token is predicted: loss, token count and
+    gradients as with every position's logits (rows of different lengths, responses at different offsets)."""
+    from rlhfkit.data.chat import IGNORE_INDEX
+    from rlhfkit.losses import causal_lm_loss
+
+    model = load_causal_lm(tiny_model, dtype="float32")
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, 200, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, 8:] = input_ids[0, 8:]
+    labels[1, 5:9] = input_ids[1, 5:9]
+    labels[2, 10:] = input_ids[2, 10:]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    kept, n = sft_module.token_loss_sum(model, batch)
+    kept.backward()
+    kept_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, n_full = causal_lm_loss(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+    full.backward()
+    assert n == n_full == 10
+    assert torch.allclose(kept, full, rtol=1e-6, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7) for a, p in zip(kept_grads, model.parameters()))
+    assert "logits_to_keep" in sft_module.keep_logits(model, 4, 11, 12)  # the tiny Llama takes the keyword

@@ -29,6 +29,7 @@ from rlhfkit.losses import causal_lm_loss
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.retrieval import Grounding
 from rlhfkit.rollout import generate_responses
+from rlhfkit.rollout.prefix import keep_logits
 from rlhfkit.runs import EpochSchedule, Run, StepOutcome, adamw, save_final_model, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,16 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over labelled tokens (`causal_lm_loss`), and how many tokens that is."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return causal_lm_loss(logits, batch["labels"])
+    """Summed next-token cross-entropy over labelled tokens (`causal_lm_loss`), and how many tokens that is.
+
+    The LM head runs only over the positions from the first that predicts a labelled token in any row to the last
+    (prompt tokens need no vocabulary projection): the same loss, with less work where prompts are long."""
+    labels = batch["labels"]
+    predicting = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()  # positions t scored against t + 1
+    start, stop = (predicting[0].item(), predicting[-1].item() + 2) if len(predicting) else (0, labels.shape[1])
+    keep = keep_logits(model, start, stop, labels.shape[1])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits
+    return causal_lm_loss(logits, labels[:, start:stop] if keep else labels)
 
 
 @torch.no_grad()

@@ -139,11 +139,19 @@ def forward_responses(model, query_ids, query_mask, response_ids, response_mask,
 
 
 def _keep(model, n: int, length: int) -> dict:
-    """For models with an LM head, only the last `n` of `length` positions get vocabulary logits. As indices, not
-    a count: the slice a count makes is strided, and a strided [B, n, H] through the LM head becomes a batched
-    matmul against B expanded copies of the vocabulary matrix (on a CPU, 10x the time of one matmul)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """For models with an LM head, only the last `n` of `length` positions get vocabulary logits."""
+    return keep_logits(model, length - n, length, length)
+
+
+def keep_logits(model, start: int, stop: int, length: int) -> dict:
+    """The forward's keyword that gives vocabulary logits only at positions start..stop-1 of `length`, for models
+    whose forward takes `logits_to_keep`; {} for others (all positions then get logits). As indices, not a count:
+    the slice a count makes is strided, and a strided [B, n, H] through the LM head becomes a batched matmul
+    against B expanded copies of the vocabulary matrix (on a CPU, 10x the time of one matmul)."""
+    base = getattr(model, "module", model)  # DDP and other wrappers pass keywords through
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
         return {}
     device = next(model.parameters()).device
-    return {"logits_to_keep": n if n == length else torch.arange(length - n, length, device=device)}
+    n = stop - start
+    return {"logits_to_keep": n if (start, stop) == (0, length) else torch.arange(start, stop, device=device)}
