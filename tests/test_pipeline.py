@@ -97,6 +97,23 @@ def test_an_interrupted_stage_resumes_and_changed_settings_need_a_restart(tiny_m
     assert yaml.safe_load((out / "ppo" / "config.yaml").read_text())["kl_coef"] == 0.2
 
 
+def test_a_setting_added_since_a_stage_finished_counts_as_unchanged_at_its_default(tiny_model, tmp_path):
+    """A stage finished by an older rlhfkit has no entry for a setting added since: at its default it is what the
+    stage ran with (skipped); set to anything else it is a change (refused, named)."""
+    out = tmp_path / "run"
+    only_sft = tiny_pipeline(tiny_model, out).model_copy(update={"reward": None, "ppo": None, "eval": None})
+    run_pipeline(only_sft)
+    marker = out / "sft" / DONE_FILE
+    done = json.loads(marker.read_text())
+    assert done["config"].pop("gradient_accumulation_steps") == 1
+    marker.write_text(json.dumps(done))
+    assert [s.status for s in run_pipeline(only_sft).stages] == ["skipped"]
+    accumulating = tiny_pipeline(tiny_model, out, sft__gradient_accumulation_steps=2).model_copy(
+        update={"reward": None, "ppo": None, "eval": None})
+    with pytest.raises(ConfigError, match=r"\(changed: gradient_accumulation_steps\)"):
+        run_pipeline(accumulating)
+
+
 def test_pipeline_settings_errors(tiny_model, tmp_path):
     no_sft = tiny_pipeline(tiny_model, tmp_path).model_copy(update={"sft": None})
     with pytest.raises(ConfigError, match=r"ppo: \{sft\} names no stage of this pipeline"):

@@ -168,10 +168,21 @@ def _fingerprint(stage_cfg: BaseModel) -> dict[str, Any]:
     return {k: v for k, v in stage_cfg.model_dump(mode="json").items() if k not in RUN_SETTINGS and k not in outputs}
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _defaults(stage_cfg: BaseModel) -> dict[str, Any]:
+    """The stage's settings that have a default, at their defaults (as the fingerprint writes them)."""
+    fields = {k: f for k, f in type(stage_cfg).model_fields.items() if not f.is_required()}
+    return type(stage_cfg).model_construct(**{k: f.get_default(call_default_factory=True) for k, f in fields.items()}
+                                           ).model_dump(mode="json", include=set(fields), warnings=False)
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Settings that differ between a finished stage's fingerprint and the config's. A top-level setting the stored
+    fingerprint lacks (added to rlhfkit since the stage ran) counts as unchanged where it is at its default."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
+        if k not in old and defaults is not None and k in defaults and b == defaults[k]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed_keys(a, b, f"{prefix}{k}.")
         elif a != b:
@@ -222,7 +233,7 @@ def run_pipeline(cfg: PipelineConfig, restart_from: str | None = None) -> Pipeli
         rerun = restart_from is not None and order.index(stage) >= order.index(restart_from)
         if marker.is_file() and not rerun:
             done = json.loads(marker.read_text(encoding="utf-8"))
-            changed = _changed_keys(done["config"], _fingerprint(stage_cfg))
+            changed = _changed_keys(done["config"], _fingerprint(stage_cfg), defaults=_defaults(stage_cfg))
             if changed:
                 raise ConfigError(
                     f"stage {stage} finished in {out} with other settings (changed: {', '.join(changed)}). "
