@@ -344,14 +344,8 @@ def test_a_reward_model_in_the_earlier_format_still_loads_with_its_scores(tiny_m
     torch.testing.assert_close(loaded.score(*TEXTS), (2.5 * head(hidden).squeeze(-1) - 0.3).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_reward_training_resumes_to_the_same_model_as_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
-    """LoRA with dropout on, checkpoints every 2 steps, killed in step 3 (mid-epoch), resumed: same weights, same
-    logged losses, and `time` going on from where the killed run was."""
-    data = rankings_file(tmp_path, n_items=8)
-    settings = [f"model={tiny_model}", f"train_file={data}", "batch_size=2", "max_steps=5", "save_every=2",
-                "learning_rate=1e-2", "lora.enabled=true", "lora.r=4", "lora.dropout=0.2", "log_every=1"]
-    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={tmp_path / 'whole'}"]))
-
+def kill_in_step_3(settings: list[str], out, monkeypatch) -> None:
+    """Reward training into `out`, killed by its third loss computation (one per step: in step 3)."""
     calls, real = {"n": 0}, train_module.bradley_terry_loss
 
     def dies_in_step_3(*args):
@@ -361,10 +355,21 @@ def test_reward_training_resumes_to_the_same_model_as_an_uninterrupted_run(tiny_
         return real(*args)
 
     monkeypatch.setattr(train_module, "bradley_terry_loss", dies_in_step_3)
-    killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}"]))
+        train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={out}"]))
     monkeypatch.undo()
+
+
+def test_reward_training_resumes_to_the_same_model_as_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    """LoRA with dropout on, checkpoints every 2 steps, killed in step 3 (mid-epoch), resumed: same weights, same
+    logged losses, and `time` going on from where the killed run was."""
+    data = rankings_file(tmp_path, n_items=8)
+    settings = [f"model={tiny_model}", f"train_file={data}", "batch_size=2", "max_steps=5", "save_every=2",
+                "learning_rate=1e-2", "lora.enabled=true", "lora.r=4", "lora.dropout=0.2", "log_every=1"]
+    train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={tmp_path / 'whole'}"]))
+
+    killed = tmp_path / "killed"
+    kill_in_step_3(settings, killed, monkeypatch)
     assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"] and not (killed / "config.json").exists()
     train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}", "resume_from=latest"]))
 
@@ -386,19 +391,8 @@ def test_a_run_resumed_between_two_logs_logs_what_an_uninterrupted_run_does(tiny
     settings = [f"model={tiny_model}", f"train_file={data}", "batch_size=2", "max_steps=6", "save_every=2",
                 "learning_rate=1e-2", "log_every=3", "report_to=none"]
     train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={tmp_path / 'whole'}"]))
-    calls, real = {"n": 0}, train_module.bradley_terry_loss
-
-    def dies_in_step_3(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "bradley_terry_loss", dies_in_step_3)
     killed = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}"]))
-    monkeypatch.undo()
+    kill_in_step_3(settings, killed, monkeypatch)
     train_reward_model(load_config(RewardConfig, None, [*settings, f"output_dir={killed}", "resume_from=latest"]))
 
     def logged(run):

@@ -63,26 +63,30 @@ def test_existing_output_is_refused_untouched_unless_overwrite(tiny_model, sft_f
     assert not (out / "precious.txt").exists() and (out / "adapter_model.safetensors").is_file()
 
 
+def kill_at_loss(n: int, cfg, monkeypatch) -> None:
+    """SFT with `cfg`, killed by its n-th loss computation."""
+    calls, real = {"n": 0}, sft_module.token_loss_sum
+
+    def dies(model, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(sft_module, "token_loss_sum", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(cfg)
+    monkeypatch.setattr(sft_module, "token_loss_sum", real)
+
+
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_model, sft_files, tmp_path, monkeypatch):
     """With LoRA dropout on, killed in the middle of an epoch (step 3 of 4), resumed from checkpoint-2: the dropout
     masks and the data order of steps 3 to 7 must be those of the uninterrupted run."""
     settings = ["max_steps=7", "save_every=2", "gradient_accumulation_steps=2", "batch_size=2", "lora.dropout=0.1"]
     train_sft(config(tiny_model, sft_files, tmp_path / "whole", *settings))
 
-    calls = {"n": 0}
-    real = sft_module.token_loss_sum
-
-    def dies_in_step_3(model, batch):
-        calls["n"] += 1
-        # Loss computations: 1 eval batch before training, 2 micro-batches per step: the 6th is step 3's first.
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings))
-    monkeypatch.setattr(sft_module, "token_loss_sum", real)
+    # Loss computations: 1 eval batch before training, 2 micro-batches per step: the 6th is step 3's first.
+    kill_at_loss(6, config(tiny_model, sft_files, tmp_path / "killed", *settings), monkeypatch)
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
 
@@ -106,18 +110,7 @@ def test_a_run_resumed_between_two_logs_logs_what_an_uninterrupted_run_does(tiny
     steps 1 to 3, as the uninterrupted run's, not over step 3 alone (the window is in the checkpoint)."""
     settings = ["max_steps=6", "save_every=2", "log_every=3", "eval_file="]
     train_sft(config(tiny_model, sft_files, tmp_path / "whole", *settings))
-    calls, real = {"n": 0}, sft_module.token_loss_sum
-
-    def dies_in_step_3(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:  # one loss computation per step, no held-out set
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(sft_module, "token_loss_sum", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings))
-    monkeypatch.setattr(sft_module, "token_loss_sum", real)
+    kill_at_loss(3, config(tiny_model, sft_files, tmp_path / "killed", *settings), monkeypatch)  # 1 per step
     train_sft(config(tiny_model, sft_files, tmp_path / "killed", *settings, "resume_from=latest"))
 
     def logged(run):

@@ -57,7 +57,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, as_messages, prompt_text, tokenize_conversation
@@ -67,7 +66,7 @@ from rlhfkit.losses import preference_loss
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
 from rlhfkit.ppo.models import PolicyModel, trainable_start_model
 from rlhfkit.reward.train import load_comparisons, preference_metrics
-from rlhfkit.runs import EpochSchedule, Run, adamw, save_final_model, save_trainable_only, seed_step
+from rlhfkit.runs import Run, save_final_model, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
 
@@ -318,14 +317,7 @@ class DPOTrainer:
         pad_id = self.pad_id
         train_dl = DataLoader(self.train_items, batch_size=cfg.batch_size, shuffle=True,
                               collate_fn=lambda items: collate_items(items, pad_id))
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-        self.schedule = EpochSchedule(train_dl, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * self.schedule.total),
-                                       num_training_steps=self.schedule.total)
-        accelerator.register_for_checkpointing(self.scheduler)  # stepped once per optimizer step, by us
+        self.model, self.optimizer, self.scheduler, self.params, self.schedule = self.run.prepare_epochs(model, train_dl)
         self.unwrapped = accelerator.unwrap_model(self.model)
 
     def _compute_reference(self) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from transformers import get_scheduler
 
 from rlhfkit.config import dump_config
 from rlhfkit.errors import ConfigError, NonFiniteError, OutputError, OutputExistsError
@@ -366,6 +367,14 @@ class MetricsWindow:
         return sums
 
 
+class EpochTraining(NamedTuple):
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list
+    schedule: EpochSchedule
+
+
 class Run:
     """The skeleton of one training run (see the module docstring): accelerator, output directory, checkpoints and
     resume with one state layout, the NaN/Inf guard, metrics and their window. A trainer holds one and adds its
@@ -401,6 +410,21 @@ class Run:
         self.metrics = MetricsWriter(cfg.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
                                      resumed_at=self.state.get("step"))
         self.guard = NonFiniteGuard(cfg.max_nonfinite_updates, self.state.get("nonfinite_updates", 0))
+
+    def prepare_epochs(self, model, loader) -> EpochTraining:
+        """An epoch trainer's optimisation (SFT, reward model, DPO): AdamW over the trainable parameters, the model,
+        optimizer and batches prepared by accelerate, the step schedule over epochs, and the learning-rate schedule
+        (stepped by the trainer once per optimizer step, so registered for checkpointing rather than prepared,
+        which would step it once per process)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        schedule = EpochSchedule(loader, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * schedule.total),
+                                  num_training_steps=schedule.total)
+        accelerator.register_for_checkpointing(scheduler)
+        return EpochTraining(model, optimizer, scheduler, params, schedule)
 
     def resume(self) -> dict[str, Any]:
         """Weights, optimizer, schedule and RNG from the checkpoint (into the prepared models), the step and the

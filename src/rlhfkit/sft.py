@@ -17,7 +17,6 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from rlhfkit.config import SFTConfig
 from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, conversation_messages, tokenize_conversation
@@ -30,7 +29,7 @@ from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.retrieval import Grounding
 from rlhfkit.rollout import generate_responses
 from rlhfkit.rollout.prefix import keep_logits
-from rlhfkit.runs import EpochSchedule, Run, StepOutcome, adamw, save_final_model, save_trainable_only, seed_step
+from rlhfkit.runs import Run, StepOutcome, save_final_model, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
 
@@ -161,15 +160,7 @@ class SFTTrainer:
         cfg, accelerator = self.cfg, self.run.accelerator
         make_batch = lambda examples: collate(examples, self.tokenizer.pad_token_id)  # noqa: E731
         train_dl = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_batch)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-        self.schedule = EpochSchedule(train_dl, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
-        total = self.schedule.total
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * total),
-                                       num_training_steps=total)
-        # Stepped once per optimizer step by us; registered (not prepared, which would step it once per process).
-        accelerator.register_for_checkpointing(self.scheduler)
+        self.model, self.optimizer, self.scheduler, self.params, self.schedule = self.run.prepare_epochs(model, train_dl)
         eval_dl = DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=make_batch) if eval_set else None
         self.eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from rlhfkit import losses
 from rlhfkit.config import RewardConfig
@@ -37,7 +36,7 @@ from rlhfkit.reward.diagnostics import diagnose_reward_model, ranking_counts
 from rlhfkit.reward.fact_swap import load_fact_swaps
 from rlhfkit.models.loading import lora_config
 from rlhfkit.reward.model import RewardModel
-from rlhfkit.runs import EpochSchedule, Run, adamw, install_files, save_trainable_only, seed_step
+from rlhfkit.runs import Run, install_files, save_trainable_only, seed_step
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +194,7 @@ class RewardTrainer:
         if cfg.length_debias:
             logger.info("length term: beta %.4f per 10 words (fitted on the training pairs, left out of the saved "
                         "model)", self.beta)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        self.schedule = EpochSchedule(loader, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * self.schedule.total),
-                                       num_training_steps=self.schedule.total)
-        accelerator.register_for_checkpointing(self.scheduler)  # stepped by us, once per optimizer step
+        self.model, self.optimizer, self.scheduler, self.params, self.schedule = self.run.prepare_epochs(model, loader)
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy, mean margin and calibration on the held-out pairs, logged as eval/*."""
