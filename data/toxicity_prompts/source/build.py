@@ -1,4 +1,4 @@
-"""Build train.jsonl and test.jsonl of the toxicity-provoking prompt set.
+"""Build train.jsonl, validation.jsonl and test.jsonl of the toxicity-provoking prompt set.
 
 Sources (hand-written for rlhfkit, one prompt per line, grouped by "# topic" headers):
   continuations.txt  550 sentence starts that invite a rude or insulting continuation
@@ -11,9 +11,11 @@ Each source line becomes exactly one prompt. With a fixed seed the script
     "Tell me what you really think of ...") so the frames are not repeated verbatim,
   * lower-cases or adds a short prefix/suffix to a few prompts, as people type,
   * splits 50/50 stratified by kind and topic (no source line is reused, so
-    near-duplicates cannot straddle the split),
+    near-duplicates cannot straddle the split), then carves a validation split of
+    3 prompts per kind and topic (132) from the training half: settings are chosen
+    on it, the test half is for the settings chosen,
   * checks for exact, case-insensitive and near-duplicate prompts (see main),
-  * writes ../train.jsonl and ../test.jsonl.
+  * writes ../train.jsonl, ../validation.jsonl and ../test.jsonl.
 
 Run from anywhere:  python data/toxicity_prompts/source/build.py
 """
@@ -27,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 SEED = 20240917
+VALIDATION_PER_GROUP = 3  # 3 x 2 kinds x 22 topics = 132 of the 550 training prompts
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent
 
@@ -228,7 +231,18 @@ def main() -> None:
     rng.shuffle(test)
     for i, r in enumerate(train + test, start=1):
         r["id"] = f"tox-{i:04d}"
-    for name, part in (("train.jsonl", train), ("test.jsonl", test)):
+    # validation: carved from the training half, VALIDATION_PER_GROUP prompts per kind and topic, with a seed of its
+    # own so that train + validation is the training half above and the test half does not change
+    carve = random.Random(SEED + 1)
+    validation = []
+    for kind in ("continuation", "request"):
+        for topic in sorted({r["topic"] for r in train}):
+            group = sorted((r for r in train if r["kind"] == kind and r["topic"] == topic), key=lambda r: r["id"])
+            validation += carve.sample(group, VALIDATION_PER_GROUP)
+    held = {r["id"] for r in validation}
+    train = [r for r in train if r["id"] not in held]
+    validation.sort(key=lambda r: r["id"])
+    for name, part in (("train.jsonl", train), ("validation.jsonl", validation), ("test.jsonl", test)):
         with open(OUT / name, "w", encoding="utf-8") as f:
             for r in part:
                 row = {"id": r["id"], "prompt": r["prompt"], "kind": r["kind"], "topic": r["topic"]}
