@@ -8,6 +8,8 @@
   hf:facebook/roberta-hate-speech-dynabench-r4-target:nothate, where there is internet.
 - `ToxicityScorer`: the offline default, the trained classifier of the PyPI package alt-profanity-check
   (a linear SVM on bag-of-words, calibrated); `score` is P(toxic), and as a reward it counts negatively.
+- `ProfaneWords` (`profane_words`): 1 for an answer with a word of a profanity list; a second judge of harm
+  beside the classifier (rlhfkit.reward.wordlist).
 - `FunctionReward`: a plain Python function.
 - `WeightedSum`: sum of weight * reward over several rewards.
 - `TruthReward` (`truth:PATH`): facts stated, contradictions and declining checked against the truth: see
@@ -140,13 +142,17 @@ class WeightedSum:
 
 
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """A scorer by name: `toxicity` (offline), `refusal` or `relevance` (rlhfkit.evaluation.refusal), a reward-model
+    """A scorer by name: `toxicity` (offline), `profane_words` (rlhfkit.reward.wordlist), `refusal` or `relevance` (rlhfkit.evaluation.refusal), a reward-model
     directory, `hf:MODEL:LABEL[:logit|prob]` (one label of a classifier; without the last part, the logit of a
     one-label head and the probability otherwise), the truth reward `truth:PATH[?needless=0.25&...]`
     (rlhfkit.reward.truth, its weights changed in the query), or a gold measure against the truth,
     `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
     if spec == "toxicity":
         return ToxicityScorer()
+    if spec == "profane_words":
+        from rlhfkit.reward.wordlist import ProfaneWords
+
+        return ProfaneWords()
     if spec in ("refusal", "relevance"):
         from rlhfkit.evaluation.refusal import EngagementReward
 
