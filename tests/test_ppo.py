@@ -22,7 +22,8 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.ppo import NonFiniteError, core, train_ppo
 from rlhfkit.ppo.trainer import OnlineTrainer, Scores
-from rlhfkit.ppo.models import PolicyModel, build_critic, build_policy
+from rlhfkit.models.policy import PolicyModel
+from rlhfkit.ppo.models import build_critic, build_policy
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import FunctionReward
 from rlhfkit.rollout import Rollout, Sampling, encode_prompts, sample, sampling_logits, token_logprobs

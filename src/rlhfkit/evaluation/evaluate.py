@@ -39,7 +39,7 @@ from rlhfkit.evaluation.metrics import distinct_n_interval, mean_interval, perce
 from rlhfkit.evaluation.refusal import refusals, relevance
 from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.models.policy import PolicyModel
 from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
