@@ -15,9 +15,10 @@ from rlhfkit.cli import app
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import TruthRecord, load_prompts, load_sft_examples, load_truth_records
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.text.embedding import load_embedder
 from rlhfkit.text.facts import FactSheet, abstains, check_facts, states, tokens
+from rlhfkit.text.rouge import rouge_l
 from rlhfkit.evaluation.gold import GoldScores, gold_outcomes, prefer, score_against_truth, summarise_gold, what_moved
-from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
 from rlhfkit.reward.scorers import load_scorer
 
 FACTS_MD = REPO / "data" / "company" / "FACTS.md"

@@ -37,12 +37,12 @@ from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.evaluation.gold import GoldScores, MEASURES, eval_truth, score_against_truth, summarise_gold
 from rlhfkit.evaluation.metrics import distinct_n_interval, mean_interval, percent_change_interval, win_rate_interval
 from rlhfkit.evaluation.refusal import refusals, relevance
-from rlhfkit.evaluation.reference_metrics import load_embedder
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.policy import PolicyModel
 from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
+from rlhfkit.text.embedding import load_embedder
 
 logger = logging.getLogger(__name__)
 

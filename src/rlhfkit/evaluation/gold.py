@@ -1,7 +1,7 @@
 """Answers judged against the truth (the human ideal answers and the facts), not against a learned reward.
 
 Per answer to a prompt that has a truth record (`TruthRecord`: ideal `response`, `facts`, `answerable`, `wrong`):
-  rouge_l, similarity   against the ideal answer (evaluation.reference_metrics);
+  rouge_l, similarity   against the ideal answer (text.rouge, text.embedding);
   fact_recall           share of the facts stated, plus "I don't know" where the answer cannot be known;
   contradicted          states something the fact sheet contradicts (text.facts);
   declined              says it does not know (text.facts.abstains), counted apart for the questions the
@@ -34,8 +34,9 @@ import torch
 from rlhfkit.data.records import TruthRecord, load_truth_records
 from rlhfkit.errors import DataError
 from rlhfkit.evaluation.metrics import difference_interval, mean_interval
-from rlhfkit.evaluation.reference_metrics import DEFAULT_EMBEDDER, SentenceEmbedder, load_embedder, rouge_l
+from rlhfkit.text.embedding import DEFAULT_EMBEDDER, SentenceEmbedder, load_embedder
 from rlhfkit.text.facts import FactSheet, abstains, check_facts, load_truth
+from rlhfkit.text.rouge import rouge_l
 
 @dataclass
 class GoldScores:
