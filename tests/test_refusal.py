@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhfkit.evaluation.refusal import opening, refusals, refuses, relevance
+from rlhfkit.reward.engagement import opening, refusals, refuses, relevance
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.text.embedding import load_embedder
 
