@@ -275,8 +275,8 @@ def test_eval_without_truth_has_no_gold_rows_and_a_missing_fact_sheet_fails_firs
 
 def test_ppo_logs_a_gold_reward_of_weight_zero_beside_the_learned_one(tiny_model, tmp_path):
     from rlhfkit.data.jsonl import read_jsonl as rows_of
-    from rlhfkit.ppo import train_ppo
-    from test_ppo import ppo_config
+    from rlhfkit.online import train_ppo
+    from test_online import ppo_config
 
     cfg = ppo_config(tiny_model, tmp_path / "ppo", rewards=[
         {"scorer": "toxicity", "weight": -1.0}, {"scorer": f"similarity:{REPO / 'data' / 'company'}", "weight": 0.0,

@@ -10,11 +10,11 @@ SRC = Path(rlhfkit.__file__).parent
 MAX_FUNCTION_LINES = 80
 # package -> what it never imports: rewards are what evaluation measures with, and neither runs a trainer
 NEVER_IMPORTS = {
-    "rlhfkit.reward": ("rlhfkit.evaluation", "rlhfkit.ppo", "rlhfkit.sft", "rlhfkit.dpo"),
-    "rlhfkit.evaluation": ("rlhfkit.ppo", "rlhfkit.sft", "rlhfkit.dpo", "rlhfkit.reward.train"),
-    "rlhfkit.text": ("rlhfkit.evaluation", "rlhfkit.reward", "rlhfkit.retrieval", "rlhfkit.ppo"),
-    "rlhfkit.models": ("rlhfkit.evaluation", "rlhfkit.ppo", "rlhfkit.sft", "rlhfkit.dpo"),
-    "rlhfkit.dpo": ("rlhfkit.ppo",),
+    "rlhfkit.reward": ("rlhfkit.evaluation", "rlhfkit.online", "rlhfkit.sft", "rlhfkit.dpo"),
+    "rlhfkit.evaluation": ("rlhfkit.online", "rlhfkit.sft", "rlhfkit.dpo", "rlhfkit.reward.train"),
+    "rlhfkit.text": ("rlhfkit.evaluation", "rlhfkit.reward", "rlhfkit.retrieval", "rlhfkit.online"),
+    "rlhfkit.models": ("rlhfkit.evaluation", "rlhfkit.online", "rlhfkit.sft", "rlhfkit.dpo"),
+    "rlhfkit.dpo": ("rlhfkit.online",),
 }
 
 
