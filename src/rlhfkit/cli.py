@@ -165,6 +165,7 @@ def _online_command(algorithm: str) -> None:
 
 
 def _train_online(cfg: configs.PPOConfig) -> None:
+    """Train, then print the held-out previews before and after, and the reward's course."""
     from accelerate import PartialState
 
     from rlhfkit.online import train_ppo
