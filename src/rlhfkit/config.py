@@ -248,7 +248,7 @@ def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[st
     raw = merge_settings(merge_settings(raw, settings or {}), parse_overrides(list(overrides)))
     for key, value in (fixed or {}).items():
         if raw.setdefault(key, value) != value:
-            raise ConfigError(f"{runner} runs {key} {value}, not {raw[key]}")
+            raise ConfigError(f"{runner} runs {key} {value}, not {raw[key]}: leave {key} out, or set it to {value}")
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
