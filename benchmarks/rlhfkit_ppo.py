@@ -27,7 +27,7 @@ def main() -> None:
     w = json.loads(args.workload)
 
     from rlhfkit.config import PPOConfig
-    from rlhfkit.ppo import train_ppo
+    from rlhfkit.online import train_ppo
     from rlhfkit.reward.model import RewardModel
 
     torch.manual_seed(w["seed"])

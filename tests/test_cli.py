@@ -124,7 +124,8 @@ def test_version_and_every_command_prints_its_full_config_and_lists_its_settings
     filled = load_config(PPOConfig, tmp_path / "ppo.yaml")
     assert filled == PPOConfig(model="m", prompts_file="p.jsonl", output_dir="o", rewards=[{"scorer": "toxicity"}])
     assert filled.lora.dropout == 0.0  # a block's own default (PPO's LoRA has no dropout), not the class's
-    for command in (["sft"], ["reward", "train"], ["ppo"], ["dpo"], ["eval"], ["simulate"], ["pipeline", "run"]):
+    for command in (["sft"], ["reward", "train"], ["ppo"], ["rloo"], ["grpo"], ["dpo"], ["eval"], ["simulate"],
+                    ["pipeline", "run"]):
         assert runner.invoke(app, [*command, "--print-config"]).exit_code == 0, command
         help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
         assert "Settings (in the --config YAML or as key=value" in help_text, command
@@ -171,3 +172,34 @@ def test_data_pairs_of_rankings_that_all_tie_is_an_error_and_writes_nothing(tmp_
         assert_one_error_line(run_main(capsys, monkeypatch, "data", "pairs", "--rankings", rankings, "--output", out,
                                        consensus), "6 rankings give no pairs", "--keep-ties")
         assert not out.exists()
+
+
+def test_rloo_and_grpo_are_the_online_trainer_with_their_algorithm_fixed(tmp_path):
+    """`rlhfkit grpo` prints and runs PPOConfig with algorithm grpo; a config may repeat it, and one that names another
+    algorithm is refused before anything loads. `rlhfkit ppo` still takes any algorithm."""
+    import yaml
+
+    from rlhfkit.config import PPOConfig, load_config
+
+    for algorithm in ("rloo", "grpo"):
+        printed = runner.invoke(app, [algorithm, "--print-config"])
+        assert printed.exit_code == 0 and f"rlhfkit {algorithm}: every setting" in printed.output
+        assert yaml.safe_load(printed.output)["algorithm"] == algorithm
+        ppo_printed = runner.invoke(app, ["ppo", "--print-config"]).output
+        # every setting with its meaning, as `rlhfkit ppo` shows them: only the title and the algorithm differ
+        assert [line for line in printed.output.splitlines() if not line.startswith(("# rlhfkit", "algorithm:"))] == \
+            [line for line in ppo_printed.splitlines() if not line.startswith(("# rlhfkit", "algorithm:"))]
+        help_text = runner.invoke(app, [algorithm, "--help"], env={"COLUMNS": "200"}).output
+        assert f"algorithm = {algorithm}" in help_text and "kl_coef = 0.05" in help_text
+    required = ["model=m", "prompts_file=p.jsonl", f"output_dir={tmp_path / 'o'}", "rewards=[{scorer: toxicity}]",
+                "sampling.num_samples=4"]
+    assert load_config(PPOConfig, None, required, fixed={"algorithm": "grpo"}).algorithm == "grpo"
+    assert load_config(PPOConfig, None, [*required, "algorithm=grpo"], fixed={"algorithm": "grpo"}).algorithm == "grpo"
+    config = tmp_path / "c.yaml"
+    config.write_text("algorithm: rloo\n")
+    for args in (["--config", str(config)], ["algorithm=ppo"]):
+        refused = runner.invoke(app, ["grpo", *args, *required])
+        assert refused.exit_code != 0 and "rlhfkit grpo runs algorithm grpo, not" in str(refused.exception)
+    assert not (tmp_path / "o").exists()
+    assert load_config(PPOConfig, None, [*required, "algorithm=grpo"]).algorithm == "grpo"  # what `rlhfkit ppo` reads
+

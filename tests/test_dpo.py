@@ -18,7 +18,7 @@ from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.preference import load_preference_items
 from rlhfkit.dpo import collate_items, preference_loss, sequence_logps, tokenize_items, train_dpo
 from rlhfkit.errors import ConfigError
-from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.models.policy import PolicyModel
 from test_cli import assert_one_error_line, run_main
 
 RANKINGS = REPO / "data" / "company_feedback" / "rankings_train.jsonl"

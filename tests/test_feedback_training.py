@@ -16,7 +16,7 @@ from rlhfkit.cli import app as cli_app
 from rlhfkit.config import PPOConfig, RewardConfig, load_config
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.feedback.db import Item, Job
-from rlhfkit.ppo import train_ppo
+from rlhfkit.online import train_ppo
 from rlhfkit.reward.train import train_reward_model
 
 

@@ -15,9 +15,10 @@ from rlhfkit.cli import app
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import TruthRecord, load_prompts, load_sft_examples, load_truth_records
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.text.embedding import load_embedder
 from rlhfkit.text.facts import FactSheet, abstains, check_facts, states, tokens
+from rlhfkit.text.rouge import rouge_l
 from rlhfkit.evaluation.gold import GoldScores, gold_outcomes, prefer, score_against_truth, summarise_gold, what_moved
-from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
 from rlhfkit.reward.scorers import load_scorer
 
 FACTS_MD = REPO / "data" / "company" / "FACTS.md"
@@ -274,8 +275,8 @@ def test_eval_without_truth_has_no_gold_rows_and_a_missing_fact_sheet_fails_firs
 
 def test_ppo_logs_a_gold_reward_of_weight_zero_beside_the_learned_one(tiny_model, tmp_path):
     from rlhfkit.data.jsonl import read_jsonl as rows_of
-    from rlhfkit.ppo import train_ppo
-    from test_ppo import ppo_config
+    from rlhfkit.online import train_ppo
+    from test_online import ppo_config
 
     cfg = ppo_config(tiny_model, tmp_path / "ppo", rewards=[
         {"scorer": "toxicity", "weight": -1.0}, {"scorer": f"similarity:{REPO / 'data' / 'company'}", "weight": 0.0,

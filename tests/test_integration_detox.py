@@ -9,7 +9,7 @@ from conftest import REPO
 from rlhfkit.config import EvalConfig, PPOConfig
 from rlhfkit.evaluation import evaluate
 from rlhfkit.models import DEFAULT_MODEL
-from rlhfkit.ppo import train_ppo
+from rlhfkit.online import train_ppo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

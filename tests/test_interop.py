@@ -15,7 +15,7 @@ import torch
 from conftest import COMPANY_TRAIN
 from rlhfkit.config import PPOConfig, RewardConfig, SFTConfig, load_config
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.ppo import train_ppo
+from rlhfkit.online import train_ppo
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import FunctionReward
 from rlhfkit.reward.train import train_reward_model

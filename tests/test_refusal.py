@@ -2,9 +2,9 @@
 
 import pytest
 
-from rlhfkit.evaluation.reference_metrics import load_embedder
-from rlhfkit.evaluation.refusal import opening, refusals, refuses, relevance
+from rlhfkit.reward.engagement import opening, refusals, refuses, relevance
 from rlhfkit.reward.scorers import load_scorer
+from rlhfkit.text.embedding import load_embedder
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",

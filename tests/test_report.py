@@ -19,8 +19,8 @@ from rlhfkit.evaluation import evaluate
 from rlhfkit.data.preference import load_rankings
 from rlhfkit.evaluation.report import collect_stages, side_by_side, training_plots, write_report
 from rlhfkit.reward.diagnostics import diagnose, write_diagnostics
-from rlhfkit.ppo import train_ppo
-from test_ppo import ppo_config
+from rlhfkit.online import train_ppo
+from test_online import ppo_config
 
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 

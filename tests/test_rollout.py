@@ -14,7 +14,7 @@ from conftest import build_tiny_model
 from rlhfkit.config import LoraSettings
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
-from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.models.policy import PolicyModel
 from rlhfkit.rollout.prefix import PromptPlan, forward_responses
 from rlhfkit.rollout import (
     Sampling,

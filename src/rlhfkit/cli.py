@@ -137,24 +137,44 @@ def generate(
             console.print(a, markup=False, highlight=False)
 
 
-@app.command(epilog=_config_help(configs.PPOConfig))
-def ppo(
-    config: ConfigFile = None,
-    overrides: Overrides = None,
-    print_config: Annotated[bool, _print_config(configs.PPOConfig, "ppo")] = False,
-) -> None:
-    """PPO against rewards (reward models, classifiers) with a KL penalty against the starting model, e.g.
-    -c configs/ppo.yaml."""
+ONLINE_COMMANDS = {  # name: help (the first paragraph is the command's line in `rlhfkit --help`)
+    "ppo": "PPO against rewards (reward models, classifiers) with a KL penalty against the starting model, e.g. "
+           "-c configs/ppo.yaml.\n\nThe online trainer with its default algorithm, ppo; algorithm=rloo or "
+           "algorithm=grpo runs the others, as `rlhfkit rloo` and `rlhfkit grpo` do.",
+    "rloo": "RLOO against rewards, KL to the starting model in the reward (Ahmadian et al. 2024).\n\nThe online "
+            "trainer of `rlhfkit ppo` with algorithm rloo fixed: a config may repeat it, not change it. Needs "
+            "sampling.num_samples of 2 or more.",
+    "grpo": "GRPO against rewards, KL to the starting model as a loss term (Shao et al. 2024), e.g. -c "
+            "configs/ppo.yaml sampling.num_samples=4 critic=none.\n\nThe online trainer of `rlhfkit ppo` with "
+            "algorithm grpo fixed: a config may repeat it, not change it. Needs sampling.num_samples of 2 or more.",
+}
+
+
+def _online_command(algorithm: str) -> None:
+    """Register `rlhfkit ALGORITHM`: the online trainer (rlhfkit.online), its config `PPOConfig`; rloo and grpo fix
+    their algorithm, ppo only defaults to its own (`rlhfkit ppo algorithm=grpo` runs GRPO, as before)."""
+    preset = {} if algorithm == "ppo" else {"algorithm": algorithm}
+
+    def command(config: ConfigFile = None, overrides: Overrides = None, print_config: bool = False) -> None:
+        cfg = configs.load_config(configs.PPOConfig, config, overrides or [], fixed=preset, runner=f"rlhfkit {algorithm}")
+        _train_online(cfg)
+
+    # an object, not a string annotation (this module's annotations are strings, read where `algorithm` is unknown)
+    command.__annotations__["print_config"] = Annotated[bool, _print_config(configs.PPOConfig, algorithm, defaults=preset)]
+    app.command(algorithm, help=ONLINE_COMMANDS[algorithm], epilog=_config_help(configs.PPOConfig, defaults=preset))(command)
+
+
+def _train_online(cfg: configs.PPOConfig) -> None:
+    """Train, then print the held-out previews before and after, and the reward's course."""
     from accelerate import PartialState
 
-    from rlhfkit.ppo import train_ppo
+    from rlhfkit.online import train_ppo
 
-    cfg = configs.load_config(configs.PPOConfig, config, overrides or [])
     result = train_ppo(cfg)
     if not PartialState().is_main_process:
         return
     if result.previews:
-        table = Table(title="Held-out prompts, before and after PPO (greedy)", show_lines=True)
+        table = Table(title=f"Held-out prompts, before and after {cfg.algorithm.upper()} (greedy)", show_lines=True)
         for column in ("prompt", "before", "after"):
             table.add_column(column, overflow="fold")
         for p in result.previews:
@@ -167,6 +187,10 @@ def ppo(
             f"KL to the reference {last['kl/ref']:.3f}; {last['throughput/episodes_per_s']:.2f} episodes/s"
         )
     console.print(f"{result.steps} steps; policy saved in {result.output_dir}")
+
+
+for _algorithm in ONLINE_COMMANDS:
+    _online_command(_algorithm)
 
 
 @app.command(epilog=_config_help(configs.DPOConfig))

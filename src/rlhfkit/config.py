@@ -226,9 +226,11 @@ def merge_settings(base: dict[str, Any], update: dict[str, Any]) -> dict[str, An
 
 
 def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[str] = (),
-                settings: dict[str, Any] | None = None) -> C:
+                settings: dict[str, Any] | None = None, fixed: dict[str, Any] | None = None,
+                runner: str = "this command") -> C:
     """Build `cls` from a YAML file (optional), then `settings` (a command's own options), then `key=value`
-    overrides; errors name the file and the bad key."""
+    overrides; errors name the file and the bad key. `fixed`: settings that `runner` (`rlhfkit grpo`, the pipeline's
+    grpo stage) presets, which the file, `settings` and overrides may repeat but not change."""
     raw: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
@@ -244,6 +246,9 @@ def load_config(cls: type[C], path: str | os.PathLike | None, overrides: list[st
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     raw = merge_settings(merge_settings(raw, settings or {}), parse_overrides(list(overrides)))
+    for key, value in (fixed or {}).items():
+        if raw.setdefault(key, value) != value:
+            raise ConfigError(f"{runner} runs {key} {value}, not {raw[key]}: leave {key} out, or set it to {value}")
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
@@ -360,7 +365,7 @@ class PPOConfig(PolicyTrainerConfig):
 
     # ppo: GAE over a critic's values, KL in the reward; rloo: a response's reward (KL included) minus the mean of
     # its prompt's other samples; grpo: rewards normalised within each prompt's samples, KL as a loss term (k3)
-    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"
+    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # as above; `rlhfkit rloo` and `rlhfkit grpo` fix theirs
     dr_grpo: bool = False  # grpo as Liu et al. 2025: no division by the group's std, token sums over max_new_tokens
     # how per-token losses make a minibatch's loss: token_mean (all tokens alike), sequence_mean (each response's
     # mean, then their mean), constant (token sums / max_new_tokens, then the mean); None: ppo and rloo

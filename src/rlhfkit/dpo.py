@@ -64,7 +64,7 @@ from rlhfkit.data.records import Message
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses import preference_loss
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
-from rlhfkit.ppo.models import PolicyModel, trainable_start_model
+from rlhfkit.models.policy import PolicyModel, trainable_start_model
 from rlhfkit.reward.train import load_comparisons, preference_metrics
 from rlhfkit.runs import Run, save_final_model, save_trainable_only, seed_step
 

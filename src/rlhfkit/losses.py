@@ -1,5 +1,5 @@
 """Every trainer's loss, each a short function that reads like its equation (the advantage estimators and KL
-controllers they feed on are in rlhfkit.ppo.core). The trainers do the forwards, weigh and sum; these are the math.
+controllers they feed on are in rlhfkit.online.core). The trainers do the forwards, weigh and sum; these are the math.
 
 - SFT: cross-entropy of the response tokens, -sum_t log pi(y_t | x, y_<t).
 - Reward model (Bradley-Terry, as InstructGPT): P(y_w > y_l) = sigma(r_w - r_l); loss -log sigma(r_w - r_l - m), or
@@ -114,7 +114,7 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 def k3(log_rho: torch.Tensor, dropped: torch.Tensor | float = 0.0) -> torch.Tensor:
     """k3 = (rho - 1) - log rho + (1 - q(S)) per token, from log rho = log q - log pi at tokens sampled from pi: an
     estimate of KL(pi || q), never negative. `dropped` = 1 - q(S) is q's mass outside the support S that pi samples
-    from (0 untruncated), without which k3 falls short of the KL by that much (rlhfkit.ppo.core)."""
+    from (0 untruncated), without which k3 falls short of the KL by that much (rlhfkit.online.core)."""
     return torch.expm1(log_rho) - log_rho + dropped
 
 

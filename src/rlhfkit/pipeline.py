@@ -6,8 +6,8 @@
           -> OUT/feedback/rankings.jsonl, and the answers for the feedback app in OUT/feedback/completions.jsonl
   reward  reward model from human rankings                     -> OUT/reward
   ppo     PPO against the rewards, KL to the starting model    -> OUT/ppo
-  rloo    RLOO, the same trainer (`rlhfkit ppo algorithm=rloo`) -> OUT/rloo
-  grpo    GRPO, the same trainer (`rlhfkit ppo algorithm=grpo`) -> OUT/grpo
+  rloo    RLOO, the same trainer (`rlhfkit rloo`)              -> OUT/rloo
+  grpo    GRPO, the same trainer (`rlhfkit grpo`)              -> OUT/grpo
   dpo     DPO straight from the rankings' pairs (`rlhfkit dpo`)  -> OUT/dpo
   eval    the models side by side on held-out prompts           -> OUT/eval
   report  one HTML page of all of it                            -> OUT/report.html
@@ -16,9 +16,9 @@ A stage's settings are those of its own command (`rlhfkit sft`, ...) without `ou
 name other stages' outputs as `{base}` (the pipeline's `model`), `{sft_ungrounded}`, `{sft}`, `{feedback}`, `{reward}`, `{ppo}`,
 `{rloo}`, `{grpo}` and `{dpo}`. A top-level `retrieval:` block (rlhfkit.config.RetrievalSettings) grounds the
 prompts of every stage that renders them (all but sft_ungrounded; dpo does not ground yet and is refused beside
-it); a stage's own `retrieval:` (null: none) overrides it. The rloo and grpo stages take `rlhfkit ppo`'s settings
-with `algorithm` set to their name. A stage that
-is left out (or null) is skipped, and nothing may refer to it.
+it); a stage's own `retrieval:` (null: none) overrides it. The ppo, rloo and grpo stages take the settings
+of their commands (`rlhfkit ppo`, `rlhfkit rloo`, `rlhfkit grpo`: one config), each with its own algorithm fixed.
+A stage that is left out (or null) is skipped, and nothing may refer to it.
 
 A finished stage leaves `pipeline_stage.json` (its settings and how long it took): a rerun skips it. A stage
 interrupted midway resumes from its last checkpoint (SFT, reward, PPO, RLOO, GRPO, DPO) or starts again (eval: no checkpoints).
@@ -149,12 +149,11 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
             resolved.setdefault("retrieval", cfg.retrieval)
         if stage in ("sft", UNGROUNDED, "reward", "dpo"):
             resolved.setdefault("model", cfg.model)
-        if stage in ONLINE:
-            if resolved.setdefault("algorithm", stage) != stage:
-                raise ConfigError(f"{stage}: the {stage} stage runs algorithm {stage}, not {resolved['algorithm']}")
+        fixed = {"algorithm": stage} if stage in ONLINE else None  # the online stages are named after theirs
         try:
             where = outputs or {"output_dir": cfg.output_dir / stage}
-            configs[stage] = load_config(cls, None, settings={**resolved, **where})
+            configs[stage] = load_config(cls, None, settings={**resolved, **where}, fixed=fixed,
+                                         runner=f"{stage}: the {stage} stage")
         except ConfigError as e:
             raise ConfigError(str(e).replace("overrides: invalid configuration", f"stage {stage}: invalid settings", 1)) from None
         names[stage] = str(cfg.output_dir / stage)
@@ -204,7 +203,7 @@ def _run_stage(stage: str, stage_cfg: Any) -> None:
 
         train_reward_model(stage_cfg)
     elif stage in ONLINE:
-        from rlhfkit.ppo import train_ppo
+        from rlhfkit.online import train_ppo
 
         train_ppo(stage_cfg)
     elif stage == "dpo":

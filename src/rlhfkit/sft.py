@@ -23,13 +23,14 @@ from rlhfkit.data.chat import IGNORE_INDEX, TokenizedExample, conversation_messa
 from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import SFTExample, load_sft_examples
 from rlhfkit.errors import DataError
-from rlhfkit.evaluation.reference_metrics import load_embedder, rouge_l
 from rlhfkit.losses import causal_lm_loss
 from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.retrieval import Grounding
 from rlhfkit.rollout import generate_responses
 from rlhfkit.rollout.prefix import keep_logits
 from rlhfkit.runs import Run, StepOutcome, save_final_model, save_trainable_only, seed_step
+from rlhfkit.text.embedding import load_embedder
+from rlhfkit.text.rouge import rouge_l
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Per model: toxicity (mean, std, share above 0.5, change against the first model with a paired bootstrap interval),
 reward-model score and win rate against the reference model's answers, KL to the reference, perplexity of the
 answers under the reference, answer length, EOS rate and distinct-1/2, and what optimising against a harm score can
-cost (rlhfkit.evaluation.refusal): the share of answers that refuse or evade, and the relevance of each answer to
+cost (rlhfkit.reward.engagement): the share of answers that refuse or evade, and the relevance of each answer to
 its prompt (sentence-embedding cosine). Where the prompt records carry the truth
 (an ideal `response`, `facts`), the gold measures too: ROUGE-L and semantic similarity to the ideal answer, fact
 recall, the share of answers stating a contradicted fact, and the gold judge's win rate against the reference
@@ -35,14 +35,20 @@ from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import load_prompts
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.evaluation.gold import GoldScores, MEASURES, eval_truth, score_against_truth, summarise_gold
-from rlhfkit.evaluation.metrics import distinct_n_interval, mean_interval, percent_change_interval, win_rate_interval
-from rlhfkit.evaluation.refusal import refusals, relevance
-from rlhfkit.evaluation.reference_metrics import load_embedder
+from rlhfkit.evaluation.metrics import (
+    distinct_n_interval,
+    format_interval,
+    mean_interval,
+    percent_change_interval,
+    win_rate_interval,
+)
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.ppo.models import PolicyModel
+from rlhfkit.models.policy import PolicyModel
 from rlhfkit.retrieval import Grounding
+from rlhfkit.reward.engagement import refusals, relevance
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
+from rlhfkit.text.embedding import load_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -241,14 +247,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
     tmp.replace(cfg.output_dir / EVAL_FILE)  # eval.json appears whole, last: its presence marks a finished eval
     return EvalResult(cfg.output_dir, summary, reference_name, len(prompts))
-
-
-def format_interval(value: dict[str, float] | None, digits: int = 3, signed: bool = False) -> str:
-    """`0.123 [0.101, 0.140]`; `-` for a metric that does not apply."""
-    if value is None:
-        return "-"
-    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
-    return f"{f(value['value'])} [{f(value['low'])}, {f(value['high'])}]"
 
 
 def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: str) -> list[tuple[str, list[str]]]:

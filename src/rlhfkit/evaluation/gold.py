@@ -1,7 +1,7 @@
 """Answers judged against the truth (the human ideal answers and the facts), not against a learned reward.
 
 Per answer to a prompt that has a truth record (`TruthRecord`: ideal `response`, `facts`, `answerable`, `wrong`):
-  rouge_l, similarity   against the ideal answer (evaluation.reference_metrics);
+  rouge_l, similarity   against the ideal answer (text.rouge, text.embedding);
   fact_recall           share of the facts stated, plus "I don't know" where the answer cannot be known;
   contradicted          states something the fact sheet contradicts (text.facts);
   declined              says it does not know (text.facts.abstains), counted apart for the questions the
@@ -15,12 +15,7 @@ and calls equal answers on all three a tie (half a win). A key the prompt's trut
 answer) is skipped. Honesty first, then completeness, then closeness: a fluent answer that names the wrong
 number loses to a plain one that names none.
 
-As rewards (PPO's `rewards:` with weight 0 logs them beside the learned reward; `rlhfkit simulate` can rank by
-them; `rlhfkit reward score` scores with them):
-  similarity:PATH, rouge_l:PATH   against the ideal answer of the same prompt in PATH;
-  facts:PATH                      fact recall, minus 1 when contradicted (keys 1 and 2 of the judge as one number).
-PATH is a JSONL file of truth records, or a directory: all its *.jsonl files; the FACTS.md in the directory, or beside
-the file, is the fact sheet.
+The same measures as rewards (`similarity:PATH`, `rouge_l:PATH`, `facts:PATH`): rlhfkit.reward.gold.
 """
 
 from __future__ import annotations
@@ -29,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlhfkit.data.records import TruthRecord, load_truth_records
 from rlhfkit.errors import DataError
-from rlhfkit.evaluation.metrics import difference_interval, mean_interval
-from rlhfkit.evaluation.reference_metrics import DEFAULT_EMBEDDER, SentenceEmbedder, load_embedder, rouge_l
-from rlhfkit.text.facts import FactSheet, abstains, check_facts, load_truth
+from rlhfkit.evaluation.metrics import difference_interval, format_interval, mean_interval
+from rlhfkit.text.embedding import SentenceEmbedder, load_embedder
+from rlhfkit.text.facts import FactSheet, abstains, check_facts, has_fact_check
+from rlhfkit.text.rouge import rouge_l
 
 @dataclass
 class GoldScores:
@@ -62,10 +56,6 @@ class GoldScores:
         values = {"rouge_l": self.rouge_l[i], "similarity": self.similarity[i], "fact_recall": self.fact_recall[i],
                   **{k: None if v is None else float(v) for k, v in flags.items()}}
         return {k: v for k, v in values.items() if v is not None}
-
-
-def has_fact_check(truth: TruthRecord) -> bool:
-    return truth.facts is not None or not truth.answerable or truth.wrong is not None
 
 
 def score_against_truth(answers: list[str], truths: list[TruthRecord], embedder: SentenceEmbedder | None = None,
@@ -153,8 +143,6 @@ def what_moved(metrics: dict[str, dict[str, Any]], reference: str) -> list[str]:
     """Per model against the reference, a heading line and one indented line per judgement (reward model, gold
     judge, gold measures) with its interval and whether it moved: up or down when the interval excludes
     no-change (0.5 for win rates, 0 for changes), else "no clear change"."""
-    from rlhfkit.evaluation.evaluate import format_interval  # here: evaluate imports this module
-
     lines = []
     for name, m in metrics.items():
         if name == reference:
@@ -188,46 +176,3 @@ def eval_truth(prompts_source: str, prompts: list[str], facts_sheet: str | Path 
     if not any(t.response is not None or has_fact_check(t) for t in truths):
         return None, sheet
     return truths, sheet
-
-
-class TruthReward:
-    """A gold measure as a reward: `similarity`, `rouge_l` or `facts` of each response against its prompt's truth."""
-
-    METRICS = ("similarity", "rouge_l", "facts")
-
-    def __init__(self, metric: str, path: str, device: str | torch.device = "cpu", embedder: str = DEFAULT_EMBEDDER):
-        if metric not in self.METRICS:
-            raise ValueError(f"unknown truth metric {metric!r}; one of {self.METRICS}")
-        self.truth, self.sheet = load_truth(path)
-        needs = "facts" if metric == "facts" else "response"
-        lacking = [p for p, t in self.truth.items() if getattr(t, needs) is None and (needs == "response" or t.answerable)]
-        if len(lacking) == len(self.truth):
-            raise DataError(f"{path}: no record has `{needs}`, which the {metric} reward needs")
-        self.metric, self.path, self.name = metric, path, metric
-        self.embedder = load_embedder(embedder, str(device)) if metric == "similarity" else None
-
-    def _truths(self, prompts) -> list[TruthRecord]:
-        try:
-            return [self.truth[p] for p in prompts]
-        except KeyError as e:
-            raise DataError(f"{self.path} has no truth for the prompt {str(e.args[0])[:60]!r}: the {self.metric} "
-                            "reward needs every scored prompt in it (a directory may hold several files)") from None
-
-    def score(self, prompts, responses) -> torch.Tensor:
-        truths = self._truths(list(prompts))
-        if self.metric == "facts":
-            unchecked = [t.prompt for t in truths if not has_fact_check(t)]
-            if unchecked:
-                raise DataError(f"{self.path}: the prompt {unchecked[0][:60]!r} has no `facts` to check answers against")
-            values = []
-            for response, t in zip(responses, truths):
-                check = check_facts(response, t.facts or [], t.prompt, t.answerable, t.wrong or [], self.sheet)
-                values.append(check.recall - float(check.contradicted))
-        else:
-            missing = [t.prompt for t in truths if t.response is None]
-            if missing:
-                raise DataError(f"{self.path}: the prompt {missing[0][:60]!r} has no ideal `response` to compare with")
-            references = [t.response for t in truths]
-            values = rouge_l(list(responses), references) if self.metric == "rouge_l" \
-                else self.embedder.similarity(list(responses), references)
-        return torch.tensor(values, dtype=torch.float32)

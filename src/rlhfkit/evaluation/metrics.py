@@ -1,5 +1,5 @@
 """Evaluation statistics: percentile-bootstrap intervals, the paired change against a baseline, distinct-n (with a
-jackknife interval), win rate.
+jackknife interval), win rate; intervals formatted for tables.
 
 Every model answers the same prompts, so comparisons between models are paired: a bootstrap resample draws prompt
 indices once and takes both models' scores on those prompts (Efron & Tibshirani 1993, ch. 13). The interval is
@@ -120,3 +120,11 @@ def distinct_n_interval(texts: Sequence[str], n: int, confidence: float = 0.95) 
     se = math.sqrt((k - 1) / k * float(((left_out - left_out.mean()) ** 2).sum()))
     z = float(norm.ppf((1 + confidence) / 2))
     return Interval(value, value - z * se, value + z * se)
+
+
+def format_interval(value: dict[str, float] | None, digits: int = 3, signed: bool = False) -> str:
+    """`0.123 [0.101, 0.140]`; `-` for a metric that does not apply."""
+    if value is None:
+        return "-"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    return f"{f(value['value'])} [{f(value['low'])}, {f(value['high'])}]"

@@ -49,7 +49,7 @@ class BM25Retriever:
 
 class DenseRetriever:
     def __init__(self, passages: Sequence[Passage], embedder: str = "all-minilm-l6-v2", device: str = "cpu"):
-        from rlhfkit.evaluation.reference_metrics import load_embedder
+        from rlhfkit.text.embedding import load_embedder
 
         self.passages = list(passages)
         self.embedder = load_embedder(embedder, device)

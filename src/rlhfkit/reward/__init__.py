@@ -1,4 +1,5 @@
-"""Reward models trained on human preferences, classifier and function rewards, and their composition."""
+"""Reward models trained on human preferences, classifier and function rewards, the truth reward (`truth`), the gold
+measures (`gold`) and refusal and relevance (`engagement`) as rewards, and their composition (`scorers`)."""
 
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import (

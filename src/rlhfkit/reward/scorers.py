@@ -14,9 +14,10 @@
 - `WeightedSum`: sum of weight * reward over several rewards.
 - `TruthReward` (`truth:PATH`): facts stated, contradictions and declining checked against the truth: see
   rlhfkit.reward.truth.
-- Gold measures against the truth (`similarity:PATH`, `rouge_l:PATH`, `facts:PATH`): see rlhfkit.evaluation.gold.
+- `GoldReward`: the gold measures against the truth (`similarity:PATH`, `rouge_l:PATH`, `facts:PATH`): see
+  rlhfkit.reward.gold.
 - What a harm score can cost (`refusal`: 1 for an answer that refuses or evades; `relevance`: prompt-answer
-  similarity): see rlhfkit.evaluation.refusal.
+  similarity): see rlhfkit.reward.engagement.
 """
 
 from __future__ import annotations
@@ -142,11 +143,11 @@ class WeightedSum:
 
 
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """A scorer by name: `toxicity` (offline), `profane_words` (rlhfkit.reward.wordlist), `refusal` or `relevance` (rlhfkit.evaluation.refusal), a reward-model
-    directory, `hf:MODEL:LABEL[:logit|prob]` (one label of a classifier; without the last part, the logit of a
-    one-label head and the probability otherwise), the truth reward `truth:PATH[?needless=0.25&...]`
+    """A scorer by name: `toxicity` (offline), `profane_words` (rlhfkit.reward.wordlist), `refusal` or `relevance`
+    (rlhfkit.reward.engagement), a reward-model directory, `hf:MODEL:LABEL[:logit|prob]` (one label of a
+    classifier; without the last part, the logit of a one-label head and the probability otherwise), the truth reward `truth:PATH[?needless=0.25&...]`
     (rlhfkit.reward.truth, its weights changed in the query), or a gold measure against the truth,
-    `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.evaluation.gold)."""
+    `similarity:PATH`, `rouge_l:PATH` or `facts:PATH` (rlhfkit.reward.gold)."""
     if spec == "toxicity":
         return ToxicityScorer()
     if spec == "profane_words":
@@ -154,7 +155,7 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
 
         return ProfaneWords()
     if spec in ("refusal", "relevance"):
-        from rlhfkit.evaluation.refusal import EngagementReward
+        from rlhfkit.reward.engagement import EngagementReward
 
         return EngagementReward(spec, device=str(device))
     metric, sep, path = spec.partition(":")
@@ -167,12 +168,12 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Reward:
                               "their `facts` (e.g. truth:data/company)")
         return TruthReward(path, weights)
     if sep and metric in ("similarity", "rouge_l", "facts"):
-        from rlhfkit.evaluation.gold import TruthReward
+        from rlhfkit.reward.gold import GoldReward
 
         if not path:
             raise ConfigError(f"scorer {spec!r} needs the truth: {metric}:PATH, a JSONL file or directory of prompts "
                               f"with their ideal `response` and `facts` (e.g. {metric}:data/company)")
-        return TruthReward(metric, path, device=device)
+        return GoldReward(metric, path, device=device)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         output = OUTPUTS.get(parts[-1]) if len(parts) > 2 else None

@@ -1,1 +1,2 @@
-"""Text tools shared by evaluation, retrieval and rewards: normalisation and fact checking (`facts`)."""
+"""Text tools shared by evaluation, retrieval, rewards and SFT: normalisation and fact checking (`facts`), sentence
+embeddings and their similarity (`embedding`), ROUGE-L (`rouge`)."""

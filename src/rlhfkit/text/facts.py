@@ -253,6 +253,12 @@ class FactCheck:
         return bool(self.contradictions)
 
 
+def has_fact_check(truth: TruthRecord) -> bool:
+    """Whether an answer to this record's question can be checked: it has facts, or is unanswerable, or has wrong
+    statements."""
+    return truth.facts is not None or not truth.answerable or truth.wrong is not None
+
+
 def check_facts(answer: str, facts: Iterable[str], prompt: str = "", answerable: bool = True,
                 wrong: Iterable[str] = (), sheet: FactSheet | None = None) -> FactCheck:
     """Check one answer (see the module docstring for the rules)."""

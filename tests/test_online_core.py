@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.ppo import core
+from rlhfkit.online import core
 from rlhfkit.rollout import truncate_after_stop
 
 

@@ -1,5 +1,5 @@
 """Online policy optimisation of a language model against rewards, with a KL penalty against the frozen starting
-model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.ppo.core and
+model: PPO, RLOO or GRPO, one trainer whose algorithm is a setting (`algorithm`; the math is in rlhfkit.online.core and
 rlhfkit.losses).
 
 One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
@@ -9,7 +9,7 @@ One iteration (`OnlineTrainer.step`) runs these phases, each a method of the tra
                  the EOS penalty, normalisation and clipping give the score s the policy maximises;
   3. reference   no-grad forwards: log pi_ref (the policy with its adapter off, or a frozen copy), a separate
                  critic's V_old, and log pi_old again only when `recompute_logprobs` is set; with k3 under top-p/top-k,
-                 also the reference's mass outside the tokens the policy keeps (k3's correction, rlhfkit.ppo.core);
+                 also the reference's mass outside the tokens the policy keeps (k3's correction, rlhfkit.online.core);
   4. advantages  the algorithm's: ppo  GAE over r_t = -beta * KL_t (+ s on the last token) and the critic's values;
                  rloo  R_i = s_i - beta * KL_i minus the mean R of the prompt's other samples;
                  grpo  (s_i - mean) / std over the prompt's samples (Dr. GRPO: without the std);
@@ -42,8 +42,8 @@ from rlhfkit.data.records import load_prompts
 from rlhfkit import losses
 from rlhfkit.errors import NonFiniteError, RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
-from rlhfkit.ppo import core
-from rlhfkit.ppo.models import build_critic, build_policy
+from rlhfkit.online import core
+from rlhfkit.online.networks import build_critic, build_policy
 from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
 from rlhfkit.rollout import Rollout, dropped_mass, encode_prompts, generate_responses, sample, token_logprobs
@@ -245,7 +245,7 @@ class OnlineTrainer:
     @property
     def k3_needs_kept_mass(self) -> bool:
         """Whether k3 is estimated (`kl_estimator: k3`, GRPO's loss term) under truncation, where its correction
-        needs the reference's mass outside the policy's kept tokens (rlhfkit.ppo.core)."""
+        needs the reference's mass outside the policy's kept tokens (rlhfkit.online.core)."""
         return self.sampling.truncated and (self.cfg.kl_estimator == "k3" or self.cfg.algorithm == "grpo")
 
     def micro_batches(self, rows: torch.Tensor, size: int | None = None):
@@ -312,7 +312,7 @@ class OnlineTrainer:
         return ref_logprobs, ref_dropped, old_logprobs, old_values
 
     def advantages(self, rollout: Rollout, scores: Scores) -> Targets:
-        """4. The algorithm's advantages (rlhfkit.ppo.core has the math):
+        """4. The algorithm's advantages (rlhfkit.online.core has the math):
         ppo   r_t = -beta * KL_t plus s on the last token; GAE over the critic's values;
         rloo  R = s - beta * sum_t KL_t per response, minus the mean of its prompt's other samples' R;
         grpo  (s - mean) / std over the prompt's samples (Dr. GRPO: s - mean); the KL is a loss term instead.

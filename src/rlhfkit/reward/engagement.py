@@ -86,7 +86,7 @@ class EngagementReward:
     def __init__(self, metric: str, device: str = "cpu", embedder: str | None = None):
         if metric not in self.METRICS:
             raise ValueError(f"unknown engagement measure {metric!r}; one of {self.METRICS}")
-        from rlhfkit.evaluation.reference_metrics import DEFAULT_EMBEDDER, load_embedder
+        from rlhfkit.text.embedding import DEFAULT_EMBEDDER, load_embedder
 
         self.name = metric
         self.embedder = load_embedder(embedder or DEFAULT_EMBEDDER, device) if metric == "relevance" else None

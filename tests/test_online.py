@@ -1,5 +1,5 @@
-"""PPO on the tiny model: rollout and log-probabilities, the reference, the critic, learning a toy reward under a
-KL bound, kill and resume, NaN guards, two processes, and the CLI."""
+"""The online trainer (PPO, RLOO, GRPO) on the tiny model: rollout and log-probabilities, the reference, the critic,
+learning a toy reward under a KL bound, kill and resume, NaN guards, two processes, and the CLI."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import COMPANY_TEST, COMPANY_TRAIN, build_tiny_model
@@ -20,9 +21,10 @@ from rlhfkit.config import PPOConfig, load_config
 from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.ppo import NonFiniteError, core, train_ppo
-from rlhfkit.ppo.trainer import OnlineTrainer, Scores
-from rlhfkit.ppo.models import PolicyModel, build_critic, build_policy
+from rlhfkit.models.policy import PolicyModel
+from rlhfkit.online import NonFiniteError, core, train_ppo
+from rlhfkit.online.networks import build_critic, build_policy
+from rlhfkit.online.trainer import OnlineTrainer, Scores
 from rlhfkit.reward.model import RewardModel
 from rlhfkit.reward.scorers import FunctionReward
 from rlhfkit.rollout import Rollout, Sampling, encode_prompts, sample, sampling_logits, token_logprobs
@@ -446,14 +448,24 @@ def test_grpo_s_k3_loss_term_adds_the_reference_mass_truncation_removes(tiny_mod
     assert trainer.update(rollout, targets)["loss/kl"] == pytest.approx(corrected, abs=1e-4)
 
 
-def test_grpo_under_top_k_trains_past_tokens_the_updated_policy_no_longer_keeps(tiny_model, tmp_path):
+def test_grpo_under_top_k_trains_past_tokens_the_updated_policy_no_longer_keeps(tiny_model, tmp_path, monkeypatch):
     """A sampled token outside the updated policy's top-k has pi_theta = 0: the ratio loss takes it as ratio 0, and
     the k3 term (infinite there, with no gradient) leaves it out instead of making the loss NaN and skipping the
-    update (before: 53 of 64 updates skipped in this run's longer version)."""
-    result = train_ppo(ppo_config(tiny_model, tmp_path / "run", algorithm="grpo", steps=2, batch_size=8,
-                                  mini_batch_size=2, ppo_epochs=4, learning_rate=5e-2, lora={"enabled": False},
-                                  lr_scheduler="constant", max_nonfinite_updates=0,
-                                  sampling={"temperature": 0.7, "top_k": 3, "num_samples": 2, "max_new_tokens": 8}),
-                       FunctionReward(frac_e))
-    assert any(h["policy/outside_support"] > 0 for h in result.history)
-    assert all(math.isfinite(h["loss/kl"]) for h in result.history)
+    update (before: 53 of 64 updates skipped in this run's longer version). Run by `rlhfkit grpo`, its toy reward
+    put in the place of the scorer the command line names."""
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.online import trainer
+
+    monkeypatch.setattr(trainer, "load_scorer", lambda spec, device: FunctionReward(frac_e))
+    args = ["grpo", f"model={tiny_model}", f"prompts_file={COMPANY_TRAIN}", f"output_dir={tmp_path / 'run'}",
+            "rewards=[{scorer: frac_e}]", "steps=2", "batch_size=8", "mini_batch_size=2", "ppo_epochs=4",
+            "learning_rate=5e-2", "lora.enabled=false", "lr_scheduler=constant", "max_nonfinite_updates=0",
+            "preview.num_prompts=0", "sampling={temperature: 0.7, top_k: 3, num_samples: 2, max_new_tokens: 8}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["algorithm"] == "grpo"
+    assert any(h["policy/outside_support"] > 0 for h in history)
+    assert all(math.isfinite(h["loss/kl"]) for h in history)

