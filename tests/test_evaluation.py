@@ -193,18 +193,19 @@ def test_eval_compares_models_on_the_same_prompts_and_writes_its_outputs(tiny_mo
 
     samples = [r for _, r in read_jsonl(out / "samples.jsonl")]
     assert len(samples) == 36 and {r["model"] for r in samples} == {"base", "again", "other"}
-    assert set(samples[0]["scores"]) == {"toxicity", "reward", "kl", "refusal", "relevance"}
+    assert set(samples[0]["scores"]) == {"toxicity", "reward", "kl", "profane_words", "refusal", "relevance"}
     by_model = {m: [r["response"] for r in samples if r["model"] == m] for m in ("base", "again")}
     assert by_model["base"] == by_model["again"]
     # the toxicity figures are those of the saved answers
     tox = [r["scores"]["toxicity"] for r in samples if r["model"] == "other"]
     assert other_m["toxicity_mean"]["value"] == pytest.approx(sum(tox) / len(tox))
-    # and so are the refusal rate and the relevance (per answer in samples.jsonl, means with intervals)
-    for key, metric in (("refusal", "refusal_rate"), ("relevance", "relevance")):
+    # and so are the profane-word rate, the refusal rate and the relevance (per answer in samples.jsonl, means with
+    # intervals)
+    for key, metric in (("profane_words", "profane_word_rate"), ("refusal", "refusal_rate"), ("relevance", "relevance")):
         values = [r["scores"][key] for r in samples if r["model"] == "other"]
         assert other_m[metric]["value"] == pytest.approx(sum(values) / len(values))
         assert other_m[metric]["low"] <= other_m[metric]["value"] <= other_m[metric]["high"]
-    assert "refusal" in result.output and "relevance" in result.output  # table rows (labels wrap at 80 columns)
+    assert all(row in result.output for row in ("profane", "refusal", "relevance"))  # table rows (labels wrap at 80 columns)
 
     again_run = runner.invoke(app, args)
     assert again_run.exit_code != 0 and isinstance(again_run.exception, OutputExistsError)

@@ -1,7 +1,8 @@
 """`rlhfkit eval`: every model answers the same prompts (sampled as PPO samples); the answers are scored and compared.
 
 Per model: toxicity (mean, std, share above 0.5, change against the first model with a paired bootstrap interval),
-reward-model score and win rate against the reference model's answers, KL to the reference, perplexity of the
+the share of answers with a profane word of a fixed list (a second harm judge that RL does not train against:
+rlhfkit.reward.wordlist), reward-model score and win rate against the reference model's answers, KL to the reference, perplexity of the
 answers under the reference, answer length, EOS rate and distinct-1/2, and what optimising against a harm score can
 cost (rlhfkit.reward.engagement): the share of answers that refuse or evade, and the relevance of each answer to
 its prompt (sentence-embedding cosine). Where the prompt records carry the truth
@@ -46,6 +47,7 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.policy import PolicyModel
 from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.engagement import refusals, relevance
+from rlhfkit.reward.wordlist import ProfaneWords
 from rlhfkit.reward.scorers import load_scorer
 from rlhfkit.rollout import Sampling, encode_prompts, sample, token_logprobs
 from rlhfkit.text.embedding import load_embedder
@@ -131,7 +133,7 @@ def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
 
 def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]], reward: dict[str, list[float]] | None,
               baseline: str, reference: str, cfg: EvalConfig, gold: dict[str, GoldScores] | None = None,
-              engagement: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
+              flags: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
     """Per model, the metrics in the module docstring; intervals as {value, low, high}."""
     boot = {"n_resamples": cfg.bootstrap_samples, "confidence": cfg.confidence, "seed": cfg.seed}
     gold_summary = summarise_gold(gold, reference, **boot) if gold is not None else {}
@@ -151,6 +153,7 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
             "eos_rate": sum(a.ended) / len(a.ended),
             "distinct_1": distinct_n_interval(a.responses, 1, cfg.confidence).as_dict(),
             "distinct_2": distinct_n_interval(a.responses, 2, cfg.confidence).as_dict(),
+            "profane_word_rate": None,
             "refusal_rate": None,
             "relevance": None,
         }
@@ -159,9 +162,10 @@ def summarise(answers: dict[str, ModelAnswers], toxicity: dict[str, list[float]]
         if reward is not None:
             m["reward_mean"] = mean_interval(reward[name], **boot).as_dict()
             m["win_rate_vs_reference"] = win_rate_interval(reward[name], reward[reference], **boot).as_dict()
-        if engagement is not None:  # refusal flags and prompt-answer similarities of this model's answers
-            m["refusal_rate"] = mean_interval(engagement[name]["refusal"], **boot).as_dict()
-            m["relevance"] = mean_interval(engagement[name]["relevance"], **boot).as_dict()
+        if flags is not None:  # per answer: a profane word, a refusal, the prompt-answer similarity
+            for key, measure in (("profane_word_rate", "profane_words"), ("refusal_rate", "refusal"),
+                                 ("relevance", "relevance")):
+                m[key] = mean_interval(flags[name][measure], **boot).as_dict()
         if a.kl is not None:
             m["kl_to_reference"] = mean_interval(a.kl, **boot).as_dict()
             m["reference_perplexity"] = float(torch.tensor(sum(a.ref_nll) / sum(a.lengths)).exp())
@@ -220,18 +224,18 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         reward = {n: scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
     embedder = load_embedder(cfg.embedding_model, device)
     prompt_embeddings = embedder.embed(prompts)
-    engagement = {n: {"refusal": refusals(a.responses), "relevance": relevance(prompt_embeddings, a.responses, embedder)}
-                  for n, a in answers.items()}
+    words = ProfaneWords()
+    flags = {n: {"profane_words": words.flags(a.responses), "refusal": refusals(a.responses),
+                 "relevance": relevance(prompt_embeddings, a.responses, embedder)} for n, a in answers.items()}
     gold = None
     if truths is not None:
         gold = {n: score_against_truth(a.responses, truths, embedder, fact_sheet) for n, a in answers.items()}
-    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg, gold, engagement)
+    summary = summarise(answers, toxicity, reward, baseline, reference_name, cfg, gold, flags)
 
     records = []
     for i, prompt in enumerate(prompts):
         for name, a in answers.items():
-            scores = {"toxicity": toxicity[name][i], "refusal": engagement[name]["refusal"][i],
-                      "relevance": engagement[name]["relevance"][i]}
+            scores = {"toxicity": toxicity[name][i]} | {k: v[i] for k, v in flags[name].items()}
             if reward is not None:
                 scores["reward"] = reward[name][i]
             if a.kl is not None:
@@ -262,6 +266,7 @@ def metric_table(metrics: dict[str, dict[str, Any]], baseline: str, reference: s
         ("toxicity std", each(lambda m: f"{m['toxicity_std']:.3f}")),
         ("toxic (> 0.5)", each(lambda m: f"{100 * m['toxicity_above_0.5']:.1f} %")),
         (f"toxicity change vs {baseline}", each(change)),
+        ("profane words (word list)", each(lambda m: format_interval(m.get("profane_word_rate"), 3))),
         ("reward-model score", each(lambda m: format_interval(m["reward_mean"]))),
         (f"reward win rate vs {reference}", each(lambda m: format_interval(m["win_rate_vs_reference"], 2))),
         (f"KL to {reference} (nats)", each(lambda m: format_interval(m["kl_to_reference"]))),
