@@ -311,12 +311,16 @@ class SamplingConfig(Strict):
     # []: none, every response runs to max_new_tokens
     stop_token_ids: list[int] | None = None
     compile: bool | None = None  # torch.compile the decode step; None: on CUDA only (on a CPU it rarely pays)
+    # who samples: the engine in this process, or a vLLM server (`rlhfkit vllm-serve`, its own virtualenv) that the
+    # policy is pushed to after every update (rlhfkit.rollout.vllm_backend; docs/scale.md)
+    backend: Literal["engine", "vllm"] = "engine"
+    vllm_url: str = "http://127.0.0.1:8000"
 
     def distribution(self):
         """The engine's `Sampling` for these settings."""
         from rlhfkit.rollout import Sampling
 
-        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids"}))
+        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids", "backend", "vllm_url"}))
 
     def stop_ids(self, tokenizer, model) -> list[int]:
         from rlhfkit.rollout import stop_token_ids
@@ -420,6 +424,9 @@ class PPOConfig(PolicyTrainerConfig):
         if not ppo and k < 2:
             raise ValueError(f"algorithm {self.algorithm} compares several samples of each prompt: set "
                              "sampling.num_samples to 2 or more (e.g. 4)")
+        if self.sampling.backend == "vllm" and self.critic == "value_head":
+            raise ValueError("a vLLM server samples without the policy's value head: use critic: separate with "
+                             "sampling.backend: vllm, or the engine")
         if self.dr_grpo and self.algorithm != "grpo":
             raise ValueError("dr_grpo is a variant of algorithm: grpo")
         if self.critic is None:

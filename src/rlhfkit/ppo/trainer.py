@@ -141,6 +141,7 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
+        self.vllm = self._vllm_sampler()  # before run.open(): no server, no output directory left behind
         run.open()
         self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
@@ -189,6 +190,14 @@ class OnlineTrainer:
                                        num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                                        num_training_steps=total_updates)
         accelerator.register_for_checkpointing(self.scheduler)  # stepped by us, once per optimizer step
+
+    def _vllm_sampler(self):
+        """The vLLM server's client (`sampling.backend: vllm`), checked to answer now; None for the engine."""
+        if self.cfg.sampling.backend != "vllm":
+            return None
+        from rlhfkit.rollout.vllm_backend import VLLMSampler
+
+        return VLLMSampler(self.cfg.sampling.vllm_url, self.cfg.output_dir / "vllm-sync")
 
     def _resume(self) -> None:
         """Models, optimizer, schedule, RNG and the iteration from the checkpoint (`Run.resume`); the KL controller
@@ -261,10 +270,23 @@ class OnlineTrainer:
         query_ids, query_mask = encode_prompts(self.tokenizer, prompts, self.cfg.max_prompt_length,
                                                self.cfg.system_prompt, self.grounding)
         policy = self.accelerator.unwrap_model(self.policy)
+        if self.vllm is not None:
+            return self._vllm_rollout(policy.lm, query_ids, query_mask)
         with self.accelerator.autocast():
             return sample(policy.lm, query_ids.to(self.device), query_mask.to(self.device), self.sampling,
                           self.stop_ids, self.tokenizer.pad_token_id, value_head=policy.value_head,
                           compile=self.cfg.sampling.compile)
+
+    def _vllm_rollout(self, lm, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Rollout:
+        """The vLLM server's samples, after the main process has pushed the policy as of this iteration's updates
+        (rlhfkit.rollout.vllm_backend: a server sampling with another version stops the run)."""
+        if self.accelerator.is_main_process:
+            self.vllm.push(lm, self.run.step)
+        self.accelerator.wait_for_everyone()
+        self.vllm.pushed = self.run.step
+        seed = self.cfg.seed * 1_000_003 + self.run.step * self.accelerator.num_processes + self.accelerator.process_index
+        return self.vllm.sample(query_ids.to(self.device), query_mask.to(self.device), self.sampling, self.stop_ids,
+                                self.tokenizer.pad_token_id, seed=seed)
 
     def score(self, prompts: list[str], rollout: Rollout) -> Scores:
         """2. Every reward on the decoded text; their weighted sum, then the EOS penalty, normalisation, clipping."""

