@@ -171,3 +171,18 @@ def test_data_pairs_of_rankings_that_all_tie_is_an_error_and_writes_nothing(tmp_
         assert_one_error_line(run_main(capsys, monkeypatch, "data", "pairs", "--rankings", rankings, "--output", out,
                                        consensus), "6 rankings give no pairs", "--keep-ties")
         assert not out.exists()
+
+
+def test_no_vllm_server_is_one_error_line_naming_the_url_and_the_fix(tiny_model, tmp_path, capsys, monkeypatch):
+    """`sampling.backend: vllm` with nothing listening at sampling.vllm_url: status 2 before any output is written."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "grpo"
+    result = run_main(capsys, monkeypatch, "ppo", f"model={tiny_model}", "prompts_file=data/company/train.jsonl",
+                      f"output_dir={out}", "rewards=[{scorer: toxicity}]", "algorithm=grpo", "sampling.num_samples=2",
+                      "sampling.backend=vllm", f"sampling.vllm_url={url}")
+    assert_one_error_line(result, url, "rlhfkit vllm-serve", "make vllm-env")
+    assert not out.exists()

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from conftest import COMPANY_TRAIN, REPO
-from rlhfkit.config import LoraSettings, PPOConfig
+from rlhfkit.config import EvalConfig, LoraSettings, PPOConfig
+from rlhfkit.data.jsonl import write_jsonl
+from rlhfkit.evaluation.evaluate import evaluate
 from rlhfkit.models import DEFAULT_MODEL, apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
 from rlhfkit.ppo import train_ppo
@@ -140,6 +142,22 @@ def test_an_adapter_update_reaches_the_sampler(vllm_server, bundled, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-2"]  # earlier pushes removed
 
 
+def test_full_weights_reach_the_sampler(vllm_server, bundled, tmp_path):
+    """LoRA off: the whole state dict is pushed and reloaded in place."""
+    tokenizer, _, stop_ids, query_ids, query_mask = bundled
+    torch.manual_seed(0)
+    changed = load_causal_lm(DEFAULT_MODEL, dtype="float32").eval()
+    with torch.no_grad():
+        for p in changed.model.layers[-1].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sampler = VLLMSampler(vllm_server[0], tmp_path)
+    sampler.push(changed, version=4)
+    sampling = Sampling(8, temperature=0.7, num_samples=2)
+    rollout = sampler.sample(query_ids, query_mask, sampling, stop_ids, tokenizer.pad_token_id, seed=3)
+    assert gap(changed, rollout, sampling).max() < GAP_TOLERANCE
+    assert gap(bundled[1], rollout, sampling).max() > 100 * GAP_TOLERANCE  # not the weights it started with
+
+
 def test_a_stale_policy_stops_sampling_with_a_message(vllm_server, bundled, tmp_path):
     tokenizer, lm, stop_ids, query_ids, query_mask = bundled
     ours, other = VLLMSampler(vllm_server[0], tmp_path / "ours"), VLLMSampler(vllm_server[0], tmp_path / "other")
@@ -163,6 +181,19 @@ def test_grpo_on_the_bundled_model_through_vllm(vllm_server, tmp_path):
         assert torch.isfinite(torch.tensor(h["policy/entropy"]))
     assert VLLMClient(vllm_server[0]).health()["version"] == 1
     assert (cfg.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_eval_through_vllm_measures_the_kl_of_the_reference_to_itself_as_0(vllm_server, tmp_path):
+    """`rlhfkit eval` with the vLLM backend: the reference's own samples, scored by its forward, give KL ~ 0 (the
+    recorded log-probs and the forward's are the same numbers up to float error)."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    cfg = EvalConfig(models={"base": DEFAULT_MODEL}, prompts=str(tmp_path / "prompts.jsonl"),
+                     output_dir=tmp_path / "eval", bootstrap_samples=200, dtype="float32",
+                     sampling={"max_new_tokens": 8, "temperature": 1.0, "backend": "vllm", "vllm_url": vllm_server[0]})
+    result = evaluate(cfg)
+    assert abs(result.models["base"]["kl_to_reference"]["value"]) < 8 * GAP_TOLERANCE
+    assert 1 <= result.models["base"]["response_tokens"] <= 8
+    assert not (cfg.output_dir / "vllm-sync").exists()
 
 
 def test_a_dead_server_is_one_error_naming_the_url_and_the_fix(vllm_server, bundled, tmp_path):

@@ -535,6 +535,8 @@ class OnlineTrainer:
         finally:
             progress.close()
             run.metrics.close()
+            if self.vllm is not None:
+                self.vllm.close()
         result.steps = run.step
         self.save_checkpoint()
         policy = self.accelerator.unwrap_model(self.policy)

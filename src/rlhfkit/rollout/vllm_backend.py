@@ -137,6 +137,10 @@ class VLLMSampler:
         self.client.load_weights(target, version)
         self._remove_older(target)
 
+    def close(self) -> None:
+        """Remove the pushed files (the server has loaded them; full weights are the model's size)."""
+        shutil.rmtree(self.sync_dir, ignore_errors=True)
+
     def _remove_older(self, keep: Path) -> None:
         """Earlier pushes of the same kind: the server has loaded `keep` and needs none of them."""
         for old in self.sync_dir.glob(keep.name.split("-")[0] + "-*"):
