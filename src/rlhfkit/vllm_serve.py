@@ -29,6 +29,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from pydantic import BaseModel, Field  # noqa: E402  (vLLM depends on both)
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
 class GenerateRequest(BaseModel):
     """K samples of each prompt (token ids, no padding) under temperature / top-k / top-p."""
 

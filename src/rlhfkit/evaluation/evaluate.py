@@ -185,9 +185,9 @@ def _vllm_sampler(cfg: EvalConfig):
     they must all have the served model's architecture); None for the engine."""
     if cfg.sampling.backend != "vllm":
         return None
-    from rlhfkit.rollout.vllm_backend import VLLMSampler
+    from rlhfkit.rollout.vllm_backend import connect
 
-    return VLLMSampler(cfg.sampling.vllm_url, cfg.output_dir / "vllm-sync")
+    return connect(cfg.sampling, cfg.output_dir / "vllm-sync", next(iter(cfg.models.values())), 8)
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:

@@ -195,9 +195,9 @@ class OnlineTrainer:
         """The vLLM server's client (`sampling.backend: vllm`), checked to answer now; None for the engine."""
         if self.cfg.sampling.backend != "vllm":
             return None
-        from rlhfkit.rollout.vllm_backend import VLLMSampler
+        from rlhfkit.rollout.vllm_backend import connect
 
-        return VLLMSampler(self.cfg.sampling.vllm_url, self.cfg.output_dir / "vllm-sync")
+        return connect(self.cfg.sampling, self.cfg.output_dir / "vllm-sync", self.cfg.model, self.cfg.lora.r)
 
     def _resume(self) -> None:
         """Models, optimizer, schedule, RNG and the iteration from the checkpoint (`Run.resume`); the KL controller

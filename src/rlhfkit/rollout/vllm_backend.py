@@ -74,6 +74,36 @@ class VLLMClient:
         return self.call("/load_weights", {"path": str(Path(path).resolve()), "version": version})
 
 
+class ColocatedClient(VLLMClient):
+    """The server's routes answered by a vLLM engine in this process (`sampling.vllm_mode: colocate`), where vllm
+    imports beside the trainer's packages: no HTTP, the same requests and answers, the same checks."""
+
+    def __init__(self, model: str, max_lora_rank: int, kv_cache_gib: float = 1.0):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise SamplerError("sampling.vllm_mode: colocate needs vllm importable in the trainer's environment, and "
+                               "vLLM pins its own torch and transformers; use vllm_mode: server with "
+                               f"{START_HINT}") from None
+        from rlhfkit import vllm_serve
+
+        rank = min(r for r in vllm_serve.LORA_RANKS if r >= max_lora_rank)
+        self.engine = vllm_serve.Sampler(model, "float32", rank, 2048, kv_cache_gib, seed=0)
+        self.routes = {"/health": (self.engine.health, None),
+                       "/generate": (self.engine.generate, vllm_serve.GenerateRequest),
+                       "/load_adapter": (self.engine.load_adapter, vllm_serve.LoadRequest),
+                       "/load_weights": (self.engine.load_weights, vllm_serve.LoadRequest)}
+        self.url = "the colocated vLLM engine"
+
+    def call(self, route: str, payload: dict | None = None) -> dict:
+        method, request = self.routes[route]
+        try:
+            answer = method() if request is None else method(request(**payload))
+        except Exception as e:  # as the server reports it: what failed, in one line
+            raise SamplerError(f"{self.url} failed {route}: {type(e).__name__}: {e}") from e
+        return answer.model_dump()
+
+
 def to_rollout(samples: list[list[dict]], query_ids: torch.Tensor, query_mask: torch.Tensor,
                stop_ids: Sequence[int], pad_id: int) -> Rollout:
     """The server's samples as the engine's `Rollout`: rows prompt-major, responses right-padded and cut after the
@@ -98,8 +128,8 @@ def to_rollout(samples: list[list[dict]], query_ids: torch.Tensor, query_mask: t
 class VLLMSampler:
     """The trainer's side of the backend: pushes the policy after each update, samples, checks the version."""
 
-    def __init__(self, url: str, sync_dir: Path, timeout: float = 600.0):
-        self.client = VLLMClient(url, timeout)
+    def __init__(self, client: VLLMClient | str, sync_dir: Path):
+        self.client = VLLMClient(client) if isinstance(client, str) else client
         self.sync_dir = Path(sync_dir)
         self.pushed: int | None = None  # the version last pushed
         self.served = self.client.health()  # fails fast, with the fix, when no server runs
@@ -158,6 +188,26 @@ class VLLMSampler:
                 "trainer's update count): its updates do not reach the sampler, so training would go on with a stale "
                 "policy. Is another trainer pushing to the same server? Give each run a server of its own.")
         return to_rollout(samples, query_ids, query_mask, stop_ids, pad_id)
+
+
+def connect(settings, sync_dir: Path, model: str, max_lora_rank: int) -> VLLMSampler:
+    """The sampler for `settings` (a SamplingConfig with backend vllm): the server at `vllm_url`, or with
+    `vllm_mode: colocate` an engine in this process started on `model` (see `engine_model`)."""
+    if settings.vllm_mode == "colocate":
+        return VLLMSampler(ColocatedClient(engine_model(model), max_lora_rank), sync_dir)
+    return VLLMSampler(settings.vllm_url, sync_dir)
+
+
+def engine_model(name: str) -> str:
+    """A full model directory to start a colocated engine on: `name` resolved, or an adapter's base (the trainer
+    pushes the weights it actually starts from at its first rollout)."""
+    from rlhfkit.models.registry import resolve_model
+
+    path = Path(resolve_model(name))
+    adapter = path / "adapter_config.json"
+    if not (path / "config.json").is_file() and adapter.is_file():
+        return engine_model(json.loads(adapter.read_text())["base_model_name_or_path"])
+    return str(path)
 
 
 def base_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:

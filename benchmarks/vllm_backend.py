@@ -1,0 +1,94 @@
+"""The vLLM sampling backend against the engine, in one run on one machine: the server's start time, GRPO seconds
+per step with each backend on the same tiny workload (bundled model, LoRA, fp32), and the log-prob gap between
+what vLLM recorded and the trainer's forward (`rollout/logprob_gap_*`), in the server's dtype.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py                 # after `make vllm-env`
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py --server-dtype bfloat16 --steps 2
+
+The server runs with one thread (VLLM_CPU_OMP_THREADS_BIND=nobind, OMP_NUM_THREADS=1), as the trainer does, so
+that neither backend gets more cores than the other. Steps after the first are timed (the first warms up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from rlhfkit.config import PPOConfig  # noqa: E402
+from rlhfkit.models import DEFAULT_MODEL  # noqa: E402
+from rlhfkit.models.registry import resolve_model  # noqa: E402
+from rlhfkit.ppo import train_ppo  # noqa: E402
+from rlhfkit.reward.scorers import FunctionReward  # noqa: E402
+from rlhfkit.rollout.vllm_backend import SamplerError, VLLMClient  # noqa: E402
+
+
+def start_server(port: int, dtype: str, log: Path) -> tuple[subprocess.Popen, float]:
+    """(the server process, seconds until /health answered)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    started = time.perf_counter()
+    process = subprocess.Popen([str(REPO / ".venv-vllm" / "bin" / "python"), str(REPO / "src/rlhfkit/vllm_serve.py"),
+                                "--model", resolve_model(DEFAULT_MODEL), "--port", str(port), "--dtype", dtype,
+                                "--max-lora-rank", "8"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    while True:
+        try:
+            VLLMClient(f"http://127.0.0.1:{port}", timeout=5).health()
+            return process, time.perf_counter() - started
+        except SamplerError:
+            if process.poll() is not None:
+                sys.exit(f"the server died:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
+def grpo(backend: str, url: str, out: Path, args) -> list[dict]:
+    """The logged metrics of a GRPO run with `backend`."""
+    cfg = PPOConfig.model_validate(dict(
+        model=DEFAULT_MODEL, prompts_file=str(REPO / "data/company/train.jsonl"), output_dir=str(out),
+        algorithm="grpo", rewards=[{"scorer": "toxicity"}], steps=args.steps, batch_size=args.prompts * 2,
+        mini_batch_size=args.prompts * 2, ppo_epochs=1, learning_rate=1e-4, lora={"r": 8}, preview={"num_prompts": 0},
+        sampling={"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "num_samples": 2, "backend": backend,
+                  "vllm_url": url}))
+    return train_ppo(cfg, FunctionReward(lambda p, r: r.count("e") / max(len(r), 1), "frac_e")).history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step (2 samples each)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--server-dtype", default="float32")
+    parser.add_argument("--port", type=int, default=8123)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        server, start_s = start_server(args.port, args.server_dtype, tmp / "server.log")
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            runs = {b: grpo(b, url, tmp / b, args) for b in ("engine", "vllm")}
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"server start (engine ready, /health answering): {start_s:.1f} s ({args.server_dtype})")
+    timed = {b: [h for h in history[1:]] for b, history in runs.items()}
+    for backend, rows in timed.items():
+        step = statistics.median(h["time/step"] for h in rows)
+        gen = statistics.median(h["time/generation"] for h in rows)
+        gaps = [(h["rollout/logprob_gap_max"], h["rollout/logprob_gap_mean"]) for h in runs[backend]]
+        print(f"{backend:6s} step {step:.2f} s (generation {gen:.2f} s); log-prob gap max "
+              f"{max(g[0] for g in gaps):.2e}, mean {statistics.mean(g[1] for g in gaps):.2e}")
+    ratio = statistics.median(h["time/step"] for h in timed["vllm"]) / statistics.median(
+        h["time/step"] for h in timed["engine"])
+    print(f"vllm / engine seconds per GRPO step: {ratio:.2f} ({args.prompts} prompts x 2 samples, "
+          f"{args.max_new_tokens} new tokens, {args.steps - 1} timed steps each)")
+
+
+if __name__ == "__main__":
+    main()
