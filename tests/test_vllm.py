@@ -148,9 +148,9 @@ def test_full_weights_reach_the_sampler(vllm_server, bundled, tmp_path):
     tokenizer, _, stop_ids, query_ids, query_mask = bundled
     torch.manual_seed(0)
     changed = load_causal_lm(DEFAULT_MODEL, dtype="float32").eval()
-    with torch.no_grad():
-        for p in changed.model.layers[-1].parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    with torch.no_grad():  # the embedding too: tied to the LM head, whose kernel copy vLLM must pack again
+        for p in [*changed.model.layers[-1].parameters(), changed.model.embed_tokens.weight]:
+            p.mul_(1 + 0.05 * torch.randn_like(p))
     sampler = VLLMSampler(vllm_server[0], tmp_path)
     sampler.push(changed, version=4)
     sampling = Sampling(8, temperature=0.7, num_samples=2)
@@ -168,20 +168,23 @@ def test_a_stale_policy_stops_sampling_with_a_message(vllm_server, bundled, tmp_
         ours.sample(query_ids, query_mask, Sampling(4), stop_ids, tokenizer.pad_token_id)
 
 
-def test_grpo_on_the_bundled_model_through_vllm(vllm_server, tmp_path):
+@pytest.mark.parametrize("settings", [{"lora": {"r": 8}, "learning_rate": 1e-3},
+                                      {"lora": {"enabled": False}, "learning_rate": 1e-5, "recompute_logprobs": True}],
+                         ids=["lora", "full-weights-recompute"])
+def test_grpo_on_the_bundled_model_through_vllm(vllm_server, tmp_path, settings):
     cfg = PPOConfig.model_validate(dict(
         model=DEFAULT_MODEL, prompts_file=str(COMPANY_TRAIN), output_dir=str(tmp_path / "grpo"), algorithm="grpo",
         rewards=[{"scorer": "toxicity"}], steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
-        learning_rate=1e-3, lora={"r": 8}, preview={"num_prompts": 0},
+        preview={"num_prompts": 0}, **settings,
         sampling={"max_new_tokens": 8, "temperature": 1.0, "num_samples": 2, "backend": "vllm",
                   "vllm_url": vllm_server[0]}))
     result = train_ppo(cfg, FunctionReward(lambda p, r: r.count("e") / max(len(r), 1), "frac_e"))
     assert [h["step"] for h in result.history] == [1, 2]
-    for h in result.history:  # step 2 sampled from the policy after step 1's update, pushed as an adapter
+    for h in result.history:  # step 2 sampled from the policy after step 1's update, pushed to the server
         assert h["rollout/logprob_gap_max"] < GAP_TOLERANCE, h
         assert torch.isfinite(torch.tensor(h["policy/entropy"]))
     assert VLLMClient(vllm_server[0]).health()["version"] == 1
-    assert (cfg.output_dir / "adapter_model.safetensors").is_file()
+    assert not (cfg.output_dir / "vllm-sync").exists()  # the pushed files removed at the end
 
 
 def test_eval_through_vllm_measures_the_kl_of_the_reference_to_itself_as_0(vllm_server, tmp_path):

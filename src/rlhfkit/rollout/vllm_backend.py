@@ -132,7 +132,7 @@ class VLLMSampler:
         self.client = VLLMClient(client) if isinstance(client, str) else client
         self.sync_dir = Path(sync_dir)
         self.pushed: int | None = None  # the version last pushed
-        self.served = self.client.health()  # fails fast, with the fix, when no server runs
+        self.client.health()  # fails fast, with the fix, when no server runs
 
     def push(self, lm: nn.Module, version: int) -> None:
         """Make the server sample from `lm` as it is at update `version`: its adapter when it is a peft model (after
@@ -152,10 +152,11 @@ class VLLMSampler:
         self.pushed = version
 
     def _serves_base(self, lm: nn.Module) -> bool:
-        """Whether the server was started with the peft model's base (the same directory)."""
+        """Whether the server serves the peft model's base weights as they are in its directory (started with it,
+        and no full weights pushed since, by this run or another)."""
         base = lm.get_base_model().config._name_or_path
         try:
-            return Path(base).resolve() == Path(self.served["model"]).resolve()
+            return Path(base).resolve() == Path(self.client.health()["weights"]).resolve()
         except (OSError, TypeError):
             return False
 
@@ -164,18 +165,20 @@ class VLLMSampler:
 
         target = self.sync_dir / f"weights-{version}.safetensors"
         save_file(untied(state), str(target))
-        self.client.load_weights(target, version)
-        self._remove_older(target)
+        try:
+            self.client.load_weights(target, version)
+        finally:
+            target.unlink()  # loaded into the served model (the model's size on disk)
 
     def close(self) -> None:
         """Remove the pushed files (the server has loaded them; full weights are the model's size)."""
         shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     def _remove_older(self, keep: Path) -> None:
-        """Earlier pushes of the same kind: the server has loaded `keep` and needs none of them."""
-        for old in self.sync_dir.glob(keep.name.split("-")[0] + "-*"):
+        """Earlier adapters: the server has loaded `keep` and needs none of them."""
+        for old in self.sync_dir.glob("adapter-*"):
             if old != keep:
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+                shutil.rmtree(old)
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: Sampling,
                stop_ids: Sequence[int], pad_id: int, seed: int | None = None) -> Rollout:
