@@ -3,7 +3,7 @@ per step with each backend on the same tiny workload (bundled model, LoRA, fp32)
 what vLLM recorded and the trainer's forward (`rollout/logprob_gap_*`), in the server's dtype.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py                 # after `make vllm-env`
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py --server-dtype bfloat16 --steps 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py --server-dtype bfloat16 --backends vllm
 
 The server runs with one thread (VLLM_CPU_OMP_THREADS_BIND=nobind, OMP_NUM_THREADS=1), as the trainer does, so
 that neither backend gets more cores than the other. Steps after the first are timed (the first warms up).
@@ -66,13 +66,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--server-dtype", default="float32")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--backends", default="engine,vllm", help="comma-separated; the ratio needs both")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         server, start_s = start_server(args.port, args.server_dtype, tmp / "server.log")
         try:
             url = f"http://127.0.0.1:{args.port}"
-            runs = {b: grpo(b, url, tmp / b, args) for b in ("engine", "vllm")}
+            runs = {b: grpo(b, url, tmp / b, args) for b in args.backends.split(",")}
         finally:
             server.terminate()
             server.wait(30)
@@ -84,6 +85,8 @@ def main() -> None:
         gaps = [(h["rollout/logprob_gap_max"], h["rollout/logprob_gap_mean"]) for h in runs[backend]]
         print(f"{backend:6s} step {step:.2f} s (generation {gen:.2f} s); log-prob gap max "
               f"{max(g[0] for g in gaps):.2e}, mean {statistics.mean(g[1] for g in gaps):.2e}")
+    if set(timed) != {"engine", "vllm"}:
+        return
     ratio = statistics.median(h["time/step"] for h in timed["vllm"]) / statistics.median(
         h["time/step"] for h in timed["engine"])
     print(f"vllm / engine seconds per GRPO step: {ratio:.2f} ({args.prompts} prompts x 2 samples, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -185,6 +186,27 @@ def test_grpo_on_the_bundled_model_through_vllm(vllm_server, tmp_path, settings)
         assert torch.isfinite(torch.tensor(h["policy/entropy"]))
     assert VLLMClient(vllm_server[0]).health()["version"] == 1
     assert not (cfg.output_dir / "vllm-sync").exists()  # the pushed files removed at the end
+
+
+def test_updates_that_never_reach_the_sampler_stop_the_run(vllm_server, tmp_path, monkeypatch):
+    """The server takes each new version but keeps serving the first adapter (as a reload that silently fails
+    would): the versions agree, the recorded log-probs do not, and the run stops at the step that shows it."""
+    frozen, load_adapter = tmp_path / "frozen", VLLMClient.load_adapter
+
+    def stale(client, path, version):
+        if not frozen.exists():
+            shutil.copytree(path, frozen)
+        return load_adapter(client, frozen, version)
+
+    monkeypatch.setattr(VLLMClient, "load_adapter", stale)
+    cfg = PPOConfig.model_validate(dict(
+        model=DEFAULT_MODEL, prompts_file=str(COMPANY_TRAIN), output_dir=str(tmp_path / "grpo"), algorithm="grpo",
+        rewards=[{"scorer": "toxicity"}], steps=3, batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2,
+        lora={"r": 8}, preview={"num_prompts": 0},
+        sampling={"max_new_tokens": 8, "temperature": 1.0, "num_samples": 2, "backend": "vllm",
+                  "vllm_url": vllm_server[0]}))
+    with pytest.raises(SamplerError, match="another policy than the one trained"):
+        train_ppo(cfg, FunctionReward(lambda p, r: r.count("e") / max(len(r), 1), "frac_e"))
 
 
 def test_eval_through_vllm_measures_the_kl_of_the_reference_to_itself_as_0(vllm_server, tmp_path):

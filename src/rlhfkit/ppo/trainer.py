@@ -48,6 +48,7 @@ from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
 from rlhfkit.rollout import Rollout, dropped_mass, encode_prompts, generate_responses, sample, token_logprobs
 from rlhfkit.rollout.prefix import forward_responses
+from rlhfkit.rollout.vllm_backend import check_gap
 from rlhfkit.runs import Run, adamw, optimizer_step, save_final_model, save_trainable_only
 
 logger = logging.getLogger(__name__)
@@ -472,6 +473,8 @@ class OnlineTrainer:
         targets = self.advantages(rollout, scores)
         t_scored = time.perf_counter()
         update = self.update(rollout, targets)
+        if self.vllm is not None:
+            check_gap(update["rollout/logprob_gap_mean"], cfg.sampling.vllm_max_logprob_gap, self.vllm.client.url)
         t_trained = time.perf_counter()
         self.run.step += 1
         kl_coef = self.kl_ctl.value

@@ -213,6 +213,17 @@ def engine_model(name: str) -> str:
     return str(path)
 
 
+def check_gap(gap_mean: float, limit: float | None, sampler: str) -> None:
+    """Stop when the sampler's recorded log-probs are further from the trainer's forward than `limit` on average:
+    then it samples from another policy than the one trained (an update that did not reach it, another model, a
+    lower precision than assumed), whatever version it reports."""
+    if limit is not None and gap_mean > limit:
+        raise SamplerError(
+            f"the log-probs recorded by {sampler} are {gap_mean:.3g} from the trainer's forward on average (limit: "
+            f"sampling.vllm_max_logprob_gap = {limit}): it samples from another policy than the one trained. Check "
+            "that the server was started on the trainer's base model and dtype; a bfloat16 server needs a higher limit")
+
+
 def base_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
     """A peft model's base weights under the plain model's names (no `base_layer`, no adapter tensors)."""
     state = {}
