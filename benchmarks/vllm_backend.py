@@ -59,6 +59,36 @@ def grpo(backend: str, url: str, out: Path, args) -> list[dict]:
     return train_ppo(cfg, FunctionReward(lambda p, r: r.count("e") / max(len(r), 1), "frac_e")).history
 
 
+def pieces(url: str, sync_dir: Path, args, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of a generation's parts on the same batch: pushing a LoRA adapter, vLLM sampling, the engine
+    sampling (adapter folded)."""
+    import torch
+
+    from rlhfkit.config import LoraSettings
+    from rlhfkit.data.records import load_prompts
+    from rlhfkit.models import apply_lora, load_causal_lm, load_tokenizer
+    from rlhfkit.rollout import Sampling, encode_prompts, sample, stop_token_ids
+    from rlhfkit.rollout.vllm_backend import VLLMSampler
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    policy = apply_lora(load_causal_lm(DEFAULT_MODEL, dtype="float32"), LoraSettings(r=8, dropout=0.0)).eval()
+    prompts = [r.prompt for r in load_prompts(REPO / "data/company/train.jsonl")][:args.prompts]
+    query_ids, query_mask = encode_prompts(tokenizer, prompts)
+    sampling = Sampling(args.max_new_tokens, temperature=1.0, num_samples=2)
+    stop_ids, pad = stop_token_ids(tokenizer, policy), tokenizer.pad_token_id
+    sampler = VLLMSampler(url, sync_dir)
+    times: dict[str, list[float]] = {"push adapter": [], "vllm sample": [], "engine sample": []}
+    for version in range(repeats):
+        for name, run in (("push adapter", lambda: sampler.push(policy, version)),
+                          ("vllm sample", lambda: sampler.sample(query_ids, query_mask, sampling, stop_ids, pad)),
+                          ("engine sample", lambda: sample(policy, query_ids, query_mask, sampling, stop_ids, pad))):
+            started = time.perf_counter()
+            with torch.no_grad():
+                run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
@@ -67,6 +97,7 @@ def main() -> None:
     parser.add_argument("--server-dtype", default="float32")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--backends", default="engine,vllm", help="comma-separated; the ratio needs both")
+    parser.add_argument("--pieces", action="store_true", help="also time a generation's parts on their own")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,6 +105,7 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{args.port}"
             runs = {b: grpo(b, url, tmp / b, args) for b in args.backends.split(",")}
+            parts = pieces(url, tmp / "pieces", args) if args.pieces else {}
         finally:
             server.terminate()
             server.wait(30)
@@ -85,6 +117,8 @@ def main() -> None:
         gaps = [(h["rollout/logprob_gap_max"], h["rollout/logprob_gap_mean"]) for h in runs[backend]]
         print(f"{backend:6s} step {step:.2f} s (generation {gen:.2f} s); log-prob gap max "
               f"{max(g[0] for g in gaps):.2e}, mean {statistics.mean(g[1] for g in gaps):.2e}")
+    for name, seconds in parts.items():
+        print(f"{name}: {seconds:.2f} s (median of 5)")
     if set(timed) != {"engine", "vllm"}:
         return
     ratio = statistics.median(h["time/step"] for h in timed["vllm"]) / statistics.median(

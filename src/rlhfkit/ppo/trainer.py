@@ -4,7 +4,8 @@ rlhfkit.losses).
 
 One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
   1. rollout     the engine (rlhfkit.rollout) samples K = sampling.num_samples responses per prompt (1 for PPO),
-                 recording log pi_old(a_t), the entropy and, with a value head, V_old(s_t) while it samples;
+                 recording log pi_old(a_t), the entropy and, with a value head, V_old(s_t) while it samples (or a
+                 vLLM server does, the policy pushed to it first: `sampling.backend: vllm`, docs/scale.md);
   2. score       the decoded text is scored by every reward (so reward models with another tokenizer work too);
                  the EOS penalty, normalisation and clipping give the score s the policy maximises;
   3. reference   no-grad forwards: log pi_ref (the policy with its adapter off, or a frozen copy), a separate

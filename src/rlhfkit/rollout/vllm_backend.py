@@ -8,8 +8,10 @@ vLLM gives no per-token entropy; -log pi(a_t) stands in for it (its expectation 
 tokens estimate the entropy without bias).
 
 The policy reaches the server as a PEFT adapter directory (LoRA) or a safetensors file of full weights, tagged with
-the trainer's update count; every answer says which version it was sampled with, and a mismatch stops the run: a
-policy whose updates never reach the sampler trains on its own stale samples and learns nothing while looking fine.
+the trainer's update count. A policy whose updates never reach the sampler trains on its own stale samples and
+learns nothing while looking fine; two checks stop it: every answer says which version it was sampled with, which
+must be the trainer's, and the recorded log-probs must stay within `sampling.vllm_max_logprob_gap` of the trainer's
+forward on average (`check_gap`: a reload that silently kept the old weights passes the first check, not this one).
 """
 
 from __future__ import annotations
