@@ -186,3 +186,8 @@ def test_no_vllm_server_is_one_error_line_naming_the_url_and_the_fix(tiny_model,
                       "sampling.backend=vllm", f"sampling.vllm_url={url}")
     assert_one_error_line(result, url, "rlhfkit vllm-serve", "make vllm-env")
     assert not out.exists()
+
+
+def test_vllm_serve_without_the_vllm_virtualenv_says_how_to_build_it(tmp_path, capsys, monkeypatch):
+    result = run_main(capsys, monkeypatch, "vllm-serve", "--python", tmp_path / "missing" / "python")
+    assert_one_error_line(result, str(tmp_path / "missing" / "python"), "make vllm-env")

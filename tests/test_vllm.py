@@ -63,10 +63,12 @@ def vllm_server(tmp_path_factory):
     python = require_vllm()
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # one thread, as ours
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # one thread, as ours
+           "PYTHONPATH": str(REPO / "src")}
     with open(log, "w") as out:
-        process = subprocess.Popen([str(python), str(REPO / "src" / "rlhfkit" / "vllm_serve.py"), "--model",
-                                    resolve_model(DEFAULT_MODEL), "--port", str(port), "--max-lora-rank", "8"],
+        # as users start it: `rlhfkit vllm-serve`, which becomes the server process (exec) in the vLLM virtualenv
+        process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "vllm-serve", "--python", str(python),
+                                    "--model", DEFAULT_MODEL, "--port", str(port), "--max-lora-rank", "8"],
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
