@@ -4,6 +4,7 @@ what vLLM recorded and the trainer's forward (`rollout/logprob_gap_*`), in the s
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py                 # after `make vllm-env`
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py --server-dtype bfloat16 --backends vllm
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_backend.py --server-dtype bfloat16 --trainer-precision bf16
 
 The server runs with one thread (VLLM_CPU_OMP_THREADS_BIND=nobind, OMP_NUM_THREADS=1), as the trainer does, so
 that neither backend gets more cores than the other. Steps after the first are timed (the first warms up).
@@ -54,6 +55,7 @@ def grpo(backend: str, url: str, out: Path, args) -> list[dict]:
         model=DEFAULT_MODEL, prompts_file=str(REPO / "data/company/train.jsonl"), output_dir=str(out),
         algorithm="grpo", rewards=[{"scorer": "toxicity"}], steps=args.steps, batch_size=args.prompts * 2,
         mini_batch_size=args.prompts * 2, ppo_epochs=1, learning_rate=1e-4, lora={"r": 8}, preview={"num_prompts": 0},
+        mixed_precision=args.trainer_precision,
         sampling={"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "num_samples": 2, "backend": backend,
                   "vllm_url": url}))
     return train_ppo(cfg, FunctionReward(lambda p, r: r.count("e") / max(len(r), 1), "frac_e")).history
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step (2 samples each)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--server-dtype", default="float32")
+    parser.add_argument("--trainer-precision", default="no", help="the trainer's mixed_precision: no, bf16")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--backends", default="engine,vllm", help="comma-separated; the ratio needs both")
     parser.add_argument("--pieces", action="store_true", help="also time a generation's parts on their own")

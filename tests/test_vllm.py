@@ -144,6 +144,12 @@ def test_an_adapter_update_reaches_the_sampler(vllm_server, bundled, tmp_path):
     assert VLLMClient(vllm_server[0]).health()["version"] == 2
     assert not (draw() == before).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-2"]  # earlier pushes removed
+    with torch.no_grad():  # another adapter under the same version number (another run's): served, not a cached one
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    VLLMSampler(vllm_server[0], tmp_path / "again").push(policy, version=2)
+    draw()
 
 
 def test_full_weights_reach_the_sampler(vllm_server, bundled, tmp_path):

@@ -84,10 +84,12 @@ class Sampler:
         self.version = -1
         self.weights = model
         self.lora = None  # the LoRARequest served, None: the base weights alone
+        self.loads = 0  # adapters loaded so far: each gets the next LoRA id, never one used before
 
     def health(self) -> Health:
-        return Health(model=self.model, weights=self.weights, version=self.version, adapter=self.lora.lora_path if self.lora else None,
-                      max_lora_rank=self.max_lora_rank, dtype=self.dtype)
+        return Health(model=self.model, weights=self.weights, version=self.version,
+                      adapter=self.lora.lora_path if self.lora else None, max_lora_rank=self.max_lora_rank,
+                      dtype=self.dtype)
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Sample; every sampled token comes back with its log-prob (logprobs=0: the sampled token's only)."""
@@ -107,12 +109,13 @@ class Sampler:
         return GenerateResponse(samples=samples, version=version)
 
     def load_adapter(self, request: LoadRequest) -> Health:
-        """Serve the adapter at `path` from now on, under a LoRA id of its own: vLLM keeps adapters by id, so reusing
-        one would serve the cached weights of the previous update."""
+        """Serve the adapter at `path` from now on, under a LoRA id never used before: vLLM keeps adapters by id, so
+        reusing one (a second run pushing its version 1 too) could serve the cached weights of another adapter."""
         from vllm.lora.request import LoRARequest
 
         with self.lock:
-            lora = LoRARequest(f"policy-{request.version}", request.version + 1, request.path)
+            self.loads += 1
+            lora = LoRARequest(f"policy-{request.version}-{self.loads}", self.loads, request.path)
             self.llm.llm_engine.add_lora(lora)  # load now: a bad adapter fails this request, not the next sample
             self.lora, self.version = lora, request.version
         return self.health()
