@@ -68,7 +68,8 @@ def vllm_server(tmp_path_factory):
     with open(log, "w") as out:
         # as users start it: `rlhfkit vllm-serve`, which becomes the server process (exec) in the vLLM virtualenv
         process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "vllm-serve", "--python", str(python),
-                                    "--model", DEFAULT_MODEL, "--port", str(port), "--max-lora-rank", "8"],
+                                    "--model", DEFAULT_MODEL, "--port", str(port),
+                                    "--max-lora-rank", "4"],  # rounded up to 8, a rank vLLM takes
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
@@ -141,7 +142,8 @@ def test_an_adapter_update_reaches_the_sampler(vllm_server, bundled, tmp_path):
             if "lora_B" in name:
                 p.normal_(std=0.02)
     sampler.push(policy, version=2)
-    assert VLLMClient(vllm_server[0]).health()["version"] == 2
+    health = VLLMClient(vllm_server[0]).health()
+    assert health["version"] == 2 and health["max_lora_rank"] == 8 and health["adapter"].endswith("adapter-2")
     assert not (draw() == before).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-2"]  # earlier pushes removed
     with torch.no_grad():  # another adapter under the same version number (another run's): served, not a cached one

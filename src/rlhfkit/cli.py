@@ -510,6 +510,7 @@ def vllm_serve(
     dtype: Annotated[str, typer.Option(help="float32 (exact log-probs on CPU), bfloat16, ...")] = "float32",
     max_lora_rank: Annotated[int, typer.Option(help="at least the trainer's lora.r")] = 16,
     kv_cache_gib: Annotated[float, typer.Option(help="memory for vLLM's KV cache")] = 1.0,
+    max_model_len: Annotated[int, typer.Option(help="prompt + response tokens at most")] = 2048,
     python: Annotated[Path, typer.Option(help="the vLLM virtualenv's interpreter (`make vllm-env` builds it)")] =
         Path(".venv-vllm/bin/python"),
 ) -> None:
@@ -521,7 +522,8 @@ def vllm_serve(
                            ".venv-vllm), or pass --python PATH to a Python with vllm installed")
     script = Path(__file__).with_name("vllm_serve.py")
     args = [str(python), str(script), "--model", resolve_model(model), "--host", host, "--port", str(port),
-            "--dtype", dtype, "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib)]
+            "--dtype", dtype, "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib),
+            "--max-model-len", str(max_model_len)]
     os.execv(args[0], args)
 
 

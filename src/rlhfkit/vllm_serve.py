@@ -76,6 +76,8 @@ class Sampler:
                  seed: int):
         from vllm import LLM
 
+        # vLLM takes only some ranks: the smallest of them that holds the trainer's
+        max_lora_rank = min((r for r in LORA_RANKS if r >= max_lora_rank), default=max_lora_rank)
         self.model, self.dtype, self.max_lora_rank = model, dtype, max_lora_rank
         self.llm = LLM(model=model, dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
                        max_model_len=max_model_len, logprobs_mode="processed_logprobs", seed=seed,

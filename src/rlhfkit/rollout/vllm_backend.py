@@ -89,8 +89,7 @@ class ColocatedClient(VLLMClient):
                                f"{START_HINT}") from None
         from rlhfkit import vllm_serve
 
-        rank = min(r for r in vllm_serve.LORA_RANKS if r >= max_lora_rank)
-        self.engine = vllm_serve.Sampler(model, "float32", rank, 2048, kv_cache_gib, seed=0)
+        self.engine = vllm_serve.Sampler(model, "float32", max_lora_rank, 2048, kv_cache_gib, seed=0)
         self.routes = {"/health": (self.engine.health, None),
                        "/generate": (self.engine.generate, vllm_serve.GenerateRequest),
                        "/load_adapter": (self.engine.load_adapter, vllm_serve.LoadRequest),
