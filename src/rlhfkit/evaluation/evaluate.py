@@ -102,21 +102,28 @@ def load_eval_prompts(cfg: EvalConfig) -> list[str]:
 
 @torch.no_grad()
 def answer(name: str, lm, tokenizer, prompts: list[str], cfg: EvalConfig,
-           reference: PolicyModel | None) -> ModelAnswers:
+           reference: PolicyModel | None, vllm=None) -> ModelAnswers:
     """Sample one answer per prompt (log pi recorded by the sampler); with a reference of the same tokenizer, score
     the sampled tokens under it too: one reference forward gives the KL term and the perplexity. The prompts carry
-    their passages where the config grounds them, unless the model is one of `ungrounded`."""
+    their passages where the config grounds them, unless the model is one of `ungrounded`. With `vllm` (a
+    VLLMSampler, `sampling.backend: vllm`) the model's weights are pushed to the server, which samples."""
     grounding = None if name in cfg.ungrounded else Grounding.from_settings(cfg.retrieval)
     sampling = cfg.sampling.distribution()
     stop_ids = cfg.sampling.stop_ids(tokenizer, lm)
     out = ModelAnswers(kl=[] if reference is not None else None, ref_nll=[] if reference is not None else None)
     device = next(lm.parameters()).device
     torch.manual_seed(cfg.seed)  # every model draws from the same random stream
+    if vllm is not None:
+        vllm.push(lm, version=list(cfg.models).index(name))
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval {name}", unit="batch"):
         query_ids, query_mask = encode_prompts(tokenizer, prompts[start:start + cfg.batch_size], cfg.max_prompt_length,
                                                cfg.system_prompt, grounding)
-        rollout = sample(lm, query_ids.to(device), query_mask.to(device), sampling, stop_ids, tokenizer.pad_token_id,
-                         compile=cfg.sampling.compile)
+        if vllm is not None:
+            rollout = vllm.sample(query_ids.to(device), query_mask.to(device), sampling, stop_ids,
+                                  tokenizer.pad_token_id, seed=cfg.seed + start)
+        else:
+            rollout = sample(lm, query_ids.to(device), query_mask.to(device), sampling, stop_ids,
+                             tokenizer.pad_token_id, compile=cfg.sampling.compile)
         mask = rollout.response_mask
         out.responses += tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
         out.lengths += mask.sum(-1).tolist()
@@ -183,6 +190,16 @@ def _load_merged(name: str, dtype: str, device: str):
     return lm.to(device).eval()
 
 
+def _vllm_sampler(cfg: EvalConfig):
+    """The vLLM server's client for `sampling.backend: vllm` (each model's merged weights are pushed to it in turn:
+    they must all have the served model's architecture); None for the engine."""
+    if cfg.sampling.backend != "vllm":
+        return None
+    from rlhfkit.rollout.vllm_backend import connect
+
+    return connect(cfg.sampling, cfg.output_dir / "vllm-sync", next(iter(cfg.models.values())), 8)
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Run the evaluation and write `eval.json` (config + metrics) and `samples.jsonl` into `cfg.output_dir`."""
     from accelerate import PartialState
@@ -194,6 +211,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     toxicity_scorer = load_scorer(cfg.toxicity)
     Grounding.from_settings(cfg.retrieval)  # the documents read now: a missing one leaves no output directory
     tokenizers = {name: load_tokenizer(path) for name, path in cfg.models.items()}  # a model not found: likewise
+    vllm = _vllm_sampler(cfg)  # no server: likewise
     prepare_output_dir(PartialState(), cfg.output_dir, cfg.overwrite, resuming=False)
     names = list(cfg.models)
     baseline, reference_name = names[0], cfg.reference or names[0]
@@ -205,7 +223,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     answers: dict[str, ModelAnswers] = {}
     for name in names:
         if name == reference_name:
-            answers[name] = answer(name, ref_lm, ref_tokenizer, prompts, cfg, reference)
+            answers[name] = answer(name, ref_lm, ref_tokenizer, prompts, cfg, reference, vllm)
             continue
         tokenizer = tokenizers[name]
         same_vocab = tokenizer.get_vocab() == ref_tokenizer.get_vocab()
@@ -213,9 +231,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             logger.warning("%s has another tokenizer than the reference %s: no KL or reference perplexity for it",
                            name, reference_name)
         lm = _load_merged(cfg.models[name], cfg.dtype, device)
-        answers[name] = answer(name, lm, tokenizer, prompts, cfg, reference if same_vocab else None)
+        answers[name] = answer(name, lm, tokenizer, prompts, cfg, reference if same_vocab else None, vllm)
         del lm
     del ref_lm, reference
+    if vllm is not None:
+        vllm.close()
 
     toxicity = {n: toxicity_scorer.score(prompts, a.responses).tolist() for n, a in answers.items()}
     reward = None

@@ -4,7 +4,8 @@ rlhfkit.losses).
 
 One iteration (`OnlineTrainer.step`) runs these phases, each a method of the trainer:
   1. rollout     the engine (rlhfkit.rollout) samples K = sampling.num_samples responses per prompt (1 for PPO),
-                 recording log pi_old(a_t), the entropy and, with a value head, V_old(s_t) while it samples;
+                 recording log pi_old(a_t), the entropy and, with a value head, V_old(s_t) while it samples (or a
+                 vLLM server does, the policy pushed to it first: `sampling.backend: vllm`, docs/scale.md);
   2. score       the decoded text is scored by every reward (so reward models with another tokenizer work too);
                  the EOS penalty, normalisation and clipping give the score s the policy maximises;
   3. reference   no-grad forwards: log pi_ref (the policy with its adapter off, or a frozen copy), a separate
@@ -48,6 +49,7 @@ from rlhfkit.retrieval import Grounding
 from rlhfkit.reward.scorers import Reward, RewardModelReward, WeightedSum, load_scorer
 from rlhfkit.rollout import Rollout, dropped_mass, encode_prompts, generate_responses, sample, token_logprobs
 from rlhfkit.rollout.prefix import forward_responses
+from rlhfkit.rollout.vllm_backend import check_gap
 from rlhfkit.runs import Run, adamw, optimizer_step, save_final_model, save_trainable_only
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,7 @@ class OnlineTrainer:
         else:
             self.reward = rewards if isinstance(rewards, WeightedSum) else WeightedSum([(1.0, rewards)])
             reward_model_path = None
+        self.vllm = self._vllm_sampler()  # before run.open(): no server, no output directory left behind
         run.open()
         self.sampling = cfg.sampling.distribution()
         self._build_models(reward_model_path)
@@ -189,6 +192,14 @@ class OnlineTrainer:
                                        num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                                        num_training_steps=total_updates)
         accelerator.register_for_checkpointing(self.scheduler)  # stepped by us, once per optimizer step
+
+    def _vllm_sampler(self):
+        """The vLLM server's client (`sampling.backend: vllm`), checked to answer now; None for the engine."""
+        if self.cfg.sampling.backend != "vllm":
+            return None
+        from rlhfkit.rollout.vllm_backend import connect
+
+        return connect(self.cfg.sampling, self.cfg.output_dir / "vllm-sync", self.cfg.model, self.cfg.lora.r)
 
     def _resume(self) -> None:
         """Models, optimizer, schedule, RNG and the iteration from the checkpoint (`Run.resume`); the KL controller
@@ -261,10 +272,23 @@ class OnlineTrainer:
         query_ids, query_mask = encode_prompts(self.tokenizer, prompts, self.cfg.max_prompt_length,
                                                self.cfg.system_prompt, self.grounding)
         policy = self.accelerator.unwrap_model(self.policy)
+        if self.vllm is not None:
+            return self._vllm_rollout(policy.lm, query_ids, query_mask)
         with self.accelerator.autocast():
             return sample(policy.lm, query_ids.to(self.device), query_mask.to(self.device), self.sampling,
                           self.stop_ids, self.tokenizer.pad_token_id, value_head=policy.value_head,
                           compile=self.cfg.sampling.compile)
+
+    def _vllm_rollout(self, lm, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Rollout:
+        """The vLLM server's samples, after the main process has pushed the policy as of this iteration's updates
+        (rlhfkit.rollout.vllm_backend: a server sampling with another version stops the run)."""
+        if self.accelerator.is_main_process:
+            self.vllm.push(lm, self.run.step)
+        self.accelerator.wait_for_everyone()
+        self.vllm.pushed = self.run.step
+        seed = self.cfg.seed * 1_000_003 + self.run.step * self.accelerator.num_processes + self.accelerator.process_index
+        return self.vllm.sample(query_ids.to(self.device), query_mask.to(self.device), self.sampling, self.stop_ids,
+                                self.tokenizer.pad_token_id, seed=seed)
 
     def score(self, prompts: list[str], rollout: Rollout) -> Scores:
         """2. Every reward on the decoded text; their weighted sum, then the EOS penalty, normalisation, clipping."""
@@ -450,6 +474,8 @@ class OnlineTrainer:
         targets = self.advantages(rollout, scores)
         t_scored = time.perf_counter()
         update = self.update(rollout, targets)
+        if self.vllm is not None:
+            check_gap(update["rollout/logprob_gap_mean"], cfg.sampling.vllm_max_logprob_gap, self.vllm.client.url)
         t_trained = time.perf_counter()
         self.run.step += 1
         kl_coef = self.kl_ctl.value
@@ -513,6 +539,8 @@ class OnlineTrainer:
         finally:
             progress.close()
             run.metrics.close()
+            if self.vllm is not None:
+                self.vllm.close()
         result.steps = run.step
         self.save_checkpoint()
         policy = self.accelerator.unwrap_model(self.policy)
