@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "src"))
 from rlhfkit.config import PPOConfig  # noqa: E402
 from rlhfkit.models import DEFAULT_MODEL  # noqa: E402
 from rlhfkit.models.registry import resolve_model  # noqa: E402
-from rlhfkit.ppo import train_ppo  # noqa: E402
+from rlhfkit.online import train_ppo  # noqa: E402
 from rlhfkit.reward.scorers import FunctionReward  # noqa: E402
 from rlhfkit.rollout.vllm_backend import SamplerError, VLLMClient  # noqa: E402
 

@@ -26,7 +26,7 @@ from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.evaluation.evaluate import evaluate
 from rlhfkit.models import DEFAULT_MODEL, apply_lora, load_causal_lm, load_tokenizer
 from rlhfkit.models.registry import resolve_model
-from rlhfkit.ppo import train_ppo
+from rlhfkit.online import train_ppo
 from rlhfkit.reward.scorers import FunctionReward
 from rlhfkit.rollout import Sampling, encode_prompts, stop_token_ids, token_logprobs
 from rlhfkit.rollout.vllm_backend import ColocatedClient, SamplerError, VLLMClient, VLLMSampler
