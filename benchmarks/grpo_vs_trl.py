@@ -19,7 +19,7 @@ transformers, accelerate and peft), through benchmarks/trl_grpo.py; rlhfkit's si
 Reproduce (CPU, default workload: 4 prompts x 4 completions, 2 mini-batches, 1 epoch, 32 new tokens, 1 warm-up + 3
 timed iterations, float32), with rlhfkit's venv:
 
-    .venv/bin/python benchmarks/grpo_vs_trl.py --out runs/bench/grpo_vs_trl.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/grpo_vs_trl.py --out runs/bench/grpo_vs_trl.json
 
 GPU (unmeasured so far): carry wheels and the tokenizer as for ppo_vs_trl.py (--download-wheels, --export-tokenizer),
 then per shape, without and with vLLM (colocated on both sides; vllm must import in both environments):
