@@ -32,226 +32,15 @@ shape and of a 1.07B Llama shape (bf16, batch 64, 4 minibatches, 1 epoch, 128 ne
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+from bench_common import (add_shared_args, device_and_model, ensure_trl_venv, log, run_json_script,
+                          setup_only, warn_if_busy, write_report)
+
 TRL_VERSION = "1.12.0"
-# Pinned first, on its own: on the CPU machines pip then takes the CPU build on disk instead of pulling CUDA wheels.
-TORCH_PIN = "torch==2.13.0"
-# Packages a GPU image is assumed to carry already; --download-wheels fetches what trl needs beyond them.
-GPU_IMAGE_HAS = ("torch", "transformers", "peft", "accelerate")
-
-REPO = Path(__file__).resolve().parent.parent
 TRL_SCRIPT = Path(__file__).resolve().parent / "trl_ppo.py"
-# Keep both frameworks off the hub: the model is a local directory and nothing else should be fetched.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-}
-
-
-def log(msg: str) -> None:
-    print(f"[ppo_vs_trl] {msg}", file=sys.stderr, flush=True)
-
-
-def cache_root() -> Path:
-    env = os.environ.get("RLHFKIT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "rlhfkit"
-
-
-def trl_venv_dir() -> Path:
-    return cache_root() / "benchmarks" / f"venv-trl-{TRL_VERSION}"
-
-
-def local_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def pip(python: Path | str, *args: str) -> None:
-    cmd = [str(python), "-m", "pip", "--disable-pip-version-check", *args]
-    log("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
-
-
-def site_packages_of_current_interpreter() -> list[str]:
-    import sysconfig
-
-    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    return sorted(p for p in paths if Path(p).is_dir())
-
-
-def ensure_trl_venv(wheels: Path | None) -> Path:
-    """The TRL venv's python, created once. A `.complete` marker guards against a half-built venv."""
-    venv = trl_venv_dir()
-    python = venv / "bin" / "python"
-    marker = venv / ".complete"
-    if marker.is_file() and python.exists():
-        return python
-    if venv.exists():
-        log(f"removing incomplete venv {venv}")
-        shutil.rmtree(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    if wheels is not None:
-        # Offline GPU machine: reuse the interpreter's torch (CUDA build) and friends, add trl from the wheel dir.
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            sys.exit("--wheels needs an interpreter that already has torch (it is not in the wheel directory)")
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        if sys.prefix != sys.base_prefix:
-            # We run from a venv: --system-site-packages only exposes the *base* interpreter's packages, so point the
-            # new venv at this venv's site-packages too (plain path lines; rlhfkit's editable hook is not processed).
-            (purelib,) = {p for p in (venv / "lib").glob("python*/site-packages")}
-            (purelib / "_parent_site_packages.pth").write_text("\n".join(site_packages_of_current_interpreter()) + "\n")
-        # Exactly the carried wheels, no resolution: the new venv's own (older) setuptools would shadow the
-        # interpreter's and fail torch's requirement on it, with no index to fetch another.
-        carried = sorted(str(w) for w in Path(wheels).glob("*.whl"))
-        if not any(Path(w).name.startswith(f"trl-{TRL_VERSION}-") for w in carried):
-            sys.exit(f"no trl-{TRL_VERSION} wheel in {wheels} (make it with --download-wheels)")
-        pip(python, "install", "--no-index", "--no-deps", *carried)
-        subprocess.run([str(python), "-m", "pip", "check"])  # report only: pip check also flags pre-existing issues
-    else:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip(python, "install", "--quiet", "--upgrade", "pip")
-        pip(python, "install", "--quiet", TORCH_PIN)
-        # Same transformers/accelerate as rlhfkit's venv, so that the comparison is of the trainers, not of the
-        # model code underneath them.
-        pins = [f"{d}=={v}" for d in ("transformers", "accelerate") if (v := local_version(d))]
-        pip(python, "install", "--quiet", f"trl=={TRL_VERSION}", *pins)
-    # Fail now, not mid-benchmark, if the venv cannot import TRL's PPO.
-    subprocess.run([str(python), "-c", "import trl.experimental.ppo"], check=True, env=os.environ | OFFLINE_ENV)
-    marker.write_text(f"created in {time.time() - started:.0f}s\n")
-    log(f"TRL venv ready at {venv} ({time.time() - started:.0f}s)")
-    return python
-
-
-# pyarrow (a dependency of `datasets`, which TRL imports; the benchmark never touches arrow) is a 52 MiB wheel, most
-# of it Flight RPC and S3 libraries that nothing here loads. Dropping them keeps the carried wheels under ~55 MiB.
-# pyarrow imports both optionally (pyarrow.fs lists S3FileSystem as not built; pyarrow.flight fails on import).
-PYARROW_DROP_PREFIXES = ("libarrow_flight", "libarrow_python_flight", "_flight.", "libarrow_s3", "_s3fs.",
-                         "_pyarrow_cpp_tests")
-PYARROW_DROP_DIRS = ("pyarrow/tests/", "pyarrow/include/", "pyarrow/src/")
-
-
-def slim_pyarrow(wheel: Path) -> None:
-    """Rewrite the pyarrow wheel in place without PYARROW_DROP_*; RECORD loses the same lines, so it stays valid."""
-    import zipfile
-
-    def dropped(name: str) -> bool:
-        return name.startswith(PYARROW_DROP_DIRS) or (
-            name.startswith("pyarrow/") and name.count("/") == 1
-            and Path(name).name.startswith(PYARROW_DROP_PREFIXES)
-        )
-
-    tmp = wheel.with_suffix(".slim")
-    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
-        for info in src.infolist():
-            if dropped(info.filename):
-                continue
-            data = src.read(info)
-            if info.filename.endswith(".dist-info/RECORD"):
-                lines = data.decode().splitlines(keepends=True)
-                data = "".join(ln for ln in lines if not dropped(ln.split(",", 1)[0])).encode()
-            dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-    tmp.replace(wheel)
-
-
-def download_wheels(dest: Path, python_version: str | None, slim: bool = True) -> None:
-    """Download trl and the dependencies a torch/transformers/peft/accelerate image lacks, for offline install.
-
-    The missing set is the difference of two dry-run resolutions (with and without trl) on top of the GPU image's
-    packages, pinned to the versions in this interpreter. Resolution is for this interpreter (resolving CUDA torch's
-    dependencies for another Python trips over nvidia-* wheel tags); only the download targets `python_version`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    base = [TORCH_PIN] + [f"{d}=={v}" for d in GPU_IMAGE_HAS[1:] if (v := local_version(d))]
-    target = []
-    if python_version:
-        # Another interpreter's binary wheels (pyarrow, xxhash, pandas...): manylinux, binary only.
-        target = ["--python-version", python_version, "--implementation", "cp", "--only-binary=:all:"]
-        target += [f"--platform={tag}" for tag in ("manylinux2014_x86_64", "manylinux_2_24_x86_64",
-                                                   "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")]
-
-    def resolve(reqs: list[str]) -> dict[str, str]:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = Path(tmp) / "report.json"
-            pip(sys.executable, "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report), *reqs)
-            items = json.loads(report.read_text())["install"]
-        return {it["metadata"]["name"].lower().replace("_", "-"): it["metadata"]["version"] for it in items}
-
-    with_trl = resolve(base + [f"trl=={TRL_VERSION}"])
-    without = resolve(base)
-    missing = {n: v for n, v in with_trl.items() if without.get(n) != v}
-    log("to download: " + ", ".join(f"{n}=={v}" for n, v in sorted(missing.items())))
-    pip(sys.executable, "download", "--quiet", "--no-deps", "--dest", str(dest), *target,
-        *[f"{n}=={v}" for n, v in sorted(missing.items())])
-    if slim:
-        for wheel in dest.glob("pyarrow-*.whl"):
-            before = wheel.stat().st_size
-            slim_pyarrow(wheel)
-            log(f"slimmed {wheel.name}: {before / 2**20:.1f} -> {wheel.stat().st_size / 2**20:.1f} MiB")
-    files = sorted(dest.glob("*.whl")) + sorted(dest.glob("*.tar.gz"))
-    total = sum(f.stat().st_size for f in files)
-    for f in files:
-        print(f"{f.stat().st_size / 2**20:8.2f} MiB  {f.name}")
-    print(f"{total / 2**20:8.2f} MiB  total, {len(files)} files in {dest}")
-
-
-# Shapes for timing on randomly initialised weights (no model can be downloaded where the GPUs are). Both use the
-# SmolLM2 tokenizer's 49,152-token vocabulary with tied embeddings; llama-1b is Llama-3.2-1B's body (1.07B).
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, rope_theta=100000.0),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, rope_theta=500000.0),
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "generation_config.json")
-
-
-def export_tokenizer(model_dir: str, dest: Path) -> None:
-    """The tokenizer files of `model_dir` (the bundled model), to carry to a machine that cannot install it."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (Path(model_dir) / name).is_file():
-            shutil.copy2(Path(model_dir) / name, dest / name)
-    log(f"tokenizer files written to {dest}")
-
-
-def random_model_dir(shape: str, tokenizer_dir: Path, seed: int) -> str:
-    """A Llama of `shape` with seeded random weights and the given tokenizer, saved once under the cache."""
-    target = cache_root() / "benchmarks" / f"random-{shape}-seed{seed}"
-    if (target / "config.json").is_file():
-        return str(target)
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, max_position_embeddings=8192,
-                         rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
-    torch.manual_seed(seed)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
-    log(f"random {shape} model in {target}")
-    return str(target)
 
 
 def run_trl(workload: dict, python: Path) -> dict:
@@ -271,20 +60,7 @@ def run_trl(workload: dict, python: Path) -> dict:
         "--dtype", workload["dtype"],
         "--seed", str(workload["seed"]),
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | OFFLINE_ENV
-    log("$ " + " ".join(cmd))
-    started = time.time()
-    # stderr (TRL's progress and warnings) goes straight through; stdout ends with the one JSON result line.
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout)
-        raise RuntimeError(f"the TRL run failed (exit {proc.returncode})")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"no JSON result line in the TRL run's output:\n{proc.stdout}")
-    result = json.loads(lines[-1])
-    result["wall_seconds"] = round(time.time() - started, 1)  # whole process: imports, loading, warm-up included
-    return result
+    return run_json_script(cmd, "TRL", drop_env=("PYTHONPATH", "VIRTUAL_ENV"))
 
 
 RLHFKIT_SCRIPT = Path(__file__).resolve().parent / "rlhfkit_ppo.py"
@@ -296,16 +72,7 @@ RLHFKIT_VARIANTS = (["--critic", "separate"], ["--lora", "--critic", "separate"]
 def run_rlhfkit(workload: dict, variant: list[str]) -> dict:
     """rlhfkit's PPO on `workload` in its own process (peak memory is then this run's alone)."""
     cmd = [sys.executable, str(RLHFKIT_SCRIPT), "--workload", json.dumps(workload), *variant]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | OFFLINE_ENV
-    log("$ " + " ".join(cmd[:2]) + " --workload ... " + " ".join(variant))
-    started = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout)
-        raise RuntimeError(f"the rlhfkit run failed (exit {proc.returncode})")
-    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-    result["wall_seconds"] = round(time.time() - started, 1)
-    return result
+    return run_json_script(cmd, "rlhfkit")
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -327,9 +94,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", choices=["trl", "rlhfkit", "both"], default="both")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="rlhfkit model name (bundled alias or directory)")
-    p.add_argument("--prompts", default=str(REPO / "data" / "company" / "train.jsonl"))
+    add_shared_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="rollouts (episodes) per PPO iteration")
     p.add_argument("--num-mini-batches", type=int, default=2)
     p.add_argument("--ppo-epochs", type=int, default=1)
@@ -337,27 +102,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (TRL's default)")
     p.add_argument("--stop-token", choices=["eos", "none"], default="eos",
                    help="eos: rollouts stop at EOS (TRL's stop_token='eos'); none: always --response-length tokens")
-    p.add_argument("--iterations", type=int, default=3, help="timed PPO iterations")
-    p.add_argument("--warmup-iterations", type=int, default=1, help="untimed iterations before them")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the results JSON here (default: print only)")
-    p.add_argument("--wheels", type=Path, default=None,
-                   help="offline: build the TRL venv on this interpreter's packages plus trl from this wheel dir")
-    p.add_argument("--download-wheels", type=Path, default=None, metavar="DIR",
-                   help="only download trl and its deps missing from a torch/transformers/peft/accelerate image")
-    p.add_argument("--wheels-python", default=None, metavar="X.Y",
-                   help="with --download-wheels: target Python version for binary wheels (default: this one)")
-    p.add_argument("--full-pyarrow", action="store_true",
-                   help="with --download-wheels: keep pyarrow's Flight/S3 libraries (+~17 MiB)")
-    p.add_argument("--random-init", choices=sorted(SHAPES), default=None,
-                   help="time randomly initialised weights of this shape instead of --model")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="with --random-init: tokenizer directory (default: the bundled model's)")
-    p.add_argument("--export-tokenizer", type=Path, default=None, metavar="DIR",
-                   help="only write the bundled model's tokenizer files to DIR (to carry to a GPU machine)")
     p.add_argument("--gpu-workload", action="store_true",
                    help="batch 64, 4 mini-batches, 128 new tokens, no stop token, bf16 on cuda (the GPU table)")
     return p.parse_args()
@@ -365,36 +109,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.download_wheels:
-        download_wheels(args.download_wheels, args.wheels_python, slim=not args.full_pyarrow)
+    if setup_only(args, TRL_VERSION):
         return
     if args.gpu_workload:
         args.batch_size, args.num_mini_batches, args.response_length, args.stop_token = 64, 4, 128, "none"
         args.device, args.dtype = args.device or "cuda", args.dtype or "bfloat16"
-
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    if args.export_tokenizer:
-        from rlhfkit.models.registry import resolve_model
-
-        export_tokenizer(resolve_model(args.model), args.export_tokenizer)
-        return
-    if args.random_init:
-        if args.tokenizer is None:
-            from rlhfkit.models.registry import resolve_model
-
-            args.tokenizer = Path(resolve_model(args.model))
-        model_name, model_dir = f"random {args.random_init}", random_model_dir(args.random_init, args.tokenizer, args.seed)
-    else:
-        from rlhfkit.models.registry import resolve_model
-
-        model_name, model_dir = args.model, resolve_model(args.model)
-
+    where = device_and_model(args)
     workload = {
-        "model": model_name,
-        "model_dir": model_dir,
+        "model": where["model"],
+        "model_dir": where["model_dir"],
         "prompts": str(Path(args.prompts).resolve()),
         "batch_size": args.batch_size,
         "num_mini_batches": args.num_mini_batches,
@@ -404,30 +127,23 @@ def main() -> None:
         "stop_token": args.stop_token,
         "iterations": args.iterations,
         "warmup_iterations": args.warmup_iterations,
-        "device": device,
-        "dtype": dtype,
+        "device": where["device"],
+        "dtype": where["dtype"],
         "seed": args.seed,
     }
     log("workload: " + json.dumps(workload))
-    if device == "cpu" and (load := os.getloadavg()[0]) > 0.5:
-        log(f"warning: 1-min load average {load:.1f} before starting (it lags by a minute): "
-            "if other processes are busy, the CPU timings will be slow")
+    warn_if_busy(workload["device"])
 
     results: list[dict] = []
     if args.only in ("trl", "both"):
-        results.append(run_trl(workload, ensure_trl_venv(args.wheels)))
+        python = ensure_trl_venv(args.wheels, TRL_VERSION, "import trl.experimental.ppo")
+        results.append(run_trl(workload, python))
     if args.only in ("rlhfkit", "both"):
         for variant in RLHFKIT_VARIANTS:
             results.append(run_rlhfkit(workload, variant))
 
     print(markdown_table(results))
-    report = {"workload": workload, "results": results}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"results written to {args.out}")
-    else:
-        print(json.dumps(report, indent=2))
+    write_report({"workload": workload, "results": results}, args.out)
 
 
 if __name__ == "__main__":

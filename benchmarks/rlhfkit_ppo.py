@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 
 import torch
+
+from bench_common import peak_memory
 
 
 def main() -> None:
@@ -59,10 +60,7 @@ def main() -> None:
     timed = result.history[w["warmup_iterations"]:]
     seconds = sum(h["time/step"] for h in timed)
     episodes = w["batch_size"] * len(timed)
-    if device == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"  # ru_maxrss is in KiB
+    peak, kind = peak_memory(device)
     import rlhfkit
 
     variant = ("LoRA r16" if args.lora else "full fine-tuning") + (", value head" if args.critic == "value_head" else ", separate critic")

@@ -29,7 +29,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -42,12 +41,13 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    TrainerCallback,
 )
 
 import trl  # noqa: E402
 import trl.experimental.ppo.ppo_trainer as ppo_module  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
+
+from bench_common import iteration_timer, peak_memory, sync  # noqa: E402  (benchmarks/, this script's directory)
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,27 +66,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class IterationTimer(TrainerCallback):
-    """Wall-clock marks at train begin and at the end of each PPO update."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.marks: list[float] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        sync(self.device)
-        self.marks.append(time.perf_counter())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        sync(self.device)
-        self.marks.append(time.perf_counter())
 
 
 class GenerationRecorder:
@@ -126,12 +105,6 @@ class GenerationRecorder:
         text_after = (idx > first[:, None]) & has[:, None] & (responses != pad_token_id) & ~is_eos
         self.after_eos.append(int(text_after.any(dim=1).sum()))
         return query_responses, logits
-
-
-def peak_memory(device: str) -> tuple[float, str]:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"  # ru_maxrss is in KiB on Linux
 
 
 def load_tokenizer(model: str):
@@ -225,7 +198,7 @@ def main() -> None:
     policy, ref_policy, value_model, reward_model = load_models(args, dtype, tokenizer)
     output_dir = tempfile.mkdtemp(prefix="trl-ppo-bench-")  # TRL creates it; nothing is saved into it
     config = ppo_config(args, output_dir, total_iterations)
-    timer = IterationTimer(args.device)
+    timer = iteration_timer(args.device)
     recorder = GenerationRecorder(args.device, tokenizer.eos_token_id)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -250,7 +223,7 @@ def main() -> None:
     print(json.dumps(result, default=str), flush=True)
 
 
-def summary(args: argparse.Namespace, config: PPOConfig, timer: IterationTimer, recorder: GenerationRecorder,
+def summary(args: argparse.Namespace, config: PPOConfig, timer, recorder: GenerationRecorder,
             num_prompts: int, train_seconds: float, load_start: float) -> dict:
     """The result line: throughput, memory and rollout lengths over the timed iterations, the workload and TRL's
     resolved settings."""
