@@ -98,3 +98,27 @@ def sft_files(tmp_path) -> tuple[Path, Path]:
     train.write_text("\n".join(COMPANY_TRAIN.read_text().splitlines()[:16]) + "\n")
     evaluation.write_text("\n".join(COMPANY_TEST.read_text().splitlines()[:8]) + "\n")
     return train, evaluation
+
+
+@pytest.fixture
+def fp16_scalers(monkeypatch) -> list:
+    """fp16 loss scaling on a CPU: accelerate gives a GradScaler only on GPUs, so the run skeleton's accelerator gets
+    one here, with a first scale (2^20) that overflows the first updates. The list collects each run's scaler."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import rlhfkit.runs as runs_module
+
+    scalers = []
+
+    def fp16_on_cpu(mixed_precision, output_dir, report_to):
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(runs_module, "make_accelerator", fp16_on_cpu)  # the run skeleton makes the accelerator
+    yield scalers
+    AcceleratorState._reset_state(True)

@@ -268,30 +268,12 @@ def test_nan_rewards_skip_updates_then_stop_the_run_leaving_checkpoints_whole(ti
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_model, tmp_path, monkeypatch):
+def test_fp16_overflow_goes_through_the_grad_scaler_and_is_not_a_failure(tiny_model, tmp_path, fp16_scalers):
     """A GradScaler whose first scale overflows the gradients: the scaler skips those updates and lowers its scale,
     which is loss scaling at work, not a NaN; with no NaN tolerated the run must still finish."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    import rlhfkit.runs as runs_module
-
-    scalers = []
-
-    def fp16_on_cpu(mixed_precision, output_dir, report_to):
-        AcceleratorState._reset_state(True)
-        accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
-        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
-        scalers.append(accelerator.scaler)
-        return accelerator
-
-    monkeypatch.setattr(runs_module, "make_accelerator", fp16_on_cpu)  # the run skeleton makes the accelerator
-    try:
-        result = train_ppo(ppo_config(tiny_model, tmp_path, steps=3, max_nonfinite_updates=0), FunctionReward(frac_e))
-    finally:
-        AcceleratorState._reset_state(True)
+    result = train_ppo(ppo_config(tiny_model, tmp_path, steps=3, max_nonfinite_updates=0), FunctionReward(frac_e))
     assert result.steps == 3
-    assert scalers[0].get_scale() < 2.0**20  # an update did overflow, and the scaler lowered its scale
+    assert fp16_scalers[0].get_scale() < 2.0**20  # an update did overflow, and the scaler lowered its scale
 
 
 def test_stop_tokens_end_responses_and_missing_eos_is_penalised(tiny_model, tmp_path):

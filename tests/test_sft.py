@@ -180,29 +180,11 @@ def test_a_nan_loss_skips_its_update_and_the_run_goes_on(tiny_model, sft_files, 
         train_sft(config(tiny_model, sft_files, tmp_path / "strict", "max_steps=3", "max_nonfinite_updates=0"))
 
 
-def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_model, sft_files, tmp_path, monkeypatch):
+def test_fp16_overflow_steps_are_skipped_by_the_grad_scaler_not_counted(tiny_model, sft_files, tmp_path, fp16_scalers):
     """accelerate gives a GradScaler only on GPUs; here one on CPU, with a scale that overflows the first steps."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    import rlhfkit.runs as runs_module
-
-    scalers = []
-
-    def fp16_on_cpu(mixed_precision, output_dir, report_to):
-        AcceleratorState._reset_state(True)
-        accelerator = Accelerator(cpu=True, mixed_precision="fp16", log_with=report_to, project_dir=str(output_dir))
-        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**20), True
-        scalers.append(accelerator.scaler)
-        return accelerator
-
-    monkeypatch.setattr(runs_module, "make_accelerator", fp16_on_cpu)  # the run skeleton makes the accelerator
-    try:
-        result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=8", "max_nonfinite_updates=0",
-                                  "eval_file="))
-    finally:
-        AcceleratorState._reset_state(True)
-    assert result.steps == 8 and scalers[0].get_scale() < 2.0**20  # some updates overflowed and were skipped
+    result = train_sft(config(tiny_model, sft_files, tmp_path / "run", "max_steps=8", "max_nonfinite_updates=0",
+                              "eval_file="))
+    assert result.steps == 8 and fp16_scalers[0].get_scale() < 2.0**20  # some updates overflowed and were skipped
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["train/grad_norm"] != r["train/grad_norm"] or r["train/grad_norm"] == float("inf") for r in rows)
     assert math.isfinite(rows[-1]["train/grad_norm"])  # and later ones were applied
